@@ -1,0 +1,189 @@
+"""The Python API: ``grailc.compress(model, input_shape=..., calib=..., ratio=..., selector=...) -> Result``.
+
+The CLI is a thin shell over this; every recipe field is a keyword argument here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from grailc.context import Context
+from grailc.errors import CalibrationError, VerificationError
+from grailc.export import onnx_parity, reexport, save_onnx, save_pt2
+from grailc.metrics import count_macs, count_params, latency_ms
+from grailc.outputs import StagedOutput, atomic_write_text
+from grailc.passmanager import run_pipeline
+from grailc.recipe import CalibSpec, ExportSpec, Recipe
+from grailc.report import group_records, summary, versions
+from grailc.trace import example_batch, trace
+
+
+@dataclasses.dataclass
+class Result:
+    """A compressed model, its report, and what is needed to export it."""
+
+    module: fx.GraphModule
+    report: dict
+    reference: fx.GraphModule
+    example: torch.Tensor
+    held_out: list[torch.Tensor]
+    recipe: Recipe
+    _program: torch.export.ExportedProgram | None = None
+
+    def program(self) -> torch.export.ExportedProgram:
+        if self._program is None:
+            self._program = reexport(self.module, self.example)
+        return self._program
+
+    def export_onnx(self, path) -> dict:
+        """Write ONNX to ``path`` and check it against PyTorch with ONNX Runtime; returns the parity figures."""
+        path = Path(path)
+        save_onnx(self.program(), self.example, path)
+        parity = onnx_parity(path, self.module, self.held_out or [self.example])
+        parity["path"] = str(path)
+        return parity
+
+    def save(self, out_dir, *, force: bool = False, onnx: bool = True, pt2: bool = True) -> Path:
+        """Write model.pt2, model.onnx and report.json into ``out_dir`` atomically (all or nothing)."""
+        with StagedOutput(out_dir, force=force) as staged:
+            self.write_into(staged, onnx=onnx, pt2=pt2)
+            return staged.commit()
+
+    def write_into(self, staged: StagedOutput, *, onnx: bool, pt2: bool) -> None:
+        start = time.perf_counter()
+        if pt2:
+            save_pt2(self.program(), staged.path("model.pt2"))
+            self.report["pt2"] = {"path": "model.pt2", "load_with": "torch.export.load(path).module()"}
+        if onnx:
+            parity = self.export_onnx(staged.path("model.onnx"))
+            parity["path"] = "model.onnx"
+            self.report["onnx"] = parity
+        self.report["timings"]["export"] = round(time.perf_counter() - start, 4)
+        if onnx and not parity["relative_diff"] <= self.recipe.export.parity_tol:
+            self.report["failure"] = (
+                f"ONNX Runtime output differs from PyTorch by {parity['max_abs_diff']:.3g} "
+                f"({parity['relative_diff']:.3g} relative > {self.recipe.export.parity_tol:g})"
+            )
+            error = VerificationError(self.report["failure"], fix="report it; use the .pt2 output meanwhile")
+            error.report = self.report
+            raise error
+        atomic_write_text(staged.path("report.json"), json.dumps(self.report, indent=2, default=str))
+
+
+def make_recipe(recipe: Recipe | None = None, **overrides) -> Recipe:
+    """A recipe from a base and keyword overrides (``calib`` / ``export`` fields may be given flat)."""
+    recipe = copy.deepcopy(recipe) if recipe is not None else Recipe()
+    calib_fields = {f.name for f in dataclasses.fields(CalibSpec)}
+    export_fields = {f.name for f in dataclasses.fields(ExportSpec)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if hasattr(recipe, key) and key not in ("calib", "export"):
+            setattr(recipe, key, value)
+        elif key.startswith("calib_") and key[6:] in calib_fields:
+            setattr(recipe.calib, key[6:], value)
+        elif key in export_fields:
+            setattr(recipe.export, key, value)
+        else:
+            from grailc.errors import RecipeError, did_you_mean
+
+            known = [f.name for f in dataclasses.fields(Recipe)]
+            raise RecipeError(f"unknown option {key!r}{did_you_mean(key, known)}")
+    return recipe.validate()
+
+
+def _as_batches(calib) -> list[torch.Tensor]:
+    if isinstance(calib, torch.Tensor):
+        return [calib]
+    batches = []
+    for item in calib:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise CalibrationError(f"calibration batches must be tensors, got {type(x).__name__}")
+        batches.append(x)
+    if not batches:
+        raise CalibrationError("no calibration batches were given")
+    return batches
+
+
+def _record_groups(ctx: Context) -> None:
+    deps = ctx.applied_deps or ctx.deps
+    if deps is not None:
+        ctx.report["groups"] = group_records(deps, ctx.decisions, ctx.folds)
+        ctx.report["unknown_ops"] = deps.unknown_ops
+    ctx.report["timings"] = ctx.timings
+
+
+def compress(
+    model,
+    *,
+    input_shape=None,
+    calib: Iterable | torch.Tensor,
+    recipe: Recipe | None = None,
+    data_free: bool = False,
+    progress: bool = False,
+    **overrides,
+) -> Result:
+    """Compress ``model`` (an nn.Module or ExportedProgram) and verify the result; see :class:`Recipe` for options.
+
+    ``calib`` yields input batches (or (input, label) pairs; labels are ignored). The last ``calib_held_out``
+    batches are not used to fit: they measure the output error.
+    """
+    recipe = make_recipe(recipe, input_shape=list(input_shape) if input_shape else None, **overrides)
+    batches = _as_batches(calib)
+    if recipe.input_shape is None:
+        recipe.input_shape = [1, *batches[0].shape[1:]]
+    shape = tuple(recipe.input_shape)
+    for i, b in enumerate(batches):
+        if tuple(b.shape[1:]) != shape[1:]:
+            raise CalibrationError(
+                f"calibration batch {i} has shape {list(b.shape)} but the input shape is {list(shape)}",
+                fix="make --input-shape match the calibration data",
+            )
+    held = recipe.calib.held_out if len(batches) > recipe.calib.held_out else 0
+    fit, held_out = (batches[:-held], batches[-held:]) if held else (batches, [])
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    example = example_batch(shape)
+    gm, _ = trace(model, example)
+    timings["trace"] = round(time.perf_counter() - start, 4)
+
+    reference = copy.deepcopy(gm)
+    ctx = Context(gm=gm, reference=reference, example=example, recipe=recipe, calib=fit, held_out=held_out,
+                  data_free=data_free, progress=progress, timings=timings)
+    report = ctx.report
+    report["recipe"] = dataclasses.asdict(recipe)
+    report["data_free"] = data_free
+    report["params_before"] = count_params(reference)
+    report["macs_before"] = count_macs(reference, example[:1])
+    try:
+        run_pipeline(ctx, recipe.pipeline)
+    except VerificationError as e:
+        _record_groups(ctx)
+        e.report = report
+        raise
+    _record_groups(ctx)
+    report["params_after"] = count_params(ctx.gm)
+    report["macs_after"] = count_macs(ctx.gm, example[:1])
+    x = (held_out or [example])[0]
+    report["latency_ms"] = {
+        "batch": int(x.shape[0]),
+        "before": latency_ms(reference, x),
+        "after": latency_ms(ctx.gm, x),
+    }
+    report["solver_fallbacks"] = sum(f.fallback is not None for f in ctx.folds.values())
+    report["compensation_refused"] = sum(f.refused for f in ctx.folds.values())
+    report["versions"] = versions()
+    return Result(ctx.gm, report, reference, example, held_out, recipe)
+
+
+__all__ = ["Result", "compress", "make_recipe", "summary"]

@@ -1,0 +1,200 @@
+"""Command line: ``grailc compress MODEL ...`` and ``grailc demo``.
+
+A thin shell over :func:`grailc.compress`: flags override the fields of ``--recipe``. Errors are one line and a
+non-zero exit (``--debug`` adds the traceback); outputs appear all at once or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from grailc.errors import GrailcError, RecipeError, VerificationError
+
+EPILOG = """exit codes: 0 ok, 2 bad input, 3 verification failed (report written, no model), 4 internal error,
+130 interrupted (nothing written)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grailc", description=__doc__.splitlines()[0], epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model", epilog=EPILOG)
+    c.add_argument("model", help="a .pt2 file, a torch.save'd module (needs --trust-pickle), "
+                   "torchvision:NAME or timm:NAME")
+    c.add_argument("--weights", help="state dict (.safetensors/.pth) for torchvision:NAME / timm:NAME")
+    c.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a full module (this runs code from the file: only for files you trust)")
+    c.add_argument("--input-shape", help="e.g. 1,3,224,224 (read from a .pt2 or a tensor file when omitted)")
+    c.add_argument("--calib", help="a folder of images, a .npy/.pt tensor file, or 'random' (data-free)")
+    c.add_argument("--calib-batches", type=int, help="number of calibration batches (default 8)")
+    c.add_argument("--batch-size", type=int, help="calibration batch size (default 16)")
+    c.add_argument("--held-out", type=int, help="batches kept aside to measure the output error (default 2)")
+    c.add_argument("--no-normalize", action="store_true", help="do not apply ImageNet normalisation to images")
+    c.add_argument("--mean", type=float, nargs="+", help="per-channel mean for images")
+    c.add_argument("--std", type=float, nargs="+", help="per-channel std for images")
+    c.add_argument("--ratio", type=float, help="fraction of channels removed in every prunable group (default 0.5)")
+    c.add_argument("--selector", help="magnitude | wanda (default wanda)")
+    c.add_argument("--compensate", help="grail | none (default grail)")
+    c.add_argument("--lam", type=float, help="ridge, relative to mean(diag G[K,K]) (default 1e-3)")
+    c.add_argument("--recipe", help="a TOML recipe; flags override its fields")
+    c.add_argument("--max-memory", help="budget for the Gram matrices, e.g. 4GiB (default 8GiB)")
+    c.add_argument("--seed", type=int, help="seed for random calibration data")
+    c.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    c.add_argument("--out", default="grailc-out", help="output folder (default grailc-out)")
+    c.add_argument("--force", action="store_true", help="replace an existing output folder")
+    c.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    d = sub.add_parser("demo", help="compress the embedded Fashion-MNIST ResNet and measure its test accuracy")
+    d.add_argument("--ratio", type=float, default=0.5)
+    d.add_argument("--selector", default="wanda")
+    d.add_argument("--out", default="grailc-demo")
+    d.add_argument("--force", action="store_true")
+    d.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from grailc.demo import run_demo
+
+            return run_demo(args)
+        return run_compress(args, argv)
+    except KeyboardInterrupt:
+        print("grailc: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except GrailcError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"grailc: error: {e.line()}", file=sys.stderr)
+        return e.exit_code
+
+
+def recipe_from_args(args):
+    from grailc.api import make_recipe
+    from grailc.recipe import load_recipe, parse_shape
+
+    base = load_recipe(args.recipe) if args.recipe else None
+    return make_recipe(
+        base,
+        ratio=args.ratio,
+        selector=args.selector,
+        compensate=args.compensate,
+        lam=args.lam,
+        max_memory=args.max_memory,
+        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+        calib_source=args.calib,
+        calib_batches=args.calib_batches,
+        calib_batch_size=args.batch_size,
+        calib_held_out=args.held_out,
+        calib_normalize=False if args.no_normalize else None,
+        calib_mean=args.mean,
+        calib_std=args.std,
+        calib_seed=args.seed,
+        onnx=False if args.no_onnx else None,
+    )
+
+
+def input_shape_for(recipe, loaded) -> list[int]:
+    """--input-shape, else the shape a .pt2 was exported with, else a tensor file's sample shape."""
+    if recipe.input_shape:
+        return recipe.input_shape
+    if loaded.exported is not None:
+        for spec in loaded.exported.graph.nodes:
+            if spec.op == "placeholder" and spec.meta.get("val") is not None and spec.name not in _param_inputs(loaded):
+                shape = spec.meta["val"].shape
+                return [1] + [int(d) for d in shape[1:]]
+    source = Path(recipe.calib.source)
+    if source.suffix in (".npy", ".pt", ".pth") and source.is_file():
+        from grailc.calib_data import tensor_file_sample_shape
+
+        return [1, *tensor_file_sample_shape(source)]
+    raise RecipeError("--input-shape is required for this model", fix="give it like --input-shape 1,3,224,224")
+
+
+def _param_inputs(loaded) -> set[str]:
+    sig = loaded.exported.graph_signature
+    return {s.arg.name for s in sig.input_specs if s.kind.name != "USER_INPUT"}
+
+
+def run_compress(args, argv) -> int:
+    from grailc.api import compress
+    from grailc.calib_data import load_calibration
+    from grailc.loading import file_sha256, load_model
+    from grailc.outputs import StagedOutput
+    from grailc.report import summary
+
+    start = time.perf_counter()
+    recipe = recipe_from_args(args)
+    with StagedOutput(args.out, force=args.force) as staged:
+        model_path = Path(args.model)
+        sha_before = file_sha256(model_path) if model_path.is_file() else None
+        loaded = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
+        t_load = time.perf_counter() - start
+        shape = input_shape_for(recipe, loaded)
+        c = recipe.calib
+        t0 = time.perf_counter()
+        data = load_calibration(c.source, tuple(shape), num_batches=c.batches, batch_size=c.batch_size,
+                                mean=c.mean, std=c.std, normalize=c.normalize, seed=c.seed)
+        t_data = time.perf_counter() - t0
+        model = loaded.exported if loaded.exported is not None else loaded.module
+        try:
+            result = compress(model, input_shape=shape, calib=data.batches, recipe=recipe,
+                              data_free=data.data_free, progress=not args.quiet)
+            report = result.report
+            _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data)
+            result.write_into(staged, onnx=recipe.export.onnx, pt2=recipe.export.pt2)
+        except VerificationError as e:
+            report = getattr(e, "report", None) or {}
+            _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data)
+            report["failure"] = e.line()
+            _write_failure(staged, report)
+            print(f"grailc: verification failed: {e.line()}; only report.json was written to {args.out}",
+                  file=sys.stderr)
+            return e.exit_code
+        if sha_before is not None and file_sha256(model_path) != sha_before:
+            raise GrailcError(f"the input file {model_path} changed during the compile", fix="rerun on a stable copy")
+        out = staged.commit()
+    if not args.quiet:
+        print(summary(report))
+        print(f"wrote {out}/: model.pt2, model.onnx, report.json ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data) -> None:
+    from grailc.report import versions
+
+    report["command"] = "grailc " + shlex.join(argv)
+    report["model"] = {"source": loaded.source, "sha256": sha_before}
+    report["calibration"] = {"source": data.source, "batches": len(data.batches), "data_free": data.data_free}
+    report["data_free"] = data.data_free
+    report.setdefault("timings", {})
+    report["timings"]["load"] = round(t_load, 4)
+    report["timings"]["calibration_data"] = round(t_data, 4)
+    report.setdefault("versions", versions())
+
+
+def _write_failure(staged, report) -> None:
+    from grailc.outputs import atomic_write_text
+
+    for name in ("model.pt2", "model.onnx"):
+        p = staged.path(name)
+        if p.exists():
+            p.unlink()
+    atomic_write_text(staged.path("report.json"), json.dumps(report, indent=2, default=str))
+    staged.commit()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    torch.set_flush_denormal(True)
+    sys.exit(main())

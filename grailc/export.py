@@ -1,0 +1,80 @@
+"""Export: the compressed graph as a reloadable ``torch.export`` program (.pt2) and an ONNX model, with an ONNX
+Runtime parity check (CUDA provider when a GPU is present, CPU otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx
+
+from grailc.errors import GrailcError
+from grailc.metrics import flat_output
+from grailc.trace import export
+
+
+def reexport(gm: fx.GraphModule, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """A fresh ExportedProgram of the rewritten graph (shapes re-derived from the new weights)."""
+    return export(gm, example)
+
+
+def save_pt2(ep: torch.export.ExportedProgram, path: Path) -> None:
+    torch.export.save(ep, str(path))
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def save_onnx(ep: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
+    quiet = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            torch.onnx.export(ep, (example,), str(path), dynamo=True, verbose=False, external_data=False)
+    except Exception as e:  # the exporter's own message, shortened
+        raise GrailcError(
+            f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
+            fix="use the .pt2 output, or --no-onnx",
+        ) from e
+
+
+def onnx_parity(path: Path, module, batches: list[torch.Tensor], repeats: int = 5) -> dict:
+    """max |ORT - PyTorch| over the batches, relative to max |PyTorch|, and ORT latency on the first batch."""
+    import onnxruntime as ort
+
+    providers = ort_providers()
+    session = ort.InferenceSession(str(path), providers=providers)
+    name = session.get_inputs()[0].name
+    max_diff = max_ref = 0.0
+    with torch.no_grad():
+        for x in batches:
+            ref = flat_output(module(x)).numpy()
+            outs = session.run(None, {name: x.numpy()})
+            got = np.concatenate([o.reshape(o.shape[0] if o.ndim else 1, -1) for o in outs], 1)
+            max_diff = max(max_diff, float(np.abs(got - ref).max()))
+            max_ref = max(max_ref, float(np.abs(ref).max()))
+    x = batches[0].numpy()
+    session.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - start)
+    return {
+        "max_abs_diff": max_diff,
+        "relative_diff": max_diff / max_ref if max_ref > 0 else max_diff,
+        "provider": session.get_providers()[0],
+        "latency_ms": 1000 * sorted(times)[len(times) // 2],
+        "latency_batch": int(batches[0].shape[0]),
+    }

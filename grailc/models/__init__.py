@@ -1,0 +1,1 @@
+"""Trained reference models shipped with grailc."""

@@ -1,0 +1,91 @@
+"""The report: what changed, what it cost, and every check's figure, as JSON plus a short table."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torchvision
+
+    import grailc
+
+    return {
+        "grailc": grailc.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def group_records(deps, decisions: dict, folds: dict) -> list[dict]:
+    """One record per channel group: structure, decision and reconstruction errors (mean over consumer slots)."""
+    records = []
+    for g in deps.groups.values():
+        d = decisions.get(g.id)
+        slot_folds = [folds[s.key] for s in g.consumers if s.key in folds]
+        records.append(
+            {
+                "id": g.id,
+                "kind": g.kind,
+                "size": g.size,
+                "kept": int(len(d.keep)) if d is not None else g.size,
+                "pinned": g.pinned,
+                "producers": [p.module for p in g.producers],
+                "consumers": [s.consumer.module for s in g.consumers],
+                "carriers": sorted({c.module for c in g.carriers}),
+                "recon_error_plain": _mean([f.recon_error_plain for f in slot_folds]),
+                "recon_error_grail": _mean(
+                    [f.recon_error_plain if f.refused else f.recon_error_grail for f in slot_folds]
+                ),
+                "compensation_refused": sum(f.refused for f in slot_folds),
+                "solver_fallbacks": sum(f.fallback is not None for f in slot_folds),
+            }
+        )
+    return records
+
+
+def summary(report: dict) -> str:
+    """A short table of what changed."""
+    rows = [
+        ("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}"),
+        ("MACs / sample", f"{report['macs_before']:,}", f"{report['macs_after']:,}"),
+    ]
+    lat = report.get("latency_ms", {})
+    if lat:
+        rows.append(("PyTorch latency (ms)", f"{lat['before']:.2f}", f"{lat['after']:.2f}"))
+    groups = report["groups"]
+    pruned = [g for g in groups if g["kept"] < g["size"]]
+    pinned = [g for g in groups if g["pinned"]]
+    lines = [f"{'':24}{'before':>16}{'after':>16}"]
+    lines += [f"{name:24}{a:>16}{b:>16}" for name, a, b in rows]
+    lines.append(f"groups: {len(groups)} ({len(pruned)} pruned, {len(pinned)} pinned)")
+    plain = _mean([g["recon_error_plain"] for g in pruned])
+    grail = _mean([g["recon_error_grail"] for g in pruned])
+    if plain is not None:
+        lines.append(f"mean reconstruction error: plain {plain:.4f}, compensated {grail:.4f}")
+    out = report.get("output_error")
+    if out:
+        text = f"held-out output error: {out['relative_l2']:.4f} relative L2"
+        if "top1_agreement" in out:
+            text += f", top-1 agreement {100 * out['top1_agreement']:.1f}%"
+        lines.append(text)
+    onnx = report.get("onnx")
+    if onnx:
+        lines.append(f"ONNX ({onnx['provider']}): max |ORT - PyTorch| = {onnx['max_abs_diff']:.2e}")
+    if report.get("data_free"):
+        lines.append("calibration: data-free (random Gaussian inputs)")
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""Structured Wanda: score_c = sum over consumers of sum_{o, taps} |W[o, c, taps]| * ||x_c||_2.
+
+``||x_c||_2 = sqrt(G_cc)`` comes from each consumer's own Gram, so a channel that a consumer weighs heavily and
+sees with large activations is kept. Scores are normalised per consumer (divided by their sum) so that wide and
+narrow consumers of a residual group count alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grailc.registry import selector
+from grailc.surgery import consumer_columns, get_param
+
+
+@selector("wanda")
+def wanda(ctx, group) -> torch.Tensor:
+    score = torch.zeros(group.size, dtype=torch.float64)
+    for slot in group.consumers:
+        w = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot)
+        norms = torch.diagonal(ctx.grams[slot.key]).clamp_min(0).sqrt()
+        s = w.abs().sum(0) * norms
+        score += s / s.sum().clamp_min(1e-300)
+    return score
