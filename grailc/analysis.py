@@ -132,12 +132,12 @@ class State:
         self.use_param(weight)
         self.consumers.append(Consumer(self.node.name, param_module(weight), kind, weight, arg, layout))
 
-    def carrier(self, layout: Layout, params: list[tuple[str, int]], groups_arg: int | None = None) -> None:
+    def carrier(self, layout: Layout, params: list[tuple[str, int]], size_args=()) -> None:
         for target, _ in params:
             self.use_param(target)
-        if params or groups_arg is not None:
+        if params or size_args:
             mod = param_module(params[0][0]) if params else module_of(self.node)
-            self.carriers.append(Carrier(self.node.name, mod, layout, params, groups_arg))
+            self.carriers.append(Carrier(self.node.name, mod, layout, params, list(size_args)))
 
     def unknown(self, why: str) -> Layout | None:
         """Pin every tensor input and return a fresh pinned space for the output."""

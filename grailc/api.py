@@ -5,9 +5,13 @@ The CLI is a thin shell over this; every recipe field is a keyword argument here
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 import json
+import logging
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +20,7 @@ import torch
 from torch import fx
 
 from grailc.context import Context
-from grailc.errors import CalibrationError, VerificationError
+from grailc.errors import CalibrationError, RecipeError, VerificationError
 from grailc.export import onnx_parity, reexport, save_onnx, save_pt2
 from grailc.metrics import count_macs, count_params, latency_ms
 from grailc.outputs import StagedOutput, atomic_write_text
@@ -62,20 +66,37 @@ class Result:
         if pt2:
             save_pt2(self.program(), staged.path("model.pt2"))
             self.report["pt2"] = {"path": "model.pt2", "load_with": "torch.export.load(path).module()"}
+        skip_onnx = onnx and ONNX_UNSUPPORTED.get(self.example.dtype)
+        if skip_onnx:
+            self.report["onnx"] = {"skipped": skip_onnx}
+            onnx = False
         if onnx:
             parity = self.export_onnx(staged.path("model.onnx"))
             parity["path"] = "model.onnx"
+            parity["tolerance"] = tol = parity_tolerance(self.recipe.export.parity_tol, self.example.dtype)
             self.report["onnx"] = parity
         self.report["timings"]["export"] = round(time.perf_counter() - start, 4)
-        if onnx and not parity["relative_diff"] <= self.recipe.export.parity_tol:
+        if onnx and not parity["relative_diff"] <= tol:
             self.report["failure"] = (
                 f"ONNX Runtime output differs from PyTorch by {parity['max_abs_diff']:.3g} "
-                f"({parity['relative_diff']:.3g} relative > {self.recipe.export.parity_tol:g})"
+                f"({parity['relative_diff']:.3g} relative > {tol:g})"
             )
             error = VerificationError(self.report["failure"], fix="report it; use the .pt2 output meanwhile")
             error.report = self.report
             raise error
         atomic_write_text(staged.path("report.json"), json.dumps(self.report, indent=2, default=str))
+
+
+ONNX_UNSUPPORTED = {
+    torch.bfloat16: "bfloat16 models are not exported to ONNX (ONNX Runtime's CPU provider and numpy have no "
+    "bfloat16); use model.pt2, or compress a float32 copy for ONNX",
+}
+PARITY_ULPS = 8  # ONNX Runtime and PyTorch may sum in another order: allow this many ulps of the model's dtype
+
+
+def parity_tolerance(tol: float, dtype: torch.dtype) -> float:
+    """The recipe's ONNX parity tolerance, widened to what the model's float type can resolve."""
+    return max(tol, PARITY_ULPS * torch.finfo(dtype).eps) if dtype.is_floating_point else tol
 
 
 def make_recipe(recipe: Recipe | None = None, **overrides) -> Recipe:
@@ -97,7 +118,16 @@ def make_recipe(recipe: Recipe | None = None, **overrides) -> Recipe:
 
             known = [f.name for f in dataclasses.fields(Recipe)]
             raise RecipeError(f"unknown option {key!r}{did_you_mean(key, known)}")
-    return recipe.validate()
+    return _check_finite_numbers(recipe.validate())
+
+
+def _check_finite_numbers(recipe: Recipe) -> Recipe:
+    """NaN passes every range check (all comparisons are false): refuse non-finite numbers by name."""
+    numbers = {"lam": recipe.lam, "keep_all_tol": recipe.keep_all_tol, "parity_tol": recipe.export.parity_tol}
+    for name, value in numbers.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise RecipeError(f"{name} {value} is not a finite number", fix=f"give {name} as a number like 1e-3")
+    return recipe
 
 
 def _as_batches(calib) -> list[torch.Tensor]:
@@ -112,6 +142,97 @@ def _as_batches(calib) -> list[torch.Tensor]:
     if not batches:
         raise CalibrationError("no calibration batches were given")
     return batches
+
+
+def _user_input(program: torch.export.ExportedProgram) -> torch.Tensor | None:
+    """The (fake) tensor a program's first user input was exported with."""
+    user_inputs = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and node.name in user_inputs and isinstance(val, torch.Tensor):
+            return val
+    return None
+
+
+def model_dtype(model) -> torch.dtype:
+    """The floating type the model computes in: its input's (ExportedProgram) or its first float parameter's."""
+    if isinstance(model, torch.export.ExportedProgram):
+        val = _user_input(model)
+        if val is not None and val.is_floating_point():
+            return val.dtype
+        tensors = model.state_dict.values()
+    else:
+        tensors = [*model.parameters(), *model.buffers()]
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
+def _check_input_shape(model, shape: tuple[int, ...]) -> None:
+    """An input shape that does not fit an exported program is a bad flag, not a tracing failure."""
+    if not isinstance(model, torch.export.ExportedProgram):
+        return
+    val = _user_input(model)
+    if val is None:
+        return
+    spec = [d if isinstance(d, int) else None for d in val.shape]
+    fits = len(spec) == len(shape) and all(s is None or s == d for s, d in zip(spec[1:], shape[1:]))
+    if not fits:
+        expected = "[" + ", ".join(["N", *("?" if s is None else str(s) for s in spec[1:])]) + "]"
+        raise RecipeError(
+            f"input shape {list(shape)} does not fit the model, which was exported for inputs {expected}",
+            fix="give --input-shape (or input_shape=) in the model's layout, batch dimension first",
+        )
+
+
+def _graph_of(model):
+    """An nn.Module to trace; an ExportedProgram's guards (which pin the batch it was saved with) are left out."""
+    if isinstance(model, torch.export.ExportedProgram):
+        module = model.module(check_guards=False)
+        module.validate_inputs = False  # its input check would also pin the saved batch size
+        return module
+    return model.eval() if not isinstance(model, fx.GraphModule) else model
+
+
+def _check_runs_eagerly(module, example: torch.Tensor) -> None:
+    """Run the model once before tracing, so that a wrong input shape is not reported as a tracing failure."""
+    try:
+        with torch.no_grad():
+            module(example)
+    except Exception as e:  # any failure on the plain model is about its input
+        text = str(e).strip().splitlines()
+        raise RecipeError(
+            f"the model does not run on an input of shape {list(example.shape)} ({example.dtype}): "
+            f"{type(e).__name__}: {text[0][:300] if text else ''}",
+            fix="check --input-shape (or input_shape=): it must be the model's input, batch dimension first",
+        ) from e
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch logs warnings, and fx prints whole graphs to stderr, when tracing fails; the TraceError says it all."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch")]
+    loggers.append(logging.getLogger("torch"))
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _check_finite_batches(batches: list[torch.Tensor], dtype: torch.dtype) -> None:
+    for i, b in enumerate(batches):
+        bad = ~torch.isfinite(b)
+        if bool(bad.any()):
+            sample = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0]) if b.dim() else 0
+            raise CalibrationError(
+                f"calibration batch {i} has {int(bad.sum())} NaN/Inf value(s) (as {dtype}); the first is in "
+                f"sample {sample} of that batch",
+                fix="clean or regenerate the inputs"
+                + ("; values beyond the range of the model's dtype overflow to Inf" if dtype.itemsize < 4 else ""),
+            )
 
 
 def _record_groups(ctx: Context) -> None:
@@ -138,6 +259,11 @@ def compress(
     batches are not used to fit: they measure the output error.
     """
     recipe = make_recipe(recipe, input_shape=list(input_shape) if input_shape else None, **overrides)
+    if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
+        raise RecipeError(
+            f"the model must be a torch.nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}"
+        )
+    dtype = model_dtype(model)
     batches = _as_batches(calib)
     if recipe.input_shape is None:
         recipe.input_shape = [1, *batches[0].shape[1:]]
@@ -148,13 +274,19 @@ def compress(
                 f"calibration batch {i} has shape {list(b.shape)} but the input shape is {list(shape)}",
                 fix="make --input-shape match the calibration data",
             )
+    batches = [b.detach().to(dtype) for b in batches]  # a half-precision model gets half-precision inputs
+    _check_finite_batches(batches, dtype)
     held = recipe.calib.held_out if len(batches) > recipe.calib.held_out else 0
     fit, held_out = (batches[:-held], batches[-held:]) if held else (batches, [])
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    example = example_batch(shape)
-    gm, _ = trace(model, example)
+    _check_input_shape(model, shape)
+    example = example_batch(shape).to(dtype)
+    module = _graph_of(model)
+    with _quiet_torch():
+        _check_runs_eagerly(module, example)
+        gm, _ = trace(module, example)
     timings["trace"] = round(time.perf_counter() - start, 4)
 
     reference = copy.deepcopy(gm)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from grailc.errors import GrailcError, RecipeError, VerificationError
+from grailc.errors import GrailcError, OutputExistsError, RecipeError, VerificationError
 
 EPILOG = """exit codes: 0 ok, 2 bad input, 3 verification failed (report written, no model), 4 internal error,
 130 interrupted (nothing written)"""
@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"grailc: error: {e.line()}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # a bug in grailc: still one line, the traceback with --debug
+        if getattr(args, "debug", False):
+            raise
+        text = str(e).strip().splitlines()
+        print(f"grailc: internal error: {type(e).__name__}: {text[0][:300] if text else ''}: nothing was written; "
+              "rerun with --debug and report the traceback", file=sys.stderr)
+        return 4
 
 
 def recipe_from_args(args):
@@ -136,6 +143,7 @@ def run_compress(args, argv) -> int:
 
     start = time.perf_counter()
     recipe = recipe_from_args(args)
+    _check_inputs_outside_output(args, recipe)
     with StagedOutput(args.out, force=args.force) as staged:
         model_path = Path(args.model)
         sha_before = file_sha256(model_path) if model_path.is_file() else None
@@ -167,8 +175,25 @@ def run_compress(args, argv) -> int:
         out = staged.commit()
     if not args.quiet:
         print(summary(report))
-        print(f"wrote {out}/: model.pt2, model.onnx, report.json ({time.perf_counter() - start:.1f} s)")
+        written = ", ".join(sorted(p.name for p in out.iterdir()))
+        print(f"wrote {out}/: {written} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _check_inputs_outside_output(args, recipe) -> None:
+    """--force replaces the whole output folder: refuse when the model or the calibration data lie inside it."""
+    out = Path(args.out).resolve()
+    inputs = [("model file", args.model), ("weights file", args.weights), ("calibration data", recipe.calib.source)]
+    for what, name in inputs:
+        if not name or name == "random" or ":" in name and not Path(name).exists():
+            continue
+        path = Path(name).resolve()
+        if path == out or out in path.parents:
+            raise OutputExistsError(
+                f"the {what} is inside the output folder, which the compile replaces",
+                where=str(name),
+                fix="choose an output folder that holds none of the inputs",
+            )
 
 
 def _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data) -> None:

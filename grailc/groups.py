@@ -40,7 +40,9 @@ class Carrier:
     module: str
     layout: Layout
     params: list[tuple[str, int]]  # (parameter target, dim holding the channels)
-    groups_arg: int | None = None  # index of a ``groups`` argument that equals the channel count
+    # integer arguments that follow the channel count: (arg index, position in a list arg or None, multiplier),
+    # e.g. a depthwise conv's ``groups`` (6, None, 1) or a view's target size (1, q, inner)
+    size_args: list[tuple[int, int | None, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

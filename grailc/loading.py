@@ -2,7 +2,9 @@
 
 Accepted forms of ``spec``:
 
-* ``model.pt2``: a ``torch.export`` archive (safe: no code runs on load);
+* ``model.pt2``: a ``torch.export`` archive; ``torch.export.load`` unpickles some members with
+  ``weights_only=False`` (sample inputs, legacy or pickled weights, opaque constants), so without
+  ``trust_pickle`` every unpickling it does is forced to ``weights_only=True`` and raw pickles are refused;
 * ``torchvision:NAME`` or ``timm:NAME``: the architecture, built with random weights, plus ``weights=FILE``
   (``.safetensors``, or a ``torch.save``'d state dict loaded with ``weights_only=True``);
 * any other path: a full ``torch.save(model)`` pickle, which is only unpickled when ``trust_pickle`` is set,
@@ -77,7 +79,8 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
     path = Path(spec)
     _check_readable_file(path)
     if path.suffix.lower() == ".pt2":
-        return LoadedModel(module=None, exported=_load_exported(path), source=f"torch.export: {path}")
+        exported = _load_exported(path, trust_pickle=trust_pickle)
+        return LoadedModel(module=None, exported=exported, source=f"torch.export: {path}")
     module = _load_pickled_module(path, trust_pickle=trust_pickle)
     return LoadedModel(module=module.eval(), exported=None, source=f"pickled module: {path}")
 
@@ -212,25 +215,91 @@ def _state_dict_mismatch(module: torch.nn.Module, state: Mapping[str, torch.Tens
 @contextlib.contextmanager
 def _quiet_torch_export_logs():
     """``torch.export.load`` logs a traceback before raising on a bad archive; keep it off the console."""
-    logger = logging.getLogger("torch.export")
-    old_level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    names = ("torch.export", "torch._export")
+    loggers = [logging.getLogger(name) for name in names]
+    old_levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(old_level)
+        for logger, level in zip(loggers, old_levels):
+            logger.setLevel(level)
 
 
-def _load_exported(path: Path):
+@contextlib.contextmanager
+def _no_code_runs_on_load(path: Path, what: str):
+    """While a .pt2 loads: every ``torch.load`` is weights-only and raw pickles are refused.
+
+    ``torch.export.load`` unpickles sample inputs, legacy or pickled weights and opaque constants, some with
+    ``weights_only=False``: a crafted archive would run code on load. Single-threaded use only (it patches
+    ``torch.load``, ``pickle.loads`` and ``torch._C._pickle_load_obj`` for the duration).
+    """
+    real_torch_load, real_loads = torch.load, pickle.loads
+    real_load_obj = getattr(torch._C, "_pickle_load_obj", None)
+
+    def weights_only_load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)
+        try:
+            return real_torch_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            blocked = _blocked_global(e)
+            if blocked is None:
+                raise
+            raise _untrusted_error(path, what, blocked) from e
+
+    def refuse(*args, **kwargs):
+        raise _untrusted_error(path, what, "a pickled constant")
+
+    torch.load, pickle.loads = weights_only_load, refuse
+    if real_load_obj is not None:
+        torch._C._pickle_load_obj = refuse
     try:
-        with _quiet_torch_export_logs():
+        yield
+    finally:
+        torch.load, pickle.loads = real_torch_load, real_loads
+        if real_load_obj is not None:
+            torch._C._pickle_load_obj = real_load_obj
+
+
+def _load_exported(path: Path, *, trust_pickle: bool = False):
+    guard = contextlib.nullcontext() if trust_pickle else _no_code_runs_on_load(path, "torch.export archive")
+    try:
+        with _quiet_torch_export_logs(), guard:
             return torch.export.load(str(path))
+    except UntrustedFileError:
+        raise
     except Exception as e:
+        untrusted = _untrusted_cause(e)
+        if untrusted is not None:
+            raise untrusted from e
         raise GrailcError(
             f"cannot load torch.export archive, it is corrupt, truncated or not a .pt2 file ({_short(e)})",
             where=str(path),
             fix="re-create it with torch.export.save(torch.export.export(model, args), FILE)",
         ) from e
+
+
+def _untrusted_cause(error: BaseException) -> UntrustedFileError | None:
+    """An UntrustedFileError that torch wrapped into its own exception on the way out, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UntrustedFileError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _untrusted_error(path: Path, what: str, blocked: str) -> UntrustedFileError:
+    return UntrustedFileError(
+        f"{what} holds a pickled Python object ({blocked}); unpickling it can run arbitrary code, "
+        "so it was not loaded",
+        where=str(path),
+        fix="pass --trust-pickle to unpickle it anyway (that runs any code the file holds: only for files you "
+        f"trust), or {SAFE_FORMATS_HINT}",
+    )
 
 
 def _torch_load_weights_only(path: Path, *, what: str):
@@ -242,12 +311,7 @@ def _torch_load_weights_only(path: Path, *, what: str):
         blocked = _blocked_global(e)
         if blocked is None:
             raise _corrupt_file_error(path, what, e) from e
-        raise UntrustedFileError(
-            f"{what} holds a pickled Python object ({blocked}); unpickling a full module can run arbitrary "
-            "code, so it was not loaded",
-            where=str(path),
-            fix=f"pass --trust-pickle if you trust this file, or {SAFE_FORMATS_HINT}",
-        ) from e
+        raise _untrusted_error(path, what, blocked) from e
     except Exception as e:
         raise _corrupt_file_error(path, what, e) from e
 

@@ -11,6 +11,8 @@ its output layout. The algebra of each rule, for a tensor whose channels sit on 
 * ``Linear``        y[o] = sum_c W[o, c] x[c] + b[o]     consume(In(0)) produce(Out)
 * ``Flatten``       [.., C, H, W] -> [.., C*H*W]         the channel axis spans inner = H*W elements
 * ``Concat``        cat on the channel axis              segments back to back (offsets); elsewhere: tie
+* ``Pad``           pad(x, [l, r, ...]) of spatial axes  tie(In(0), Out)
+* ``View``          view/reshape keeping the channel axis, or merging it outermost into one axis (like flatten)
 * ``Reduce``        mean/sum over axes other than a      tie; over a: pin
 * ``Getitem``       picks one layout of a tuple
 
@@ -96,6 +98,8 @@ class Spatial:
             return st.unknown("spatial op on an untracked tensor")
         if -lay.axis <= self.dims or lay.inner != 1:
             return st.unknown(f"{node.target} acts on the channel axis")
+        if isinstance(node.meta.get("val"), (tuple, list)):  # (values, indices): indices carry no weights
+            return (lay,) + (None,) * (len(node.meta["val"]) - 1)
         return lay
 
 
@@ -145,7 +149,7 @@ class Conv:
             return st.producer("conv", weight, bias_t, out_shape, axis)
         if groups == c_in == c_out:
             params = [(weight, 0)] + ([(bias_t, 0)] if bias_t else [])
-            st.carrier(lay, params, groups_arg=self.groups_arg)
+            st.carrier(lay, params, size_args=[(self.groups_arg, None, 1)])
             return lay.with_axis(axis)
         why = f"grouped convolution (groups={groups}, {c_in}->{c_out} channels) is kept whole"
         return st.unknown(why)
@@ -193,6 +197,62 @@ class Flatten:
                 inner *= d
             return Layout(start - new_ndim, lay.segments, inner)
         return st.unknown("flatten that splits the channel axis from the inside")
+
+
+class Pad:
+    """pad(x, [l, r, t, b, ...]): pads the last len/2 axes; channels pass through when they are not padded."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        lay = st.layout(node.args[0])
+        padded = len(node.args[1]) // 2
+        if lay is None or lay.inner != 1 or -lay.axis <= padded:
+            return st.unknown("padding of the channel axis")
+        return lay
+
+
+def _same_dims(a, b) -> bool:
+    """Equal shape prefixes, comparing symbolic sizes by their expression."""
+    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+
+
+def _prod(dims) -> int | None:
+    out = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return None
+        out *= d
+    return out
+
+
+class View:
+    """view/reshape: channels survive when the dims before them are unchanged and the channel axis either keeps
+    its size (the dims after it may be regrouped) or becomes the outermost part of one merged trailing axis
+    (like flatten). A literal size for the channel axis in the target shape follows the new width."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        x = node.args[0]
+        lay, src, dst = st.layout(x), st.shape(x), st.shape(node)
+        if lay is None or src is None or dst is None:
+            return st.unknown("view of an untracked tensor")
+        p = len(src) + lay.axis
+        q = p
+        if not _same_dims(src[:p], dst[:q]) or q >= len(dst):
+            return st.unknown("view that changes the axes before the channels")
+        rest_src, rest_dst = _prod(src[p + 1 :]), _prod(dst[q + 1 :])
+        if rest_src is None or rest_dst is None or not isinstance(dst[q], int):
+            return st.unknown("view over dynamic sizes")
+        if dst[q] == src[p] and rest_src == rest_dst and (lay.inner == 1 or _same_dims(src[p:], dst[q:])):
+            out = Layout(q - len(dst), lay.segments, lay.inner)
+        elif len(dst) == q + 1 and dst[q] == src[p] * rest_src:
+            out = Layout(q - len(dst), lay.segments, lay.inner * rest_src)
+        else:
+            return st.unknown("view that splits or mixes the channel axis")
+        target = node.args[1]
+        if isinstance(target, (list, tuple)) and len(target) == len(dst) and target[q] != -1:
+            if not isinstance(target[q], int):
+                return st.unknown("view with a computed channel size")
+            st.carrier(out, [], size_args=[(1, q, out.inner)])
+        return out
 
 
 class Concat:
@@ -297,11 +357,14 @@ OP_TABLE: dict = {
     **_rows(ELEMENTWISE, Elementwise()),
     **_rows(BROADCAST, Broadcast()),
     **_rows(SPATIAL, Spatial(2)),
+    **_rows("max_pool2d_with_indices", Spatial(2)),
     **_rows("batch_norm _native_batch_norm_legit_no_training", Norm((1, 2, 3, 4))),
     **_rows("conv2d conv1d", Conv()),
     **_rows("linear", Linear()),
     **_rows("flatten.using_ints", Flatten()),
     **_rows("cat", Concat()),
+    **_rows("pad constant_pad_nd", Pad()),
+    **_rows("view reshape _unsafe_view", View()),
     **_rows("mean.dim sum.dim_IntList amax", Reduce()),
     operator.getitem: Getitem(),
 }

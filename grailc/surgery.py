@@ -76,12 +76,11 @@ def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor]
     return merged.reshape(out_dim, k_total, *weight.shape[2:])
 
 
-def consumer_columns(weight: torch.Tensor, slot) -> torch.Tensor:
+def consumer_columns(weight: torch.Tensor, slot, dtype=torch.float64) -> torch.Tensor:
     """The slot's columns of a consumer weight as [rows, size] (every kernel tap / flattened position a row)."""
     layout = slot.consumer.layout
-    w = weight.detach().to(torch.float64).reshape(weight.shape[0], layout.size, -1)
-    w = w[:, slot.offset : slot.offset + slot.size]
-    return w.permute(0, 2, 1).reshape(-1, slot.size)
+    w = weight.detach().reshape(weight.shape[0], layout.size, -1)[:, slot.offset : slot.offset + slot.size]
+    return w.permute(0, 2, 1).reshape(-1, slot.size).to(dtype)
 
 
 def selection(size: int, keep: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Apply: the only pass that changes weights.
 
 For every group with a decision: producers keep rows K, carriers keep K along their channel dim (and a depthwise
-conv's ``groups`` follows the new width), and each consumer's columns become W B (B from compensation) or W[:, K].
+conv's ``groups`` and a view's size follow the new width), and each consumer's columns become W B (B from compensation) or W[:, K].
 Groups without a decision and pinned groups keep all their channels.
 """
 
@@ -47,10 +47,14 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
         idx = layout_index(car.layout, keep_of)
         for target, dim in car.params:
             set_param(gm, target, narrow_rows(get_param(gm, target), idx, dim))
-        if car.groups_arg is not None:
+        if car.size_args:
             node = nodes[car.node]
             args = list(node.args)
-            args[car.groups_arg] = len(idx)
+            for arg, pos, mult in car.size_args:
+                if pos is None:
+                    args[arg] = len(idx) * mult
+                else:
+                    args[arg] = [*args[arg][:pos], len(idx) * mult, *args[arg][pos + 1 :]]
             node.args = tuple(args)
 
 

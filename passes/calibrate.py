@@ -71,13 +71,39 @@ class GramRecorder(fx.Interpreter):
                 self.rows[slot.key] = self.rows.get(slot.key, 0) + part.shape[0]
         out = super().run_node(n)
         if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
-            mod = module_of(n)
-            raise CalibrationError(
-                f"non-finite values (NaN/Inf) appeared in the activations of node {n.name}"
-                + (f" (module {mod})" if mod else ""),
-                fix="check the calibration data and the model's weights; fp16 overflow is a common cause",
-            )
+            raise CalibrationError(f"non-finite values (NaN/Inf) {_where_non_finite(n)}", fix=_non_finite_fix(n))
         return out
+
+
+def _where_non_finite(n: fx.Node) -> str:
+    """Where a NaN/Inf first showed up: a parameter, the model input, or the activations of a node."""
+    if n.op == "get_attr":
+        return f"in the model's parameter {n.target}"
+    if n.op == "placeholder":
+        return f"in the model input {n.name}"
+    mod = module_of(n)
+    return f"appeared in the activations of node {n.name} ({n.target})" + (f" in module {mod}" if mod else "")
+
+
+def _non_finite_fix(n: fx.Node) -> str:
+    if n.op == "get_attr":
+        return "the weights are corrupt: retrain or reload them"
+    if n.op == "placeholder":
+        return "clean the calibration data, or keep it within the range of the model's dtype"
+    return (
+        "check the calibration data and the model's weights (an op outside its domain, e.g. log of a negative "
+        "value, or fp16 overflow)"
+    )
+
+
+def format_bytes(size: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"  # pragma: no cover
 
 
 def record_grams(gm: fx.GraphModule, deps, batches: list[torch.Tensor], progress: bool = False):
@@ -105,8 +131,10 @@ class Calibrate(Pass):
         budget = ctx.recipe.max_memory_bytes
         if need > budget:
             raise GrailcError(
-                f"the Gram matrices need {need / 2**30:.2f} GiB, over the memory budget of {budget / 2**30:.2f} GiB",
-                fix="raise --max-memory, or exclude the widest layers with a recipe 'exclude' pattern",
+                f"calibration needs {format_bytes(need)} ({need} bytes) for its Gram matrices, over the memory "
+                f"budget of {format_bytes(budget)} ({budget} bytes); nothing was calibrated",
+                fix=f"raise --max-memory to at least {format_bytes(need)}, or exclude the widest layers with a "
+                "recipe 'exclude' pattern",
             )
         ctx.report["gram_memory_bytes"] = need
         batches = batches_for(ctx.gm, ctx.calib)

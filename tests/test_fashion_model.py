@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grailc.fashion_mnist import DATASET_DIR, accuracy, load_fashion_mnist, to_inputs
+from grailc.fashion_mnist import accuracy, load_fashion_mnist, to_inputs
 from grailc.models.fashion_resnet import CHECKPOINT, FashionResNet, load_pretrained
-
-pytestmark = pytest.mark.skipif(not DATASET_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
 
 
 @pytest.mark.parametrize(("split", "count"), [("train", 60000), ("test", 10000)])

@@ -52,7 +52,7 @@ class Compensate(Pass):
             keep = decision.keep
             for slot in g.consumers:
                 G = ctx.grams[slot.key]
-                m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot).to(torch.float32)
+                m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float32)
                 H = (m.T @ m).to(torch.float64)
                 plain = selection(slot.size, keep)
                 fold = Fold(None, recon_error_plain=recon_error(G, H, plain, keep))

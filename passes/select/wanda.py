@@ -17,8 +17,8 @@ from grailc.surgery import consumer_columns, get_param
 def wanda(ctx, group) -> torch.Tensor:
     score = torch.zeros(group.size, dtype=torch.float64)
     for slot in group.consumers:
-        w = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot)
+        w = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float32)
         norms = torch.diagonal(ctx.grams[slot.key]).clamp_min(0).sqrt()
-        s = w.abs().sum(0) * norms
+        s = w.abs().sum(0, dtype=torch.float64) * norms
         score += s / s.sum().clamp_min(1e-300)
     return score

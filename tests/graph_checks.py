@@ -1,0 +1,97 @@
+"""Helpers for op-table and analysis tests: trace a module, prune one group by hand, compare channel values."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from grailc.passes.apply import rewrite
+from grailc.passes.calibrate import channel_rows
+from torch import fx
+
+from grailc.analysis import analyse
+from grailc.channels import Layout, Segment
+from grailc.context import Decision
+from grailc.surgery import get_param, layout_index, set_param
+from grailc.trace import trace
+
+
+class Recorder(fx.Interpreter):
+    """Runs a graph and keeps the value of every node named in ``names``."""
+
+    def __init__(self, gm, names):
+        super().__init__(gm, garbage_collect_values=False)
+        self.names, self.values = set(names), {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+def traced(module: torch.nn.Module, shape):
+    torch.manual_seed(0)
+    module = module.eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics so that slicing them is visible
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    gm, _ = trace(module, torch.randn(2, *shape[1:]))
+    return gm, analyse(gm)
+
+
+def group_of(deps, module_name: str):
+    for g in deps.groups.values():
+        if module_name in g.modules():
+            return g
+    raise AssertionError(f"no group produced by {module_name}: {[g.modules() for g in deps.groups.values()]}")
+
+
+def masked_reference(gm, group, keep: torch.Tensor):
+    """A copy of ``gm`` whose consumers ignore the channels of ``group`` outside ``keep`` (weight columns zeroed).
+
+    Pruning those channels must reproduce this model exactly: nothing downstream depends on them any more.
+    """
+    masked = copy.deepcopy(gm)
+    drop = torch.tensor([c for c in range(group.size) if c not in set(keep.tolist())], dtype=torch.long)
+    for slot in group.consumers:
+        w = get_param(masked, slot.consumer.weight).detach().clone()
+        view = w.view(w.shape[0], slot.consumer.layout.size, -1)
+        view[:, slot.offset + drop] = 0
+        set_param(masked, slot.consumer.weight, w)
+    return masked
+
+
+def prune_and_compare(gm, deps, group, keep: torch.Tensor, x: torch.Tensor, atol: float = 1e-5) -> None:
+    """Keeping ``keep`` of ``group`` must equal the masked reference: at the outputs, and at every consumer input
+    (the original's kept channels)."""
+    reference = masked_reference(gm, group, keep)
+    pruned = copy.deepcopy(gm)
+    rewrite(pruned, deps, {group.id: Decision(keep)}, {})
+    pruned.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference(x), atol=atol, rtol=1e-4)
+    find = deps.spaces.find
+
+    def keep_of(space, size):
+        return keep if find(space) == group.id else torch.arange(size)
+
+    for slot in group.consumers:
+        node = next(n for n in gm.graph.nodes if n.name == slot.consumer.node)
+        arg = node.args[slot.consumer.arg]
+        before = Recorder(reference, [arg.name])
+        after = Recorder(pruned, [arg.name])
+        with torch.no_grad():
+            before.run(x)
+            after.run(x)
+        layout = slot.consumer.layout
+        idx = layout_index(layout, keep_of)
+        new_layout = Layout(layout.axis, tuple(Segment(s.space, len(keep_of(s.space, s.size)))
+                                               for s in layout.segments), layout.inner)
+        expected = channel_rows(before.values[arg.name], layout)[:, idx]
+        got = channel_rows(after.values[arg.name], new_layout)
+        torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4)

@@ -1,0 +1,102 @@
+"""Channel groups found on real torchvision architectures and on graphs with ops the analysis does not know."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from graph_checks import group_of, prune_and_compare, traced
+from torch import nn
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return traced(torchvision.models.resnet18(weights=None), (1, 3, 64, 64))
+
+
+def test_resnet_residual_group_spans_the_stage_and_its_readers(resnet18):
+    gm, deps = resnet18
+    g = group_of(deps, "conv1")
+    assert g.kind == "residual" and g.prunable
+    assert sorted(g.modules()) == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    readers = sorted(s.consumer.module for s in g.consumers)
+    assert readers == ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"]
+    assert {"bn1", "layer1.0.bn2", "layer1.1.bn2"} <= {c.module for c in g.carriers}
+
+
+def test_resnet_last_stage_feeds_fc_through_pool_and_flatten(resnet18):
+    gm, deps = resnet18
+    g = group_of(deps, "layer4.0.downsample.0")
+    assert sorted(g.modules()) == ["layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv2"]
+    fc = [s for s in g.consumers if s.consumer.module == "fc"]
+    assert len(fc) == 1 and fc[0].consumer.kind == "linear" and fc[0].consumer.layout.inner == 1
+
+
+def test_model_interface_is_pinned(resnet18):
+    gm, deps = resnet18
+    assert group_of(deps, "fc").pinned == "model output"
+    pinned = [g.pinned for g in deps.groups.values() if g.pinned]
+    assert "model input" in pinned and len(deps.prunable()) == 12
+
+
+def test_resnet_residual_group_prunes_consistently(resnet18):
+    gm, deps = resnet18
+    g = group_of(deps, "layer2.0.downsample.0")
+    keep = torch.sort(torch.randperm(g.size, generator=torch.Generator().manual_seed(1))[:50]).values
+    prune_and_compare(gm, deps, g, keep, torch.randn(2, 3, 64, 64), atol=1e-4)
+
+
+def test_densenet_concat_slots_have_offsets():
+    gm, deps = traced(torchvision.models.densenet121(weights=None), (1, 3, 64, 64))
+    stem = group_of(deps, "features.conv0")
+    # the stem's 64 channels sit at offset 0 of every dense layer of block 1 and of transition 1
+    assert len(stem.consumers) == 7 and {s.offset for s in stem.consumers} == {0}
+    layer = group_of(deps, "features.denseblock1.denselayer1.conv2")
+    assert sorted({s.offset for s in layer.consumers}) == [64] and len(layer.consumers) == 6
+    keep = torch.arange(0, 32, 2)
+    prune_and_compare(gm, deps, layer, keep, torch.randn(2, 3, 64, 64), atol=1e-4)
+
+
+def test_mobilenet_depthwise_convs_are_carried_in_the_expansion_group():
+    gm, deps = traced(torchvision.models.mobilenet_v2(weights=None), (1, 3, 64, 64))
+    g = group_of(deps, "features.2.conv.0.0")
+    depthwise = [c for c in g.carriers if c.size_args]
+    assert [c.module for c in depthwise] == ["features.2.conv.1.0"]
+    assert [s.consumer.module for s in g.consumers] == ["features.2.conv.2"]
+    prune_and_compare(gm, deps, g, torch.arange(0, 96, 3), torch.randn(2, 3, 64, 64), atol=1e-4)
+
+
+class CumsumBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.b = nn.Conv2d(8, 8, 3)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(self.b(torch.cumsum(self.a(x), dim=1)).relu())
+
+
+def test_unknown_op_pins_what_it_touches_and_says_so():
+    gm, deps = traced(CumsumBetween(), (1, 3, 16, 16))
+    a = group_of(deps, "a")
+    assert a.pinned and "unknown op aten.cumsum.default" in a.pinned
+    assert group_of(deps, "b").prunable
+    assert [u["op"] for u in deps.unknown_ops] == ["aten.cumsum.default"]
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.shared(self.shared(self.a(x)).relu()))
+
+
+def test_shared_parameters_pin_their_groups():
+    gm, deps = traced(SharedConv(), (1, 3, 16, 16))
+    a = group_of(deps, "a")
+    assert a.pinned and "shared" in a.pinned
