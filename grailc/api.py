@@ -10,8 +10,10 @@ import copy
 import dataclasses
 import io
 import json
+import linecache
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,12 +22,12 @@ import torch
 from torch import fx
 
 from grailc.context import Context
-from grailc.errors import CalibrationError, RecipeError, VerificationError
+from grailc.errors import CalibrationError, GrailcError, RecipeError, TraceError, VerificationError
 from grailc.export import onnx_parity, reexport, save_onnx, save_pt2
 from grailc.metrics import count_macs, count_params, latency_ms
 from grailc.outputs import StagedOutput, atomic_write_text
 from grailc.passmanager import run_pipeline
-from grailc.recipe import CalibSpec, ExportSpec, Recipe
+from grailc.recipe import DEFAULT_PIPELINE, CalibSpec, ExportSpec, Recipe
 from grailc.report import group_records, summary, versions
 from grailc.trace import example_batch, trace
 
@@ -51,7 +53,16 @@ class Result:
         """Write ONNX to ``path`` and check it against PyTorch with ONNX Runtime; returns the parity figures."""
         path = Path(path)
         save_onnx(self.program(), self.example, path)
-        parity = onnx_parity(path, self.module, self.held_out or [self.example])
+        try:
+            parity = onnx_parity(path, self.module, self.held_out or [self.example])
+        except Exception as e:  # ONNX Runtime rejecting the model is a failed check, reported like a parity miss
+            text = str(e).strip().splitlines()
+            self.report["failure"] = f"ONNX Runtime cannot run the exported model: {type(e).__name__}: " + (
+                text[0][:300] if text else ""
+            )
+            error = VerificationError(self.report["failure"], fix="use the .pt2 output, or --no-onnx")
+            error.report = self.report
+            raise error from e
         parity["path"] = str(path)
         return parity
 
@@ -64,7 +75,14 @@ class Result:
     def write_into(self, staged: StagedOutput, *, onnx: bool, pt2: bool) -> None:
         start = time.perf_counter()
         if pt2:
-            save_pt2(self.program(), staged.path("model.pt2"))
+            program, path = self.program(), staged.path("model.pt2")
+            try:
+                save_pt2(program, path)
+            except OSError as e:
+                raise GrailcError(
+                    f"cannot write model.pt2 ({e.strerror or e})", where=str(path),
+                    fix="check that the output folder is writable and the disk has space",
+                ) from e
             self.report["pt2"] = {"path": "model.pt2", "load_with": "torch.export.load(path).module()"}
         skip_onnx = onnx and ONNX_UNSUPPORTED.get(self.example.dtype)
         if skip_onnx:
@@ -118,7 +136,61 @@ def make_recipe(recipe: Recipe | None = None, **overrides) -> Recipe:
 
             known = [f.name for f in dataclasses.fields(Recipe)]
             raise RecipeError(f"unknown option {key!r}{did_you_mean(key, known)}")
+    _check_types(recipe)
+    _check_pipeline(recipe.pipeline)
     return _check_finite_numbers(recipe.validate())
+
+
+PASS_NEEDS = {"select": "calibrate", "compensate": "select", "apply": "select"}  # pass -> one that must come first
+
+
+def _check_pipeline(pipeline: list[str]) -> None:
+    """A pipeline runs each pass once, after what it reads, and ends with 'verify' (nothing unchecked is written)."""
+    fix = f"use the default pipeline {DEFAULT_PIPELINE}, or a prefix of it followed by 'verify'"
+    for i, name in enumerate(pipeline):
+        if name in pipeline[:i]:
+            raise RecipeError(f"pipeline runs pass {name!r} twice", fix=fix)
+        need = PASS_NEEDS.get(name)
+        if need is not None and need not in pipeline[:i]:
+            raise RecipeError(f"pipeline pass {name!r} needs {need!r} before it", fix=fix)
+    if not pipeline or pipeline[-1] != "verify":
+        raise RecipeError(f"pipeline {pipeline} does not end with 'verify': every result is checked before it is "
+                          "written", fix=fix)
+
+
+TYPE_NAMES = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string", list: "list",
+              dict: "table", type(None): "nothing"}
+ALSO_ACCEPTED = {"max_memory": int}  # a plain number of bytes
+
+
+def _check_types(recipe: Recipe) -> None:
+    """Every field holds the type of its default (ints count as floats), so that validation compares numbers."""
+    for prefix, spec in (("", recipe), ("calib.", recipe.calib), ("export.", recipe.export)):
+        for f in dataclasses.fields(spec):
+            if f.name in ("calib", "export"):
+                continue
+            value = getattr(spec, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            expected = type(default) if default is not None else (list if value is not None else type(None))
+            if not _is_a(value, expected) and not _is_a(value, ALSO_ACCEPTED.get(f.name, type(None))):
+                raise RecipeError(
+                    f"recipe field {prefix}{f.name} must be a {TYPE_NAMES[expected]}, got {value!r} "
+                    f"({type(value).__name__})",
+                    fix=f"write it like {prefix}{f.name} = {json.dumps(default)}" if default is not None else None,
+                )
+    for name, items, kind in (("exclude", recipe.exclude, str), ("pipeline", recipe.pipeline, str)):
+        if not all(isinstance(item, kind) for item in items):
+            raise RecipeError(f"recipe field {name} must be a list of strings, got {items!r}")
+    for pattern, ratio in recipe.ratios.items():
+        if not _is_a(ratio, float):
+            raise RecipeError(f"recipe ratio for {pattern!r} must be a number, got {ratio!r}")
+
+
+def _is_a(value, expected: type) -> bool:
+    """isinstance, where an int is a float too but a bool is only a bool."""
+    if isinstance(value, bool) and expected is not bool:
+        return False
+    return isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
 
 
 def _check_finite_numbers(recipe: Recipe) -> Recipe:
@@ -222,6 +294,15 @@ def _quiet_torch():
             logger.setLevel(level)
 
 
+def _quote_source_line(error: TraceError) -> None:
+    """Add the failing line of the model's source to a TraceError that names it as 'file:line in function'."""
+    found = re.fullmatch(r"(.+):(\d+) in \S+", error.where or "")
+    code = linecache.getline(found.group(1), int(found.group(2))).strip() if found else ""
+    if code:
+        error.where += f": {code}"
+        error.args = (error.line(),)
+
+
 def _check_finite_batches(batches: list[torch.Tensor], dtype: torch.dtype) -> None:
     for i, b in enumerate(batches):
         bad = ~torch.isfinite(b)
@@ -286,7 +367,11 @@ def compress(
     module = _graph_of(model)
     with _quiet_torch():
         _check_runs_eagerly(module, example)
-        gm, _ = trace(module, example)
+        try:
+            gm, _ = trace(module, example)
+        except TraceError as e:
+            _quote_source_line(e)
+            raise
     timings["trace"] = round(time.perf_counter() - start, 4)
 
     reference = copy.deepcopy(gm)

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--selector", help="magnitude | wanda (default wanda)")
     c.add_argument("--compensate", help="grail | none (default grail)")
     c.add_argument("--lam", type=float, help="ridge, relative to mean(diag G[K,K]) (default 1e-3)")
+    c.add_argument("--sequential", action="store_true",
+                   help="calibrate group by group on the already-compressed upstream (slower, usually more accurate, "
+                   "memory of one group at a time)")
     c.add_argument("--recipe", help="a TOML recipe; flags override its fields")
     c.add_argument("--max-memory", help="budget for the Gram matrices, e.g. 4GiB (default 8GiB)")
     c.add_argument("--seed", type=int, help="seed for random calibration data")
@@ -78,13 +81,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"grailc: error: {e.line()}", file=sys.stderr)
         return e.exit_code
-    except Exception as e:  # a bug in grailc: still one line, the traceback with --debug
+    except Exception as e:  # out of memory, or a bug in grailc: still one line; the traceback with --debug
         if getattr(args, "debug", False):
             raise
-        text = str(e).strip().splitlines()
-        print(f"grailc: internal error: {type(e).__name__}: {text[0][:300] if text else ''}: nothing was written; "
-              "rerun with --debug and report the traceback", file=sys.stderr)
+        if _is_out_of_memory(e):
+            print(f"grailc: error: out of memory ({_first_line(e)}): nothing was written; lower --input-shape, "
+                  "--batch-size or --calib-batches, or free memory", file=sys.stderr)
+            return 2
+        print(f"grailc: error: internal error (a bug in grailc): {_first_line(e)}: nothing was written; rerun "
+              "with --debug and report the traceback", file=sys.stderr)
         return 4
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:limit] if text else ''}"
 
 
 def recipe_from_args(args):
@@ -98,6 +114,7 @@ def recipe_from_args(args):
         selector=args.selector,
         compensate=args.compensate,
         lam=args.lam,
+        sequential=True if args.sequential else None,
         max_memory=args.max_memory,
         input_shape=parse_shape(args.input_shape) if args.input_shape else None,
         calib_source=args.calib,
@@ -185,7 +202,7 @@ def _check_inputs_outside_output(args, recipe) -> None:
     out = Path(args.out).resolve()
     inputs = [("model file", args.model), ("weights file", args.weights), ("calibration data", recipe.calib.source)]
     for what, name in inputs:
-        if not name or name == "random" or ":" in name and not Path(name).exists():
+        if not name or name == "random" or (":" in name and not Path(name).exists()):  # torchvision:NAME
             continue
         path = Path(name).resolve()
         if path == out or out in path.parents:

@@ -45,9 +45,13 @@ class Context:
     data_free: bool = False
     deps: Dependencies | None = None
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # consumer slot key -> G (float64)
+    # sequential calibration only: C = sum x z^T (dense x, compressed z) and Gx = sum x x^T; absent: both are G
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)
+    target_grams: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     decisions: dict[int, Decision] = field(default_factory=dict)  # group id -> decision
     folds: dict[str, Fold] = field(default_factory=dict)  # consumer slot key -> fold
+    done: set[int] = field(default_factory=set)  # groups decided and compensated during sequential calibration
     applied_deps: Dependencies | None = None  # the analysis the rewrite was made from
     report: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -32,6 +33,7 @@ SAFE_FORMATS_HINT = (
     "'torchvision:NAME --weights FILE' / 'timm:NAME --weights FILE'"
 )
 STATE_DICT_KEYS = ("state_dict", "model")
+FORCE_LOAD_ENV = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
 _MISMATCH_SHOWN = 3
 
 
@@ -233,10 +235,13 @@ def _no_code_runs_on_load(path: Path, what: str):
 
     ``torch.export.load`` unpickles sample inputs, legacy or pickled weights and opaque constants, some with
     ``weights_only=False``: a crafted archive would run code on load. Single-threaded use only (it patches
-    ``torch.load``, ``pickle.loads`` and ``torch._C._pickle_load_obj`` for the duration).
+    ``torch.load``, ``pickle.loads`` and ``torch._C._pickle_load_obj`` for the duration, and sets torch's
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` for any ``torch.serialization.load`` reached another way).
     """
     real_torch_load, real_loads = torch.load, pickle.loads
     real_load_obj = getattr(torch._C, "_pickle_load_obj", None)
+    saved_env = {name: os.environ.pop(name, None) for name in FORCE_LOAD_ENV}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
     def weights_only_load(f, *args, **kwargs):
         kwargs["weights_only"] = True
@@ -261,6 +266,10 @@ def _no_code_runs_on_load(path: Path, what: str):
         torch.load, pickle.loads = real_torch_load, real_loads
         if real_load_obj is not None:
             torch._C._pickle_load_obj = real_load_obj
+        for name, value in saved_env.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def _load_exported(path: Path, *, trust_pickle: bool = False):

@@ -34,11 +34,12 @@ class StagedOutput:
     """
 
     def __init__(self, out_dir, *, force: bool = False):
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(os.path.abspath(out_dir))  # '.' has no name to stage beside
         self.force = force
         self.committed = False
         self._discarded = False
         _check_output_target(self.out_dir, force)
+        _check_not_a_working_folder(self.out_dir)
         parent = self.out_dir.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +136,20 @@ def _check_output_target(out_dir: Path, force: bool) -> None:
             "the output folder already exists",
             where=str(out_dir),
             fix="choose a new output folder, or pass --force to replace it",
+        )
+
+
+def _check_not_a_working_folder(out_dir: Path) -> None:
+    """Replacing the current folder (or one holding it, or the root) would pull the ground from under the run."""
+    try:
+        cwd = Path.cwd()
+    except OSError:  # the current folder was deleted: nothing to protect
+        return
+    if out_dir == cwd or out_dir in cwd.parents or out_dir.parent == out_dir:
+        raise OutputExistsError(
+            "the output folder is the current folder, one that holds it, or the root",
+            where=str(out_dir),
+            fix="choose a dedicated output folder, e.g. --out grailc-out",
         )
 
 

@@ -17,6 +17,10 @@ batches = 8
 batch_size = 16
 held_out = 2                # batches kept aside to measure the output error
 ```
+
+Top-level keys also include ``sequential`` (Grams on the already-compressed upstream, group by group),
+``magnitude_norm`` (1 or 2), ``max_memory`` ("8GiB"), ``keep_all_tol`` and ``pipeline``; ``[export]`` has ``onnx``,
+``pt2`` and ``parity_tol``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Recipe:
     compensate: str = "grail"
     lam: float = 1e-3
     magnitude_norm: int = 1
+    sequential: bool = False  # Grams taken group by group on the already-compressed upstream
     exclude: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
     input_shape: list[int] | None = None

@@ -1,7 +1,8 @@
 """Named selectors and compensators. Recipes refer to them by name; plug-ins register with a decorator.
 
 * selector:    (group, stats, n_keep, recipe) -> kept channel indices (sorted LongTensor) and scores
-* compensator: (G, keep, lam) -> map B [size, k] to merge into a consumer, or None for plain pruning
+* compensator: (G, keep, lam, cross=None) -> (map B [size, k] to merge into a consumer, or None for plain
+  pruning; the solver fallback used or None)
 """
 
 from __future__ import annotations

@@ -76,6 +76,21 @@ def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor]
     return merged.reshape(out_dim, k_total, *weight.shape[2:])
 
 
+def mask_columns(weight: torch.Tensor, slot, keep: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
+    """Full-width twin of a merge: the slot's columns become W B on the kept channels and 0 elsewhere."""
+    layout = slot.consumer.layout
+    w = weight.detach().clone()
+    view = w.view(w.shape[0], layout.size, layout.inner, -1)
+    cols = view[:, slot.offset : slot.offset + slot.size]
+    if B is not None:
+        kept = torch.einsum("ocit,ck->okit", cols.to(torch.float64), B.to(torch.float64))
+    else:
+        kept = cols[:, keep].clone()
+    cols.zero_()
+    cols[:, keep] = kept.to(w.dtype)
+    return w
+
+
 def consumer_columns(weight: torch.Tensor, slot, dtype=torch.float64) -> torch.Tensor:
     """The slot's columns of a consumer weight as [rows, size] (every kernel tap / flattened position a row)."""
     layout = slot.consumer.layout

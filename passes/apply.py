@@ -1,7 +1,8 @@
 """Apply: the only pass that changes weights.
 
-For every group with a decision: producers keep rows K, carriers keep K along their channel dim (and a depthwise
-conv's ``groups`` and a view's size follow the new width), and each consumer's columns become W B (B from compensation) or W[:, K].
+For every group with a decision: producers keep rows K, carriers keep K along their channel dim (a depthwise
+conv's ``groups`` and a view's size follow the new width), and each consumer's columns become W B (B from
+compensation) or W[:, K].
 Groups without a decision and pinned groups keep all their channels.
 """
 

@@ -3,13 +3,17 @@
     G = sum_rows x x^T          (x: the slot's channels at one position; rows = N*H*W for a conv input,
                                  N*inner for a linear after flatten, N*T for a token input)
 
-in float64. Every selector and compensator reads only these Grams (activation norms are sqrt(diag G)), so memory
+in float64 (one pass for all groups; or, in ``sequential`` mode, group by group in graph order, each Gram taken
+on the model with every earlier group already compressed, which also bounds memory by the largest group).
+Every selector and compensator reads only these Grams (activation norms are sqrt(diag G)), so memory
 is bounded by sum(d^2) over the slots, never by the data. Each consumer's input is read just before the consumer
 runs, so in-place ops later in the graph cannot change it. A non-finite activation stops calibration and names
 the node where it first appeared.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import fx
@@ -19,6 +23,7 @@ from grailc.analysis import module_of
 from grailc.channels import Layout
 from grailc.errors import CalibrationError, GrailcError
 from grailc.passmanager import Pass, register_pass
+from grailc.surgery import get_param, mask_columns, set_param
 from grailc.trace import static_batch
 
 
@@ -31,9 +36,9 @@ def channel_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     return x.reshape(-1, layout.size)
 
 
-def gram_bytes(deps) -> int:
-    """Memory the Grams of all prunable groups take (float64)."""
-    return sum(8 * s.size * s.size for g in deps.prunable() for s in g.consumers)
+def gram_bytes(groups) -> int:
+    """Memory the Grams of these groups take (float64)."""
+    return sum(8 * s.size * s.size for g in groups for s in g.consumers)
 
 
 def batches_for(gm: fx.GraphModule, batches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -51,28 +56,44 @@ def batches_for(gm: fx.GraphModule, batches: list[torch.Tensor]) -> list[torch.T
     return list(rows[:usable].split(fixed))
 
 
-class GramRecorder(fx.Interpreter):
-    """Runs the graph and adds x x^T of each watched consumer input, right before the consumer runs."""
+class _Done(Exception):
+    """Raised to stop a calibration run once the last watched consumer has been read."""
 
-    def __init__(self, gm: fx.GraphModule, slots_by_node: dict[str, list], grams: dict, rows: dict):
+
+class InputRecorder(fx.Interpreter):
+    """Runs the graph and hands each watched consumer's input, as [rows, C] float64, to ``on_input`` right
+    before the consumer runs; stops after ``stop_after``; names the node where activations stop being finite."""
+
+    def __init__(self, gm: fx.GraphModule, slots_by_node: dict[str, list], on_input, stop_after: str | None = None):
         super().__init__(gm)
-        self.slots_by_node, self.grams, self.rows = slots_by_node, grams, rows
+        self.slots_by_node, self.on_input, self.stop_after = slots_by_node, on_input, stop_after
 
     def run_node(self, n: fx.Node):
         slots = self.slots_by_node.get(n.name)
         if slots:
             consumer = slots[0].consumer
             x = self.env[n.args[consumer.arg]]
-            xr = channel_rows(x.detach(), consumer.layout).to(torch.float64)
-            for slot in slots:
-                part = xr[:, slot.offset : slot.offset + slot.size]
-                g = part.T @ part
-                self.grams[slot.key] = self.grams[slot.key] + g if slot.key in self.grams else g
-                self.rows[slot.key] = self.rows.get(slot.key, 0) + part.shape[0]
+            self.on_input(slots, channel_rows(x.detach(), consumer.layout).to(torch.float64))
+            if n.name == self.stop_after:
+                raise _Done
         out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and not _finite(out):
             raise CalibrationError(f"non-finite values (NaN/Inf) {_where_non_finite(n)}", fix=_non_finite_fix(n))
         return out
+
+    def feed(self, x: torch.Tensor) -> None:
+        dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
+        with torch.no_grad():
+            try:
+                self.run(x.to(dtype))
+            except _Done:
+                pass
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """All values finite. The sum is one cheap pass and is finite whenever they all are (barring overflow, which
+    the exact check below sorts out)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _where_non_finite(n: fx.Node) -> str:
@@ -97,28 +118,108 @@ def _non_finite_fix(n: fx.Node) -> str:
 
 
 def format_bytes(size: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+    """1536 -> '1.50 KiB'."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.2f} {unit}"
         value /= 1024
-    return f"{value:.2f} TiB"  # pragma: no cover
+    return f"{value:.2f} GiB"
 
 
-def record_grams(gm: fx.GraphModule, deps, batches: list[torch.Tensor], progress: bool = False):
-    """Grams per consumer slot of every prunable group."""
-    slots_by_node: dict[str, list] = {}
-    for g in deps.prunable():
+def _slots_by_node(groups) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for g in groups:
         for slot in g.consumers:
-            slots_by_node.setdefault(slot.consumer.node, []).append(slot)
+            found.setdefault(slot.consumer.node, []).append(slot)
+    return found
+
+
+def _last_node(gm: fx.GraphModule, names) -> str | None:
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    return max(names, key=order.__getitem__) if names else None
+
+
+def _accumulate(store: dict, key: str, value: torch.Tensor) -> None:
+    store[key] = store[key] + value if key in store else value
+
+
+def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progress: bool = False):
+    """G = sum x x^T per consumer slot of ``groups``, streaming over the batches."""
     grams, rows = {}, {}
-    recorder = GramRecorder(gm, slots_by_node, grams, rows)
-    dtype = next((p.dtype for p in gm.parameters()), torch.float32)
-    with torch.no_grad():
-        for x in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
-            recorder.run(x.to(dtype))
+
+    def add(slots, xr):
+        for slot in slots:
+            part = xr[:, slot.offset : slot.offset + slot.size]
+            _accumulate(grams, slot.key, part.T @ part)
+            rows[slot.key] = rows.get(slot.key, 0) + part.shape[0]
+
+    recorder = InputRecorder(gm, _slots_by_node(groups), add)
+    for x in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
+        recorder.feed(x)
     return grams, rows
+
+
+def record_cross_grams(dense: fx.GraphModule, shadow: fx.GraphModule, group, batches: list[torch.Tensor]):
+    """For one group: Gz = sum z z^T on the compressed ``shadow``, C = sum x z^T against the dense inputs x, and
+    Gx = sum x x^T (all per consumer slot)."""
+    slots = _slots_by_node([group])
+    last = _last_node(dense, list(slots))
+    gz, cross, gx, rows = {}, {}, {}, {}
+    for x in batches:
+        dense_inputs, shadow_inputs = [], []
+        InputRecorder(dense, slots, lambda s, xr, out=dense_inputs: out.append((s, xr)), last).feed(x)
+        InputRecorder(shadow, slots, lambda s, xr, out=shadow_inputs: out.append((s, xr)), last).feed(x)
+        for (slots_d, xd), (_, xs) in zip(dense_inputs, shadow_inputs):
+            for slot in slots_d:
+                a = xd[:, slot.offset : slot.offset + slot.size]
+                b = xs[:, slot.offset : slot.offset + slot.size]
+                _accumulate(gz, slot.key, b.T @ b)
+                _accumulate(cross, slot.key, a.T @ b)
+                _accumulate(gx, slot.key, a.T @ a)
+                rows[slot.key] = rows.get(slot.key, 0) + a.shape[0]
+    return gz, cross, gx, rows
+
+
+def graph_order(gm: fx.GraphModule, groups) -> list:
+    """Groups sorted by the position of their first consumer in the graph."""
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(groups, key=lambda g: min(order[s.consumer.node] for s in g.consumers))
+
+
+def calibrate_sequentially(ctx, batches) -> None:
+    """Group by group in graph order: statistics on the partially compressed model against the dense one, then
+    select and compensate, so that each consumer reconstructs the *dense* input from the compressed channels.
+
+    The compressed part is simulated on a full-width shadow copy: each consumer's columns become W B on the kept
+    channels and zero elsewhere, which computes exactly what the narrowed model computes.
+    """
+    from grailc.passes.compensate import compensate_group
+    from grailc.passes.select import select_group
+
+    shadow = copy.deepcopy(ctx.gm)
+    groups = graph_order(ctx.gm, ctx.deps.prunable())
+    for g in tqdm(groups, desc="sequential", unit="group", disable=not ctx.progress, leave=False):
+        gz, cross, gx, rows = record_cross_grams(ctx.gm, shadow, g, batches)
+        ctx.grams.update(gz)
+        ctx.cross.update(cross)
+        ctx.target_grams.update(gx)
+        ctx.rows.update(rows)
+        select_group(ctx, g)
+        compensate_group(ctx, g)
+        decision = ctx.decisions.get(g.id)
+        if decision is not None:
+            for slot in g.consumers:
+                fold = ctx.folds.get(slot.key)
+                weight = get_param(shadow, slot.consumer.weight)
+                B = fold.B if fold is not None else None
+                set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, decision.keep, B))
+        for slot in g.consumers:  # a finished group's statistics are not needed again
+            for store in (ctx.grams, ctx.cross, ctx.target_grams):
+                store.pop(slot.key, None)
+        ctx.done.add(g.id)
 
 
 @register_pass
@@ -127,15 +228,20 @@ class Calibrate(Pass):
     requires = ("deps",)
 
     def run(self, ctx) -> None:
-        need = gram_bytes(ctx.deps)
+        groups = ctx.deps.prunable()
+        sequential = ctx.recipe.sequential
+        need = 3 * max((gram_bytes([g]) for g in groups), default=0) if sequential else gram_bytes(groups)
         budget = ctx.recipe.max_memory_bytes
         if need > budget:
             raise GrailcError(
                 f"calibration needs {format_bytes(need)} ({need} bytes) for its Gram matrices, over the memory "
                 f"budget of {format_bytes(budget)} ({budget} bytes); nothing was calibrated",
-                fix=f"raise --max-memory to at least {format_bytes(need)}, or exclude the widest layers with a "
-                "recipe 'exclude' pattern",
+                fix=f"raise --max-memory to at least {format_bytes(need)}, use --sequential (memory of one group at "
+                "a time), or exclude the widest layers with a recipe 'exclude' pattern",
             )
         ctx.report["gram_memory_bytes"] = need
         batches = batches_for(ctx.gm, ctx.calib)
-        ctx.grams, ctx.rows = record_grams(ctx.gm, ctx.deps, batches, ctx.progress)
+        if sequential:
+            calibrate_sequentially(ctx, batches)
+        else:
+            ctx.grams, ctx.rows = record_grams(ctx.gm, groups, batches, ctx.progress)

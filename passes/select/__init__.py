@@ -33,20 +33,24 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[:k]).values
 
 
+def select_group(ctx, group) -> None:
+    """Record the decision for one group (none when its budget keeps every channel)."""
+    load_builtin()
+    check_choice("selector", ctx.recipe.selector, SELECTORS)
+    k = n_keep(group.size, ratio_for(group, ctx.recipe))
+    if k < group.size:
+        scores = SELECTORS[ctx.recipe.selector](ctx, group)
+        ctx.decisions[group.id] = Decision(top_k(scores, k), scores)
+
+
 @register_pass
 class Select(Pass):
+    """Decide every prunable group not decided yet (sequential calibration decides as it goes)."""
+
     name = "select"
     requires = ("deps",)
 
     def run(self, ctx) -> None:
-        load_builtin()
-        recipe = ctx.recipe
-        check_choice("selector", recipe.selector, SELECTORS)
-        score = SELECTORS[recipe.selector]
-        ctx.decisions = {}
         for g in ctx.deps.prunable():
-            k = n_keep(g.size, ratio_for(g, recipe))
-            if k == g.size:
-                continue
-            scores = score(ctx, g)
-            ctx.decisions[g.id] = Decision(top_k(scores, k), scores)
+            if g.id not in ctx.done:
+                select_group(ctx, g)

