@@ -5,15 +5,9 @@ The CLI is a thin shell over this; every recipe field is a keyword argument here
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import io
 import json
-import linecache
-import logging
-import math
-import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,14 +16,14 @@ import torch
 from torch import fx
 
 from grailc.context import Context
-from grailc.errors import CalibrationError, GrailcError, RecipeError, TraceError, VerificationError
+from grailc.errors import CalibrationError, GrailcError, RecipeError, VerificationError
 from grailc.export import onnx_parity, reexport, save_onnx, save_pt2
 from grailc.metrics import count_macs, count_params, latency_ms
 from grailc.outputs import StagedOutput, atomic_write_text
 from grailc.passmanager import run_pipeline
-from grailc.recipe import DEFAULT_PIPELINE, CalibSpec, ExportSpec, Recipe
+from grailc.recipe import CalibSpec, ExportSpec, Recipe
 from grailc.report import group_records, summary, versions
-from grailc.trace import example_batch, trace
+from grailc.trace import capture, model_dtype
 
 
 @dataclasses.dataclass
@@ -136,70 +130,7 @@ def make_recipe(recipe: Recipe | None = None, **overrides) -> Recipe:
 
             known = [f.name for f in dataclasses.fields(Recipe)]
             raise RecipeError(f"unknown option {key!r}{did_you_mean(key, known)}")
-    _check_types(recipe)
-    _check_pipeline(recipe.pipeline)
-    return _check_finite_numbers(recipe.validate())
-
-
-PASS_NEEDS = {"select": "calibrate", "compensate": "select", "apply": "select"}  # pass -> one that must come first
-
-
-def _check_pipeline(pipeline: list[str]) -> None:
-    """A pipeline runs each pass once, after what it reads, and ends with 'verify' (nothing unchecked is written)."""
-    fix = f"use the default pipeline {DEFAULT_PIPELINE}, or a prefix of it followed by 'verify'"
-    for i, name in enumerate(pipeline):
-        if name in pipeline[:i]:
-            raise RecipeError(f"pipeline runs pass {name!r} twice", fix=fix)
-        need = PASS_NEEDS.get(name)
-        if need is not None and need not in pipeline[:i]:
-            raise RecipeError(f"pipeline pass {name!r} needs {need!r} before it", fix=fix)
-    if not pipeline or pipeline[-1] != "verify":
-        raise RecipeError(f"pipeline {pipeline} does not end with 'verify': every result is checked before it is "
-                          "written", fix=fix)
-
-
-TYPE_NAMES = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string", list: "list",
-              dict: "table", type(None): "nothing"}
-ALSO_ACCEPTED = {"max_memory": int}  # a plain number of bytes
-
-
-def _check_types(recipe: Recipe) -> None:
-    """Every field holds the type of its default (ints count as floats), so that validation compares numbers."""
-    for prefix, spec in (("", recipe), ("calib.", recipe.calib), ("export.", recipe.export)):
-        for f in dataclasses.fields(spec):
-            if f.name in ("calib", "export"):
-                continue
-            value = getattr(spec, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            expected = type(default) if default is not None else (list if value is not None else type(None))
-            if not _is_a(value, expected) and not _is_a(value, ALSO_ACCEPTED.get(f.name, type(None))):
-                raise RecipeError(
-                    f"recipe field {prefix}{f.name} must be a {TYPE_NAMES[expected]}, got {value!r} "
-                    f"({type(value).__name__})",
-                    fix=f"write it like {prefix}{f.name} = {json.dumps(default)}" if default is not None else None,
-                )
-    for name, items, kind in (("exclude", recipe.exclude, str), ("pipeline", recipe.pipeline, str)):
-        if not all(isinstance(item, kind) for item in items):
-            raise RecipeError(f"recipe field {name} must be a list of strings, got {items!r}")
-    for pattern, ratio in recipe.ratios.items():
-        if not _is_a(ratio, float):
-            raise RecipeError(f"recipe ratio for {pattern!r} must be a number, got {ratio!r}")
-
-
-def _is_a(value, expected: type) -> bool:
-    """isinstance, where an int is a float too but a bool is only a bool."""
-    if isinstance(value, bool) and expected is not bool:
-        return False
-    return isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
-
-
-def _check_finite_numbers(recipe: Recipe) -> Recipe:
-    """NaN passes every range check (all comparisons are false): refuse non-finite numbers by name."""
-    numbers = {"lam": recipe.lam, "keep_all_tol": recipe.keep_all_tol, "parity_tol": recipe.export.parity_tol}
-    for name, value in numbers.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise RecipeError(f"{name} {value} is not a finite number", fix=f"give {name} as a number like 1e-3")
-    return recipe
+    return recipe.validate()
 
 
 def _as_batches(calib) -> list[torch.Tensor]:
@@ -214,93 +145,6 @@ def _as_batches(calib) -> list[torch.Tensor]:
     if not batches:
         raise CalibrationError("no calibration batches were given")
     return batches
-
-
-def _user_input(program: torch.export.ExportedProgram) -> torch.Tensor | None:
-    """The (fake) tensor a program's first user input was exported with."""
-    user_inputs = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
-    for node in program.graph.nodes:
-        val = node.meta.get("val")
-        if node.op == "placeholder" and node.name in user_inputs and isinstance(val, torch.Tensor):
-            return val
-    return None
-
-
-def model_dtype(model) -> torch.dtype:
-    """The floating type the model computes in: its input's (ExportedProgram) or its first float parameter's."""
-    if isinstance(model, torch.export.ExportedProgram):
-        val = _user_input(model)
-        if val is not None and val.is_floating_point():
-            return val.dtype
-        tensors = model.state_dict.values()
-    else:
-        tensors = [*model.parameters(), *model.buffers()]
-    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-
-
-def _check_input_shape(model, shape: tuple[int, ...]) -> None:
-    """An input shape that does not fit an exported program is a bad flag, not a tracing failure."""
-    if not isinstance(model, torch.export.ExportedProgram):
-        return
-    val = _user_input(model)
-    if val is None:
-        return
-    spec = [d if isinstance(d, int) else None for d in val.shape]
-    fits = len(spec) == len(shape) and all(s is None or s == d for s, d in zip(spec[1:], shape[1:]))
-    if not fits:
-        expected = "[" + ", ".join(["N", *("?" if s is None else str(s) for s in spec[1:])]) + "]"
-        raise RecipeError(
-            f"input shape {list(shape)} does not fit the model, which was exported for inputs {expected}",
-            fix="give --input-shape (or input_shape=) in the model's layout, batch dimension first",
-        )
-
-
-def _graph_of(model):
-    """An nn.Module to trace; an ExportedProgram's guards (which pin the batch it was saved with) are left out."""
-    if isinstance(model, torch.export.ExportedProgram):
-        module = model.module(check_guards=False)
-        module.validate_inputs = False  # its input check would also pin the saved batch size
-        return module
-    return model.eval() if not isinstance(model, fx.GraphModule) else model
-
-
-def _check_runs_eagerly(module, example: torch.Tensor) -> None:
-    """Run the model once before tracing, so that a wrong input shape is not reported as a tracing failure."""
-    try:
-        with torch.no_grad():
-            module(example)
-    except Exception as e:  # any failure on the plain model is about its input
-        text = str(e).strip().splitlines()
-        raise RecipeError(
-            f"the model does not run on an input of shape {list(example.shape)} ({example.dtype}): "
-            f"{type(e).__name__}: {text[0][:300] if text else ''}",
-            fix="check --input-shape (or input_shape=): it must be the model's input, batch dimension first",
-        ) from e
-
-
-@contextlib.contextmanager
-def _quiet_torch():
-    """torch logs warnings, and fx prints whole graphs to stderr, when tracing fails; the TraceError says it all."""
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch")]
-    loggers.append(logging.getLogger("torch"))
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _quote_source_line(error: TraceError) -> None:
-    """Add the failing line of the model's source to a TraceError that names it as 'file:line in function'."""
-    found = re.fullmatch(r"(.+):(\d+) in \S+", error.where or "")
-    code = linecache.getline(found.group(1), int(found.group(2))).strip() if found else ""
-    if code:
-        error.where += f": {code}"
-        error.args = (error.line(),)
 
 
 def _check_finite_batches(batches: list[torch.Tensor], dtype: torch.dtype) -> None:
@@ -362,16 +206,7 @@ def compress(
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    _check_input_shape(model, shape)
-    example = example_batch(shape).to(dtype)
-    module = _graph_of(model)
-    with _quiet_torch():
-        _check_runs_eagerly(module, example)
-        try:
-            gm, _ = trace(module, example)
-        except TraceError as e:
-            _quote_source_line(e)
-            raise
+    gm, example = capture(model, shape)
     timings["trace"] = round(time.perf_counter() - start, 4)
 
     reference = copy.deepcopy(gm)

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    torch.set_flush_denormal(True)  # subnormal activations only cost time; flushing them changes no figure
     try:
         if args.command == "demo":
             from grailc.demo import run_demo
@@ -134,21 +135,17 @@ def input_shape_for(recipe, loaded) -> list[int]:
     if recipe.input_shape:
         return recipe.input_shape
     if loaded.exported is not None:
-        for spec in loaded.exported.graph.nodes:
-            if spec.op == "placeholder" and spec.meta.get("val") is not None and spec.name not in _param_inputs(loaded):
-                shape = spec.meta["val"].shape
-                return [1] + [int(d) for d in shape[1:]]
+        from grailc.trace import program_input
+
+        val = program_input(loaded.exported)
+        if val is not None and all(isinstance(d, int) for d in val.shape[1:]):
+            return [1, *(int(d) for d in val.shape[1:])]
     source = Path(recipe.calib.source)
     if source.suffix in (".npy", ".pt", ".pth") and source.is_file():
         from grailc.calib_data import tensor_file_sample_shape
 
         return [1, *tensor_file_sample_shape(source)]
     raise RecipeError("--input-shape is required for this model", fix="give it like --input-shape 1,3,224,224")
-
-
-def _param_inputs(loaded) -> set[str]:
-    sig = loaded.exported.graph_signature
-    return {s.arg.name for s in sig.input_specs if s.kind.name != "USER_INPUT"}
 
 
 def run_compress(args, argv) -> int:
@@ -238,5 +235,4 @@ def _write_failure(staged, report) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    torch.set_flush_denormal(True)
     sys.exit(main())

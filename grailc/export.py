@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from torch import fx
 
 from grailc.errors import GrailcError
-from grailc.metrics import flat_output
+from grailc.metrics import flat_output, latency_ms
 from grailc.trace import export
 
 
@@ -64,17 +63,12 @@ def onnx_parity(path: Path, module, batches: list[torch.Tensor], repeats: int = 
             got = np.concatenate([o.reshape(o.shape[0] if o.ndim else 1, -1) for o in outs], 1)
             max_diff = max(max_diff, float(np.abs(got - ref).max()))
             max_ref = max(max_ref, float(np.abs(ref).max()))
-    x = batches[0].numpy()
-    session.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, {name: x})
-        times.append(time.perf_counter() - start)
+    feed = {name: batches[0].numpy()}
+    latency = latency_ms(lambda f: session.run(None, f), feed, repeats)
     return {
         "max_abs_diff": max_diff,
         "relative_diff": max_diff / max_ref if max_ref > 0 else max_diff,
         "provider": session.get_providers()[0],
-        "latency_ms": 1000 * sorted(times)[len(times) // 2],
+        "latency_ms": latency,
         "latency_batch": int(batches[0].shape[0]),
     }

@@ -72,8 +72,8 @@ def output_error(reference, compressed, batches: list[torch.Tensor]) -> dict:
     return result
 
 
-def latency_ms(fn, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median wall time of ``fn(x)`` in milliseconds after one warm-up call."""
+def latency_ms(fn, x, repeats: int = 5) -> float:
+    """Median wall time of ``fn(x)`` in milliseconds after one warm-up call (autograd off)."""
     with torch.no_grad():
         fn(x)
         times = []

@@ -25,6 +25,9 @@ Top-level keys also include ``sequential`` (Grams on the already-compressed upst
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -80,6 +83,9 @@ class Recipe:
         from grailc.errors import check_choice
         from grailc.registry import COMPENSATORS, SELECTORS, load_builtin
 
+        _check_types(self)
+        _check_pipeline(self.pipeline)
+        _check_finite_numbers(self)
         load_builtin()
         if not 0.0 <= self.ratio < 1.0:
             raise RecipeError(f"ratio {self.ratio} is outside [0, 1)", fix="give the fraction of channels to remove")
@@ -106,6 +112,67 @@ class Recipe:
                 raise RecipeError(f"input shape {self.input_shape} must be positive integers, e.g. 1,3,224,224")
         self.max_memory_bytes  # noqa: B018 - validates the text
         return self
+
+
+PASS_NEEDS = {"select": "calibrate", "compensate": "select", "apply": "select"}  # pass -> one that must come first
+
+
+def _check_pipeline(pipeline: list[str]) -> None:
+    """A pipeline runs each pass once, after what it reads, and ends with 'verify' (nothing unchecked is written)."""
+    fix = f"use the default pipeline {DEFAULT_PIPELINE}, or a prefix of it followed by 'verify'"
+    for i, name in enumerate(pipeline):
+        if name in pipeline[:i]:
+            raise RecipeError(f"pipeline runs pass {name!r} twice", fix=fix)
+        need = PASS_NEEDS.get(name)
+        if need is not None and need not in pipeline[:i]:
+            raise RecipeError(f"pipeline pass {name!r} needs {need!r} before it", fix=fix)
+    if not pipeline or pipeline[-1] != "verify":
+        raise RecipeError(f"pipeline {pipeline} does not end with 'verify': every result is checked before it is "
+                          "written", fix=fix)
+
+
+TYPE_NAMES = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string", list: "list",
+              dict: "table", type(None): "nothing"}
+ALSO_ACCEPTED = {"max_memory": int}  # a plain number of bytes
+
+
+def _check_types(recipe: Recipe) -> None:
+    """Every field holds the type of its default (ints count as floats), so that validation compares numbers."""
+    for prefix, spec in (("", recipe), ("calib.", recipe.calib), ("export.", recipe.export)):
+        for f in dataclasses.fields(spec):
+            if f.name in ("calib", "export"):
+                continue
+            value = getattr(spec, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            expected = type(default) if default is not None else (list if value is not None else type(None))
+            if not _is_a(value, expected) and not _is_a(value, ALSO_ACCEPTED.get(f.name, type(None))):
+                raise RecipeError(
+                    f"recipe field {prefix}{f.name} must be a {TYPE_NAMES[expected]}, got {value!r} "
+                    f"({type(value).__name__})",
+                    fix=f"write it like {prefix}{f.name} = {json.dumps(default)}" if default is not None else None,
+                )
+    for name, items, kind in (("exclude", recipe.exclude, str), ("pipeline", recipe.pipeline, str)):
+        if not all(isinstance(item, kind) for item in items):
+            raise RecipeError(f"recipe field {name} must be a list of strings, got {items!r}")
+    for pattern, ratio in recipe.ratios.items():
+        if not _is_a(ratio, float):
+            raise RecipeError(f"recipe ratio for {pattern!r} must be a number, got {ratio!r}")
+
+
+def _is_a(value, expected: type) -> bool:
+    """isinstance, where an int is a float too but a bool is only a bool."""
+    if isinstance(value, bool) and expected is not bool:
+        return False
+    return isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
+
+
+def _check_finite_numbers(recipe: Recipe) -> Recipe:
+    """NaN passes every range check (all comparisons are false): refuse non-finite numbers by name."""
+    numbers = {"lam": recipe.lam, "keep_all_tol": recipe.keep_all_tol, "parity_tol": recipe.export.parity_tol}
+    for name, value in numbers.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise RecipeError(f"{name} {value} is not a finite number", fix=f"give {name} as a number like 1e-3")
+    return recipe
 
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,

@@ -8,13 +8,17 @@ use any batch size and the ONNX model takes any batch), static otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import linecache
+import logging
 import re
 
 import torch
 from torch import fx
 from torch.export import Dim
 
-from grailc.errors import TraceError
+from grailc.errors import RecipeError, TraceError
 
 MAX_BATCH = 1 << 16
 
@@ -46,23 +50,27 @@ def export(model: torch.nn.Module, example: torch.Tensor) -> torch.export.Export
         ) from e
 
 
-def trace(model_or_program, example: torch.Tensor) -> tuple[fx.GraphModule, torch.export.ExportedProgram]:
-    """The graph grailc works on, from an nn.Module or an ExportedProgram."""
-    if isinstance(model_or_program, torch.export.ExportedProgram):
-        ep = model_or_program
-        try:
-            ep = torch.export.export(ep.module(), (example,), dynamic_shapes=_batch_dynamic(ep), strict=False)
-        except Exception:  # keep the program as it was saved
-            pass
-    else:
-        ep = export(model_or_program, example)
+def trace(module: torch.nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, torch.export.ExportedProgram]:
+    """The graph grailc works on."""
+    ep = export(module, example)
     gm = ep.module()
     _check_runs(gm, example)
     return gm, ep
 
 
-def _batch_dynamic(ep):
-    return ({0: Dim("batch", min=1, max=MAX_BATCH)},)
+def capture(model, shape: tuple[int, ...]) -> tuple[fx.GraphModule, torch.Tensor]:
+    """Trace an nn.Module or ExportedProgram for inputs of ``shape``: the graph and its example input."""
+    _check_input_shape(model, shape)
+    example = example_batch(shape).to(model_dtype(model))
+    module = _graph_of(model)
+    with _quiet_torch():
+        _check_runs_eagerly(module, example)
+        try:
+            gm, _ = trace(module, example)
+        except TraceError as e:
+            _quote_source_line(e)
+            raise
+    return gm, example
 
 
 def static_batch(gm: fx.GraphModule) -> int | None:
@@ -101,3 +109,90 @@ def _where(e: BaseException) -> str | None:
             found = f"{name}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
         tb = tb.tb_next
     return found
+
+
+def program_input(program: torch.export.ExportedProgram) -> torch.Tensor | None:
+    """The (fake) tensor a program's first user input was exported with."""
+    user_inputs = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and node.name in user_inputs and isinstance(val, torch.Tensor):
+            return val
+    return None
+
+
+def model_dtype(model) -> torch.dtype:
+    """The floating type the model computes in: its input's (ExportedProgram) or its first float parameter's."""
+    if isinstance(model, torch.export.ExportedProgram):
+        val = program_input(model)
+        if val is not None and val.is_floating_point():
+            return val.dtype
+        tensors = model.state_dict.values()
+    else:
+        tensors = [*model.parameters(), *model.buffers()]
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
+def _check_input_shape(model, shape: tuple[int, ...]) -> None:
+    """An input shape that does not fit an exported program is a bad flag, not a tracing failure."""
+    if not isinstance(model, torch.export.ExportedProgram):
+        return
+    val = program_input(model)
+    if val is None:
+        return
+    spec = [d if isinstance(d, int) else None for d in val.shape]
+    fits = len(spec) == len(shape) and all(s is None or s == d for s, d in zip(spec[1:], shape[1:]))
+    if not fits:
+        expected = "[" + ", ".join(["N", *("?" if s is None else str(s) for s in spec[1:])]) + "]"
+        raise RecipeError(
+            f"input shape {list(shape)} does not fit the model, which was exported for inputs {expected}",
+            fix="give --input-shape (or input_shape=) in the model's layout, batch dimension first",
+        )
+
+
+def _graph_of(model):
+    """An nn.Module to trace; an ExportedProgram's guards (which pin the batch it was saved with) are left out."""
+    if isinstance(model, torch.export.ExportedProgram):
+        module = model.module(check_guards=False)
+        module.validate_inputs = False  # its input check would also pin the saved batch size
+        return module
+    return model.eval() if not isinstance(model, fx.GraphModule) else model
+
+
+def _check_runs_eagerly(module, example: torch.Tensor) -> None:
+    """Run the model once before tracing, so that a wrong input shape is not reported as a tracing failure."""
+    try:
+        with torch.no_grad():
+            module(example)
+    except Exception as e:  # any failure on the plain model is about its input
+        text = str(e).strip().splitlines()
+        raise RecipeError(
+            f"the model does not run on an input of shape {list(example.shape)} ({example.dtype}): "
+            f"{type(e).__name__}: {text[0][:300] if text else ''}",
+            fix="check --input-shape (or input_shape=): it must be the model's input, batch dimension first",
+        ) from e
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch logs warnings, and fx prints whole graphs to stderr, when tracing fails; the TraceError says it all."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch")]
+    loggers.append(logging.getLogger("torch"))
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _quote_source_line(error: TraceError) -> None:
+    """Add the failing line of the model's source to a TraceError that names it as 'file:line in function'."""
+    found = re.fullmatch(r"(.+):(\d+) in \S+", error.where or "")
+    code = linecache.getline(found.group(1), int(found.group(2))).strip() if found else ""
+    if code:
+        error.where += f": {code}"
+        error.args = (error.line(),)

@@ -14,6 +14,7 @@ Plain pruning is B = I[:, K]. A compensation whose error exceeds plain pruning's
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from grailc.context import Fold
 from grailc.errors import check_choice
@@ -68,6 +69,6 @@ class Compensate(Pass):
     requires = ("deps",)
 
     def run(self, ctx) -> None:
-        for g in ctx.deps.prunable():
-            if g.id not in ctx.done:
-                compensate_group(ctx, g)
+        todo = [g for g in ctx.deps.prunable() if g.id not in ctx.done and g.id in ctx.decisions]
+        for g in tqdm(todo, desc="solve", unit="group", disable=not ctx.progress, leave=False):
+            compensate_group(ctx, g)

@@ -24,11 +24,6 @@ from .helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def model_pt2(tmp_path_factory):
-    return save_pt2(tiny(), tmp_path_factory.mktemp("model") / "tiny.pt2")
-
-
 def _bad_image_folder(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

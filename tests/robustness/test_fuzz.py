@@ -1,10 +1,12 @@
-"""Requirement 7: fuzzing. (a) random small CNNs through ``grailc.compress``: a verified result or a GrailcError,
-never another exception; (b) random CLI argument lists through ``grailc.cli.main``: exit 0, 2 or 3, never a crash,
-and no model file unless the exit is 0.
+"""Requirement 7: fuzzing.
+
+(a) Random small CNNs (float32, sometimes float16/bfloat16) through ``grailc.compress``: a verified result or a
+GrailcError, never another exception (nor an internal error, exit code 4).
+(b) Random command lines through ``grailc.cli.main``: exit 0, 2 or 3, never a crash, and no model file unless the
+exit is 0.
 
 Examples are derandomized (the same cases every run) so that the suite's time and outcome are stable; the counts
-of what ran are printed at the end of each test.
-"""
+of what ran are printed at the end of each test."""
 
 from __future__ import annotations
 
@@ -241,7 +243,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     f["empty"] = root / "empty"
     f["empty"].mkdir()
     for name, text in {"good": 'ratio = 0.3\nselector = "magnitude"\n', "typo": "ratoi = 0.3\n",
-                       "wrong_type": 'lam = "big"\n', "not_toml": "ratio = = 1\n"}.items():
+                       "wrong_type": 'lam = "big"\n', "not_toml": "ratio = = 1\n",
+                       "no_verify": 'pipeline = ["analyse", "calibrate", "select", "apply"]\n'}.items():
         f[f"recipe_{name}"] = root / f"{name}.toml"
         f[f"recipe_{name}"].write_text(text)
     f["zip_not_model"] = root / "archive.pt"
@@ -273,7 +276,8 @@ VALUES = {
     "--mean": ([["0.5"], ["0.5", "0.5", "0.5"]], [["0.1", "0.2"], ["x"]]),
     "--std": ([["0.25"], ["1", "1", "1"]], [["0", "1", "1"]]),
     "--weights": ([], ["state_dict", "missing"]),
-    "--recipe": (["recipe_good"], ["recipe_typo", "recipe_wrong_type", "recipe_not_toml", "missing"]),
+    "--recipe": (["recipe_good"], ["recipe_typo", "recipe_wrong_type", "recipe_not_toml", "recipe_no_verify",
+                                  "missing"]),
     "--no-such-flag": ([], ["1"]),
 }
 SWITCHES = ["--no-normalize", "--force", "--trust-pickle", "--sequential"]

@@ -17,11 +17,6 @@ from grailc.passmanager import PASSES, _load_passes
 from .helpers import FAST, SHAPE_FLAG, assert_one_error_line, leftovers, run_cli, save_pt2, sha256, tiny
 
 
-@pytest.fixture(scope="module")
-def model_pt2(tmp_path_factory):
-    return save_pt2(tiny(), tmp_path_factory.mktemp("model") / "tiny.pt2")
-
-
 def old_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -46,6 +41,24 @@ def test_existing_output_needs_force(model_pt2, tmp_path, capfd):
     assert sorted(p.name for p in out.iterdir()) == ["model.pt2", "report.json"]
     assert not leftovers(tmp_path)
     assert sha256(model_pt2) == digest
+
+
+def test_outputs_are_staged_then_renamed_into_place(model_pt2, tmp_path, capfd, monkeypatch):
+    out = tmp_path / "out"
+    seen = {}
+    real_save = grailc.api.save_pt2
+
+    def spy(program, path):
+        seen["folder"], seen["out_exists"] = path.parent, out.exists()
+        real_save(program, path)
+
+    monkeypatch.setattr(grailc.api, "save_pt2", spy)
+    code, _ = run_cli([model_pt2, *FAST, "--out", out], capfd)
+
+    assert code == 0
+    assert seen["folder"].parent == tmp_path and ".grailc-staging-" in seen["folder"].name
+    assert not seen["out_exists"], "the output folder must appear only once it is complete"
+    assert (out / "model.pt2").exists() and not seen["folder"].exists() and not leftovers(tmp_path)
 
 
 def test_model_inside_the_output_folder_is_not_replaced(tmp_path, capfd):

