@@ -17,7 +17,7 @@ from torch import fx
 
 from grailc.context import Context
 from grailc.errors import CalibrationError, GrailcError, RecipeError, VerificationError
-from grailc.export import onnx_parity, reexport, save_onnx, save_pt2
+from grailc.export import ONNX_UNSUPPORTED, onnx_parity, parity_tolerance, reexport, save_onnx, save_pt2
 from grailc.metrics import count_macs, count_params, latency_ms
 from grailc.outputs import StagedOutput, atomic_write_text
 from grailc.passmanager import run_pipeline
@@ -97,18 +97,6 @@ class Result:
             error.report = self.report
             raise error
         atomic_write_text(staged.path("report.json"), json.dumps(self.report, indent=2, default=str))
-
-
-ONNX_UNSUPPORTED = {
-    torch.bfloat16: "bfloat16 models are not exported to ONNX (ONNX Runtime's CPU provider and numpy have no "
-    "bfloat16); use model.pt2, or compress a float32 copy for ONNX",
-}
-PARITY_ULPS = 8  # ONNX Runtime and PyTorch may sum in another order: allow this many ulps of the model's dtype
-
-
-def parity_tolerance(tol: float, dtype: torch.dtype) -> float:
-    """The recipe's ONNX parity tolerance, widened to what the model's float type can resolve."""
-    return max(tol, PARITY_ULPS * torch.finfo(dtype).eps) if dtype.is_floating_point else tol
 
 
 def make_recipe(recipe: Recipe | None = None, **overrides) -> Recipe:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     torch.set_flush_denormal(True)  # subnormal activations only cost time; flushing them changes no figure
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up like Ctrl-C
     try:
         if args.command == "demo":
             from grailc.demo import run_demo
@@ -92,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grailc: error: internal error (a bug in grailc): {_first_line(e)}: nothing was written; rerun "
               "with --debug and report the traceback", file=sys.stderr)
         return 4
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -72,3 +72,15 @@ def onnx_parity(path: Path, module, batches: list[torch.Tensor], repeats: int = 
         "latency_ms": latency,
         "latency_batch": int(batches[0].shape[0]),
     }
+
+
+ONNX_UNSUPPORTED = {
+    torch.bfloat16: "bfloat16 models are not exported to ONNX (ONNX Runtime's CPU provider and numpy have no "
+    "bfloat16); use model.pt2, or compress a float32 copy for ONNX",
+}
+PARITY_ULPS = 8  # ONNX Runtime and PyTorch may sum in another order: allow this many ulps of the model's dtype
+
+
+def parity_tolerance(tol: float, dtype: torch.dtype) -> float:
+    """The recipe's ONNX parity tolerance, widened to what the model's float type can resolve."""
+    return max(tol, PARITY_ULPS * torch.finfo(dtype).eps) if dtype.is_floating_point else tol

@@ -129,7 +129,8 @@ def read_until(stream, needle: bytes, timeout: float) -> bytes:
     return seen
 
 
-def test_sigint_during_calibration_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_calibration_leaves_nothing(tmp_path, signum):
     model = save_pt2(tiny(width=32), tmp_path / "wide.pt2")
     digest = sha256(model)
     out = tmp_path / "out"
@@ -143,7 +144,7 @@ def test_sigint_during_calibration_leaves_nothing(tmp_path):
         assert b"calibrate" in seen, f"calibration never started: {seen[-2000:]!r}"
         time.sleep(0.3)
         assert proc.poll() is None, "the compile finished before it could be interrupted: make it longer"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, rest = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
