@@ -100,3 +100,14 @@ def test_shared_parameters_pin_their_groups():
     gm, deps = traced(SharedConv(), (1, 3, 16, 16))
     a = group_of(deps, "a")
     assert a.pinned and "shared" in a.pinned
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_every_group_prunes_exactly_like_its_masked_reference(name):
+    """Squeeze-excitation gates, hardswish, stochastic depth, depthwise convs: each group, pruned alone, computes
+    what the original computes with that group's dropped channels ignored by their consumers."""
+    gm, deps = traced(torchvision.models.get_model(name, weights=None), (1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    assert len(deps.prunable()) >= 27
+    for group in deps.prunable():
+        prune_and_compare(gm, deps, group, torch.arange(0, group.size, 2), x, atol=1e-4)
