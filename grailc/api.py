@@ -151,7 +151,7 @@ def _check_finite_batches(batches: list[torch.Tensor], dtype: torch.dtype) -> No
 def _record_groups(ctx: Context) -> None:
     deps = ctx.applied_deps or ctx.deps
     if deps is not None:
-        ctx.report["groups"] = group_records(deps, ctx.decisions, ctx.folds)
+        ctx.report["groups"] = group_records(deps, ctx.decisions, ctx.folds, ctx.rows)
         ctx.report["unknown_ops"] = deps.unknown_ops
     ctx.report["timings"] = ctx.timings
 

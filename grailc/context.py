@@ -6,7 +6,6 @@ Nothing lives in globals. Analyses (``deps``) are dropped when a pass that does 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,12 +47,11 @@ class Context:
     # sequential calibration only: C = sum x z^T (dense x, compressed z) and Gx = sum x x^T; absent: both are G
     cross: dict[str, torch.Tensor] = field(default_factory=dict)
     target_grams: dict[str, torch.Tensor] = field(default_factory=dict)
-    rows: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)  # consumer slot key -> positions behind its Gram
     decisions: dict[int, Decision] = field(default_factory=dict)  # group id -> decision
     folds: dict[str, Fold] = field(default_factory=dict)  # consumer slot key -> fold
     done: set[int] = field(default_factory=set)  # groups decided and compensated during sequential calibration
     applied_deps: Dependencies | None = None  # the analysis the rewrite was made from
     report: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    out_dir: Path | None = None
     progress: bool = True

@@ -31,7 +31,7 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def group_records(deps, decisions: dict, folds: dict) -> list[dict]:
+def group_records(deps, decisions: dict, folds: dict, rows: dict | None = None) -> list[dict]:
     """One record per channel group: structure, decision and reconstruction errors (mean over consumer slots)."""
     records = []
     for g in deps.groups.values():
@@ -53,6 +53,7 @@ def group_records(deps, decisions: dict, folds: dict) -> list[dict]:
                 ),
                 "compensation_refused": sum(f.refused for f in slot_folds),
                 "solver_fallbacks": sum(f.fallback is not None for f in slot_folds),
+                "calibration_rows": max((rows or {}).get(s.key, 0) for s in g.consumers) if g.consumers else 0,
             }
         )
     return records
