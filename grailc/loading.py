@@ -357,14 +357,7 @@ def _refuse_torchscript(path: Path, what: str) -> None:
 
 def _load_pickled_module(path: Path, *, trust_pickle: bool) -> torch.nn.Module:
     if not trust_pickle:
-        loaded = _torch_load_weights_only(path, what="model file")
-        if _looks_like_state_dict(loaded):
-            raise _state_dict_only_error(path)
-        raise GrailcError(
-            f"model file holds a {type(loaded).__name__}, not a model",
-            where=str(path),
-            fix=f"save the model with torch.save(model, FILE), or {SAFE_FORMATS_HINT}",
-        )
+        raise _not_a_model_error(path, _torch_load_weights_only(path, what="model file"))
 
     _refuse_torchscript(path, "model file")
     try:
@@ -380,9 +373,14 @@ def _load_pickled_module(path: Path, *, trust_pickle: bool) -> torch.nn.Module:
 
     if isinstance(loaded, torch.nn.Module) and not isinstance(loaded, torch.jit.ScriptModule):
         return loaded
+    raise _not_a_model_error(path, loaded)
+
+
+def _not_a_model_error(path: Path, loaded) -> GrailcError:
+    """What a file that unpickled to something other than a module holds, and what to do instead."""
     if _looks_like_state_dict(loaded):
-        raise _state_dict_only_error(path)
-    raise GrailcError(
+        return _state_dict_only_error(path)
+    return GrailcError(
         f"model file holds a {type(loaded).__name__}, not a torch.nn.Module",
         where=str(path),
         fix=f"save the model with torch.save(model, FILE), or {SAFE_FORMATS_HINT}",
