@@ -20,10 +20,11 @@ from grailc.errors import CalibrationError, GrailcError, RecipeError, Verificati
 from grailc.export import ONNX_UNSUPPORTED, onnx_parity, parity_tolerance, reexport, save_onnx, save_pt2
 from grailc.metrics import count_macs, count_params, latency_ms
 from grailc.outputs import StagedOutput, atomic_write_text
+from grailc.passes.calibrate import batches_for
 from grailc.passmanager import run_pipeline
 from grailc.recipe import CalibSpec, ExportSpec, Recipe
 from grailc.report import group_records, summary, versions
-from grailc.trace import capture, model_dtype
+from grailc.trace import capture, model_dtype, static_batch
 
 
 @dataclasses.dataclass
@@ -196,6 +197,9 @@ def compress(
     start = time.perf_counter()
     gm, example = capture(model, shape)
     timings["trace"] = round(time.perf_counter() - start, 4)
+    if static_batch(gm) is not None:  # a graph fixed to one batch size is fed batches of that size
+        fit = batches_for(gm, fit)
+        held_out = batches_for(gm, held_out) if held_out else []
 
     reference = copy.deepcopy(gm)
     ctx = Context(gm=gm, reference=reference, example=example, recipe=recipe, calib=fit, held_out=held_out,
@@ -204,7 +208,7 @@ def compress(
     report["recipe"] = dataclasses.asdict(recipe)
     report["data_free"] = data_free
     report["params_before"] = count_params(reference)
-    report["macs_before"] = count_macs(reference, example[:1])
+    report["macs_before"] = count_macs(reference, example)
     try:
         run_pipeline(ctx, recipe.pipeline)
     except VerificationError as e:
@@ -213,7 +217,7 @@ def compress(
         raise
     _record_groups(ctx)
     report["params_after"] = count_params(ctx.gm)
-    report["macs_after"] = count_macs(ctx.gm, example[:1])
+    report["macs_after"] = count_macs(ctx.gm, example)
     x = (held_out or [example])[0]
     report["latency_ms"] = {
         "batch": int(x.shape[0]),

@@ -23,9 +23,9 @@ from grailc.errors import RecipeError, TraceError
 MAX_BATCH = 1 << 16
 
 
-def example_batch(input_shape: tuple[int, ...]) -> torch.Tensor:
-    """A deterministic example input; batch at least 2 so that the batch axis can be exported dynamic."""
-    shape = (max(2, input_shape[0]), *input_shape[1:])
+def example_batch(input_shape: tuple[int, ...], batch: int | None = None) -> torch.Tensor:
+    """A deterministic example input; batch at least 2 by default so that the batch axis can be exported dynamic."""
+    shape = (max(2, input_shape[0]) if batch is None else batch, *input_shape[1:])
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
@@ -61,10 +61,9 @@ def trace(module: torch.nn.Module, example: torch.Tensor) -> tuple[fx.GraphModul
 def capture(model, shape: tuple[int, ...]) -> tuple[fx.GraphModule, torch.Tensor]:
     """Trace an nn.Module or ExportedProgram for inputs of ``shape``: the graph and its example input."""
     _check_input_shape(model, shape)
-    example = example_batch(shape).to(model_dtype(model))
     module = _graph_of(model)
     with _quiet_torch():
-        _check_runs_eagerly(module, example)
+        example = _runnable_example(module, shape, model_dtype(model))
         try:
             gm, _ = trace(module, example)
         except TraceError as e:
@@ -159,12 +158,26 @@ def _graph_of(model):
     return model.eval() if not isinstance(model, fx.GraphModule) else model
 
 
-def _check_runs_eagerly(module, example: torch.Tensor) -> None:
-    """Run the model once before tracing, so that a wrong input shape is not reported as a tracing failure."""
+def _runnable_example(module, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Run the model once before tracing, so that a wrong input shape is not reported as a tracing failure.
+
+    A batch of at least 2 comes first (it lets the batch axis be exported dynamic); a model that only runs on the
+    batch it was written for (say ``x.view(1, -1)``) gets exactly ``shape``.
+    """
+    example = example_batch(shape).to(dtype)
     try:
         with torch.no_grad():
             module(example)
+        return example
     except Exception as e:  # any failure on the plain model is about its input
+        if example.shape[0] != shape[0]:
+            try:
+                exact = example_batch(shape, batch=shape[0]).to(dtype)
+                with torch.no_grad():
+                    module(exact)
+                return exact
+            except Exception:  # report the first failure, on the usual example
+                pass
         text = str(e).strip().splitlines()
         raise RecipeError(
             f"the model does not run on an input of shape {list(example.shape)} ({example.dtype}): "
