@@ -139,8 +139,8 @@ class State:
             mod = param_module(params[0][0]) if params else module_of(self.node)
             self.carriers.append(Carrier(self.node.name, mod, layout, params, list(size_args)))
 
-    def unknown(self, why: str) -> Layout | None:
-        """Pin every tensor input and return a fresh pinned space for the output."""
+    def opaque(self, why: str) -> Layout | None:
+        """Pin every tensor input and return a fresh pinned space for the output (a rule that cannot follow)."""
         node = self.node
         reason = f"{why} at {self.where()}"
         for arg in node.all_input_nodes:
@@ -148,11 +148,16 @@ class State:
             for sub in lay if isinstance(lay, tuple) else (lay,):
                 if isinstance(sub, Layout):
                     self.pin(sub, reason)
-        self.unknown_ops.append({"node": node.name, "op": str(node.target), "module": module_of(node), "why": why})
         val = node.meta.get("val")
         if isinstance(val, (tuple, list)):
             return tuple(self.fresh(tuple(v.shape), reason) if isinstance(v, torch.Tensor) else None for v in val)
         return self.fresh(node, reason)
+
+    def unknown(self, why: str) -> Layout | None:
+        """An op without a table row: opaque, and listed in the report's unknown ops."""
+        node = self.node
+        self.unknown_ops.append({"node": node.name, "op": str(node.target), "module": module_of(node), "why": why})
+        return self.opaque(why)
 
 
 def analyse(gm: fx.GraphModule, table=None) -> Dependencies:

@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bars or table")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    g = sub.add_parser("groups", help="list a model's channel groups and why any is pinned (no calibration)",
+                       epilog=EPILOG)
+    g.add_argument("model", help="as for compress")
+    g.add_argument("--weights", help="state dict for torchvision:NAME / timm:NAME")
+    g.add_argument("--trust-pickle", action="store_true", help="allow unpickling a full module (runs code)")
+    g.add_argument("--input-shape", help="e.g. 1,3,224,224 (read from a .pt2 when omitted)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+
     d = sub.add_parser("demo", help="compress the embedded Fashion-MNIST ResNet and measure its test accuracy")
     d.add_argument("--ratio", type=float, default=0.5)
     d.add_argument("--selector", default="wanda")
@@ -75,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             from grailc.demo import run_demo
 
             return run_demo(args)
+        if args.command == "groups":
+            return run_groups(args)
         return run_compress(args, argv)
     except KeyboardInterrupt:
         print("grailc: interrupted; nothing was written", file=sys.stderr)
@@ -154,6 +164,28 @@ def input_shape_for(recipe, loaded) -> list[int]:
 
         return [1, *tensor_file_sample_shape(source)]
     raise RecipeError("--input-shape is required for this model", fix="give it like --input-shape 1,3,224,224")
+
+
+def run_groups(args) -> int:
+    """Print the channel groups of a model: what would be pruned together, and what is pinned and why."""
+    from grailc.analysis import analyse
+    from grailc.loading import load_model
+    from grailc.recipe import Recipe, parse_shape
+    from grailc.trace import capture
+
+    loaded = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
+    recipe = Recipe(input_shape=parse_shape(args.input_shape) if args.input_shape else None)
+    shape = input_shape_for(recipe, loaded)
+    gm, _ = capture(loaded.exported if loaded.exported is not None else loaded.module, tuple(shape))
+    deps = analyse(gm)
+    print(f"{'id':>5} {'kind':9} {'size':>6} {'prod':>4} {'cons':>4}  producers / pinned because")
+    for g in deps.groups.values():
+        names = ", ".join(g.modules()[:3]) + (" ..." if len(g.producers) > 3 else "")
+        print(f"{g.id:>5} {g.kind:9} {g.size:>6} {len(g.producers):>4} {len(g.consumers):>4}  {names}"
+              + (f"\n{'':32}pinned: {g.pinned}" if g.pinned else ""))
+    print(f"{len(deps.groups)} groups, {len(deps.prunable())} prunable"
+          + (f"; unknown ops: {sorted({u['op'] for u in deps.unknown_ops})}" if deps.unknown_ops else ""))
+    return 0
 
 
 def run_compress(args, argv) -> int:

@@ -95,9 +95,9 @@ class Spatial:
     def __call__(self, node: fx.Node, st) -> Layout | None:
         lay = st.layout(node.args[0])
         if lay is None:
-            return st.unknown("spatial op on an untracked tensor")
+            return st.opaque("spatial op on an untracked tensor")
         if -lay.axis <= self.dims or lay.inner != 1:
-            return st.unknown(f"{node.target} acts on the channel axis")
+            return st.opaque(f"{node.target} acts on the channel axis")
         if isinstance(node.meta.get("val"), (tuple, list)):  # (values, indices): indices carry no weights
             return (lay,) + (None,) * (len(node.meta["val"]) - 1)
         return lay
@@ -113,13 +113,13 @@ class Norm:
         lay = st.layout(node.args[0])
         ndim = _ndim(st, node.args[0])
         if lay is None or ndim is None or _pos(lay.axis, ndim) != 1 or lay.inner != 1:
-            return st.unknown("batch norm whose channel axis is not the tracked one")
+            return st.opaque("batch norm whose channel axis is not the tracked one")
         params = []
         for i in self.param_args:
             if i < len(node.args) and node.args[i] is not None:
                 target = st.param(node.args[i])
                 if target is None:
-                    return st.unknown("batch norm with computed (non-parameter) statistics")
+                    return st.opaque("batch norm with computed (non-parameter) statistics")
                 params.append((target, 0))
         st.carrier(lay, params)
         if isinstance(node.meta.get("val"), (tuple, list)):
@@ -139,9 +139,9 @@ class Conv:
         weight, bias_t = st.param(w), st.param(bias)
         lay, shape, out_shape = st.layout(x), st.shape(x), st.shape(node)
         if weight is None or (bias is not None and bias_t is None):
-            return st.unknown("convolution with computed (non-parameter) weights")
+            return st.opaque("convolution with computed (non-parameter) weights")
         if lay is None or shape is None or len(shape) < 3 or _pos(lay.axis, len(shape)) != 1 or lay.inner != 1:
-            return st.unknown("convolution input without a tracked channel axis")
+            return st.opaque("convolution input without a tracked channel axis")
         c_in, c_out = shape[1], out_shape[1]
         axis = 1 - len(out_shape)
         if groups == 1:
@@ -152,7 +152,7 @@ class Conv:
             st.carrier(lay, params, size_args=[(self.groups_arg, None, 1)])
             return lay.with_axis(axis)
         why = f"grouped convolution (groups={groups}, {c_in}->{c_out} channels) is kept whole"
-        return st.unknown(why)
+        return st.opaque(why)
 
 
 class Linear:
@@ -164,9 +164,9 @@ class Linear:
         weight, bias_t = st.param(w), st.param(bias)
         lay, out_shape = st.layout(x), st.shape(node)
         if weight is None or (bias is not None and bias_t is None):
-            return st.unknown("linear with computed (non-parameter) weights")
+            return st.opaque("linear with computed (non-parameter) weights")
         if lay is None or lay.axis != -1:
-            return st.unknown("linear input without a tracked last axis")
+            return st.opaque("linear input without a tracked last axis")
         st.consumer("linear", weight, 0, lay)
         return st.producer("linear", weight, bias_t, out_shape, -1)
 
@@ -178,7 +178,7 @@ class Flatten:
         x = node.args[0]
         lay, shape = st.layout(x), st.shape(x)
         if lay is None or shape is None:
-            return st.unknown("flatten of an untracked tensor")
+            return st.opaque("flatten of an untracked tensor")
         ndim = len(shape)
         start = node.args[1] if len(node.args) > 1 else 0
         end = node.args[2] if len(node.args) > 2 else -1
@@ -193,10 +193,10 @@ class Flatten:
             inner = lay.inner
             for d in shape[start + 1 : end + 1]:
                 if not isinstance(d, int):
-                    return st.unknown("flatten over a dynamic size")
+                    return st.opaque("flatten over a dynamic size")
                 inner *= d
             return Layout(start - new_ndim, lay.segments, inner)
-        return st.unknown("flatten that splits the channel axis from the inside")
+        return st.opaque("flatten that splits the channel axis from the inside")
 
 
 class Pad:
@@ -206,7 +206,7 @@ class Pad:
         lay = st.layout(node.args[0])
         padded = len(node.args[1]) // 2
         if lay is None or lay.inner != 1 or -lay.axis <= padded:
-            return st.unknown("padding of the channel axis")
+            return st.opaque("padding of the channel axis")
         return lay
 
 
@@ -233,24 +233,24 @@ class View:
         x = node.args[0]
         lay, src, dst = st.layout(x), st.shape(x), st.shape(node)
         if lay is None or src is None or dst is None:
-            return st.unknown("view of an untracked tensor")
+            return st.opaque("view of an untracked tensor")
         p = len(src) + lay.axis
         q = p
         if not _same_dims(src[:p], dst[:q]) or q >= len(dst):
-            return st.unknown("view that changes the axes before the channels")
+            return st.opaque("view that changes the axes before the channels")
         rest_src, rest_dst = _prod(src[p + 1 :]), _prod(dst[q + 1 :])
         if rest_src is None or rest_dst is None or not isinstance(dst[q], int):
-            return st.unknown("view over dynamic sizes")
+            return st.opaque("view over dynamic sizes")
         if dst[q] == src[p] and rest_src == rest_dst and (lay.inner == 1 or _same_dims(src[p:], dst[q:])):
             out = Layout(q - len(dst), lay.segments, lay.inner)
         elif len(dst) == q + 1 and dst[q] == src[p] * rest_src:
             out = Layout(q - len(dst), lay.segments, lay.inner * rest_src)
         else:
-            return st.unknown("view that splits or mixes the channel axis")
+            return st.opaque("view that splits or mixes the channel axis")
         target = node.args[1]
         if isinstance(target, (list, tuple)) and len(target) == len(dst) and target[q] != -1:
             if not isinstance(target[q], int):
-                return st.unknown("view with a computed channel size")
+                return st.opaque("view with a computed channel size")
             st.carrier(out, [], size_args=[(1, q, out.inner)])
         return out
 
@@ -264,13 +264,13 @@ class Concat:
         layouts = [st.layout(t) for t in tensors]
         ndim = _ndim(st, node)
         if any(lay is None for lay in layouts) or ndim is None:
-            return st.unknown("concat of untracked tensors")
+            return st.opaque("concat of untracked tensors")
         dim = dim - ndim if dim >= 0 else dim
         if all(lay.axis == dim and lay.inner == 1 for lay in layouts):
             return Layout(dim, tuple(s for lay in layouts for s in lay.segments))
         if all(lay.axis != dim for lay in layouts):
             return st.tie(layouts)
-        return st.unknown("concat mixing the channel axis with another")
+        return st.opaque("concat mixing the channel axis with another")
 
 
 class Reduce:
@@ -280,16 +280,16 @@ class Reduce:
         x = node.args[0]
         lay, shape = st.layout(x), st.shape(x)
         if lay is None or shape is None or lay.inner != 1:
-            return st.unknown("reduction of an untracked tensor")
+            return st.opaque("reduction of an untracked tensor")
         dims = node.args[1] if len(node.args) > 1 else None
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         ndim = len(shape)
         if dims is None:
-            return st.unknown("reduction over all axes")
+            return st.opaque("reduction over all axes")
         dims = {d % ndim for d in ([dims] if isinstance(dims, int) else dims)}
         pos = _pos(lay.axis, ndim)
         if pos in dims:
-            return st.unknown("reduction over the channel axis")
+            return st.opaque("reduction over the channel axis")
         if keepdim:
             return lay
         new_pos = pos - sum(1 for d in dims if d < pos)
@@ -304,7 +304,7 @@ class Getitem:
         found = st.layouts.get(src)
         if isinstance(found, tuple) and isinstance(idx, int) and idx < len(found):
             return found[idx]
-        return st.unknown("getitem on an untracked value")
+        return st.opaque("getitem on an untracked value")
 
 
 SHAPE_ONLY = {aten.sym_size.int}

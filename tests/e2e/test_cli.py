@@ -84,3 +84,10 @@ def test_console_script_and_recipe(tmp_path):
     assert layer1["kept"] == 32 and layer3["kept"] == 192
     assert layer4["kept"] == layer4["size"] and "excluded by recipe pattern" in layer4["pinned"]
     assert not (out / "model.onnx").exists()
+
+
+def test_groups_lists_what_prunes_together_and_what_is_pinned(capsys):
+    assert main(["groups", "torchvision:regnet_x_400mf", "--input-shape", "1,3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "pinned: model output" in out and "pinned: grouped convolution (groups=" in out
+    assert out.strip().splitlines()[-1] == "51 groups, 5 prunable"  # grouped convs are known, not unknown ops
