@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from grailc.calib_data import check_finite
 from grailc.context import Context
 from grailc.errors import CalibrationError, GrailcError, RecipeError, VerificationError
 from grailc.export import ONNX_UNSUPPORTED, onnx_parity, parity_tolerance, reexport, save_onnx, save_pt2
@@ -137,16 +138,10 @@ def _as_batches(calib) -> list[torch.Tensor]:
 
 
 def _check_finite_batches(batches: list[torch.Tensor], dtype: torch.dtype) -> None:
+    fix = "clean or regenerate the inputs" + (
+        "; values beyond the range of the model's dtype overflow to Inf" if dtype.itemsize < 4 else "")
     for i, b in enumerate(batches):
-        bad = ~torch.isfinite(b)
-        if bool(bad.any()):
-            sample = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0]) if b.dim() else 0
-            raise CalibrationError(
-                f"calibration batch {i} has {int(bad.sum())} NaN/Inf value(s) (as {dtype}); the first is in "
-                f"sample {sample} of that batch",
-                fix="clean or regenerate the inputs"
-                + ("; values beyond the range of the model's dtype overflow to Inf" if dtype.itemsize < 4 else ""),
-            )
+        check_finite(b, f"calibration batch {i} (as {dtype})", fix=fix)
 
 
 def _record_groups(ctx: Context) -> None:

@@ -81,7 +81,7 @@ def load_calibration(
             fix=ACCEPTED_FORMS,
         )
 
-    _check_finite(samples, source)
+    check_finite(samples, "calibration data (as float32)", where=source)
     batches = [chunk.contiguous() for chunk in torch.split(samples, batch_size)]
     return CalibrationData(batches=batches, source=description, data_free=False)
 
@@ -306,16 +306,16 @@ def _load_tensor_file(path: Path, input_shape, limit: int) -> torch.Tensor:
         ) from e
 
 
-def _check_finite(samples: torch.Tensor, where: str) -> None:
+def check_finite(samples: torch.Tensor, what: str, *, where: str | None = None,
+                 fix: str = "clean or regenerate the inputs") -> None:
+    """Refuse NaN/Inf in a batch of samples, saying how many and the first sample that holds one."""
     bad = ~torch.isfinite(samples)
     if bool(bad.any()):
-        count = int(bad.sum())
-        first_sample = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0])
+        first_sample = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0]) if samples.dim() else 0
         raise CalibrationError(
-            f"calibration data has {count} NaN/Inf value(s) (after conversion to float32); "
-            f"the first is in sample {first_sample}",
+            f"{what} has {int(bad.sum())} NaN/Inf value(s); the first is in sample {first_sample}",
             where=where,
-            fix="clean or regenerate the inputs",
+            fix=fix,
         )
 
 

@@ -61,19 +61,21 @@ def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor]
     """
     out_dim = weight.shape[0]
     w = weight.reshape(out_dim, layout.size, layout.inner, -1)  # [O, C, inner, taps]
-    pieces = []
-    for seg, off, m in zip(layout.segments, layout.offsets(), maps):
-        ws = w[:, off : off + seg.size]
-        if m.dim() == 1:
-            pieces.append(ws.index_select(1, m.to(ws.device)))
-        else:
-            merged = torch.einsum("ocit,ck->okit", ws.to(torch.float64), m.to(torch.float64))
-            pieces.append(merged.to(weight.dtype))
+    pieces = [map_columns(w[:, off : off + seg.size], m) for seg, off, m in
+              zip(layout.segments, layout.offsets(), maps)]
     merged = torch.cat(pieces, dim=1)
     k_total = merged.shape[1]
     if weight.dim() == 2:
         return merged.reshape(out_dim, k_total * layout.inner)
     return merged.reshape(out_dim, k_total, *weight.shape[2:])
+
+
+def map_columns(cols: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """[O, C, inner, taps] columns through a map on C: a 1-D index keeps columns, a [C, k] matrix merges them
+    (in float64)."""
+    if m.dim() == 1:
+        return cols.index_select(1, m.to(cols.device))
+    return torch.einsum("ocit,ck->okit", cols.to(torch.float64), m.to(torch.float64)).to(cols.dtype)
 
 
 def mask_columns(weight: torch.Tensor, slot, keep: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
@@ -82,12 +84,9 @@ def mask_columns(weight: torch.Tensor, slot, keep: torch.Tensor, B: torch.Tensor
     w = weight.detach().clone()
     view = w.view(w.shape[0], layout.size, layout.inner, -1)
     cols = view[:, slot.offset : slot.offset + slot.size]
-    if B is not None:
-        kept = torch.einsum("ocit,ck->okit", cols.to(torch.float64), B.to(torch.float64))
-    else:
-        kept = cols[:, keep].clone()
+    kept = map_columns(cols, B if B is not None else keep)
     cols.zero_()
-    cols[:, keep] = kept.to(w.dtype)
+    cols[:, keep] = kept
     return w
 
 

@@ -137,9 +137,12 @@ def _slots_by_node(groups) -> dict[str, list]:
     return found
 
 
+def _node_order(gm: fx.GraphModule) -> dict[str, int]:
+    return {n.name: i for i, n in enumerate(gm.graph.nodes)}
+
+
 def _last_node(gm: fx.GraphModule, names) -> str | None:
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    return max(names, key=order.__getitem__) if names else None
+    return max(names, key=_node_order(gm).__getitem__) if names else None
 
 
 def _accumulate(store: dict, key: str, value: torch.Tensor) -> None:
@@ -185,7 +188,7 @@ def record_cross_grams(dense: fx.GraphModule, shadow: fx.GraphModule, group, bat
 
 def graph_order(gm: fx.GraphModule, groups) -> list:
     """Groups sorted by the position of their first consumer in the graph."""
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    order = _node_order(gm)
     return sorted(groups, key=lambda g: min(order[s.consumer.node] for s in g.consumers))
 
 
