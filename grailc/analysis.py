@@ -1,9 +1,11 @@
 """Dependency analysis: walk the graph once, apply each op's rule, and gather channel groups.
 
-Every tensor value gets a :class:`~grailc.channels.Layout`. A rule (see :mod:`grailc.ops`) reads the layouts of
-its inputs and returns its output's, declaring producers, consumers, carriers and ties on the way. An op without a
-rule pins every space it touches (``unknown op``) and hands on a fresh pinned space: the analysis never guesses.
-The graph's inputs and outputs are pinned too, so a model's interface never changes.
+Every tensor value gets a :class:`~grailc.channels.Layout`, or None when it carries no channel of any group
+(constants, masks, integer ids). A rule (see :mod:`grailc.ops`) reads the layouts of its inputs and returns its
+output's, declaring producers, consumers, carriers and ties on the way. An op without a rule pins every space it
+touches (``unknown op``) and hands on a fresh pinned space: the analysis never guesses. An op none of whose inputs
+carries channels carries none either. The graph's inputs and outputs are pinned, so a model's interface never
+changes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import fx
 
 from grailc.channels import Layout, Segment, Spaces
-from grailc.groups import Carrier, ChannelGroup, Consumer, ConsumerSlot, Dependencies, Producer
+from grailc.groups import Carrier, ChannelGroup, Consumer, Dependencies, Producer, Slot
 
 
 def module_of(node: fx.Node) -> str:
@@ -35,10 +37,26 @@ def tensor_shape(node) -> tuple | None:
 
 
 def natural_axis(ndim: int) -> int | None:
-    """Where channels are assumed to sit in a tensor we know nothing about: NCHW's C, else the last dim."""
+    """Where channels are assumed to sit in a model input: NCHW's C for 4-D, else the last dim."""
     if ndim == 0:
         return None
     return -3 if ndim == 4 else -1
+
+
+# ops through which a parameter keeps its trailing dims (negative axes stay valid)
+PARAM_CHAIN = {"expand", "_to_copy", "to", "clone", "contiguous", "alias", "detach", "type_as", "lift_fresh_copy"}
+
+
+RESHAPES_OF_ONES = {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze"}
+
+
+def _same_dim_without_ones(out: tuple, src: tuple, pos: int) -> int | None:
+    """The dim of ``src`` that is dim ``pos`` of ``out`` when the reshape only adds or drops size-1 dims."""
+    keep_out = [i for i, d in enumerate(out) if d != 1]
+    keep_src = [i for i, d in enumerate(src) if d != 1]
+    if [out[i] for i in keep_out] != [src[i] for i in keep_src] or pos not in keep_out:
+        return None
+    return keep_src[keep_out.index(pos)]
 
 
 class State:
@@ -52,7 +70,7 @@ class State:
         self.consumers: list[Consumer] = []
         self.carriers: list[Carrier] = []
         self.unknown_ops: list[dict] = []
-        self.param_users: dict[str, set[str]] = {}
+        self.param_users: dict[str, list[tuple[str, object]]] = {}
         self.node: fx.Node | None = None
 
     # -- reading ---------------------------------------------------------------------------------------
@@ -66,13 +84,43 @@ class State:
         return None
 
     def layout(self, arg) -> Layout | None:
-        """The layout of a tensor argument (a constant tensor gets a pinned space of its own)."""
-        if not isinstance(arg, fx.Node):
+        """The layout of a tensor argument, split spaces read through their parts."""
+        found = self.layouts.get(arg) if isinstance(arg, fx.Node) else None
+        if not isinstance(found, Layout):
             return None
-        if arg not in self.layouts and arg.op == "get_attr":
-            self.layouts[arg] = self.fresh(arg, f"constant tensor {arg.target} used as data")
-        found = self.layouts.get(arg)
-        return found if isinstance(found, Layout) else None
+        segments = self.spaces.resolve(found.segments)
+        return found if segments == found.segments else Layout(
+            found.axis, segments, found.inner, found.granule, found.split, found.seg_axis)
+
+    def param_chain(self, arg, axis: int) -> tuple[str, int, list[tuple[fx.Node, int]]] | None:
+        """A parameter reached from ``arg`` through ops that only add, drop or broadcast size-1 dims (expand,
+        unsqueeze, reshape to [1, C, 1, 1], dtype casts): its target, the dim that lines up with ``axis``
+        (negative) and the nodes passed through, each with the position of the channel dim in its output."""
+        chain = []
+        shape = self.shape(arg)
+        if shape is None or len(shape) < -axis:
+            return None
+        pos = len(shape) + axis
+        while isinstance(arg, fx.Node) and arg.op == "call_function":
+            name = getattr(arg.target, "__name__", "").split(".")[0]
+            if not arg.args or not isinstance(arg.args[0], fx.Node):
+                return None
+            src = self.shape(arg.args[0])
+            out = self.shape(arg)
+            if src is None or out is None:
+                return None
+            if name in PARAM_CHAIN:
+                new = pos - (len(out) - len(src))
+            elif name in RESHAPES_OF_ONES:
+                new = _same_dim_without_ones(out, src, pos)
+            else:
+                return None
+            if new is None or new < 0:
+                return None
+            chain.append((arg, pos))
+            arg, pos = arg.args[0], new
+        target = self.param(arg)
+        return None if target is None else (target, pos, chain)
 
     def where(self) -> str:
         node = self.node
@@ -96,48 +144,67 @@ class State:
             for seg in layout.segments:
                 self.spaces.pin(seg.space, reason)
 
+    def lossy(self, layout: Layout, reason: str) -> None:
+        for seg in layout.segments:
+            self.spaces.mark_lossy(seg.space, f"{reason} at {self.where()}")
+
+    def align(self, a: Layout, b: Layout) -> bool:
+        """Tie two layouts of the same positions element by element (False when they cannot line up)."""
+        if a.inner <= 0 or b.inner <= 0:
+            return False
+        bounds_a = [(o * a.inner, a.seg_length(s) * a.inner) for s, o in zip(a.segments, a.offsets())]
+        bounds_b = [(o * b.inner, b.seg_length(s) * b.inner) for s, o in zip(b.segments, b.offsets())]
+        if bounds_a != bounds_b or (a.seg_axis is None) != (b.seg_axis is None):
+            return False
+        elements = max(a.inner, b.inner) if max(a.inner, b.inner) % min(a.inner, b.inner) == 0 else None
+        if elements is None:
+            return False
+        per_a = a.granule * elements // a.inner
+        per_b = b.granule * elements // b.inner
+        return all(self.spaces.align(sa.space, per_a, sb.space, per_b) for sa, sb in zip(a.segments, b.segments))
+
     def tie(self, layouts: list[Layout]) -> Layout | None:
-        """Unify layouts that must hold the same channels; a mismatch pins them all."""
+        """Unify layouts that hold the same positions; a mismatch pins them all."""
         layouts = [lay for lay in layouts if lay is not None]
         if not layouts:
             return None
         first = layouts[0]
         for other in layouts[1:]:
-            same = (
-                other.axis == first.axis
-                and other.inner == first.inner
-                and [s.size for s in other.segments] == [s.size for s in first.segments]
-            )
-            if not same:
+            same = other.axis == first.axis and other.seg_axis == first.seg_axis
+            if not (same and self.align(first, other)):
                 for lay in layouts:
                     self.pin(lay, f"{self.node.target} ties channels of different layouts at {self.where()}")
                 return first
-            for a, b in zip(first.segments, other.segments):
-                self.spaces.union(a.space, b.space)
         return first
 
-    def use_param(self, target: str | None) -> None:
+    def use_param(self, target: str | None, fact) -> None:
         if target is not None:
-            self.param_users.setdefault(target, set()).add(self.node.name)
+            self.param_users.setdefault(target, []).append((self.node.name, fact))
 
-    def producer(self, kind: str, weight: str, bias: str | None, out_shape: tuple, axis: int) -> Layout:
+    def producer(self, kind: str, weight: str, bias: str | None, out_shape: tuple, axis: int, dim: int = 0) -> Layout:
         size = out_shape[axis]
-        sid = self.spaces.new(size)
-        self.use_param(weight)
-        self.use_param(bias)
-        self.producers.append(Producer(self.node.name, param_module(weight), kind, weight, bias, sid))
-        return Layout(axis, (Segment(sid, size),))
+        lay = Layout(axis, (Segment(self.spaces.new(size), size),))
+        fact = Producer(self.node.name, param_module(weight), kind, weight, bias, lay, dim)
+        self.use_param(weight, fact)
+        self.use_param(bias, fact)
+        self.producers.append(fact)
+        return lay
 
-    def consumer(self, kind: str, weight: str, arg: int, layout: Layout) -> None:
-        self.use_param(weight)
-        self.consumers.append(Consumer(self.node.name, param_module(weight), kind, weight, arg, layout))
+    def consumer(self, kind: str, weight: str, arg: int, layout: Layout, dim: int = 1) -> None:
+        fact = Consumer(self.node.name, param_module(weight), kind, weight, arg, layout, dim)
+        self.use_param(weight, fact)
+        self.consumers.append(fact)
 
-    def carrier(self, layout: Layout, params: list[tuple[str, int]], size_args=()) -> None:
-        for target, _ in params:
-            self.use_param(target)
-        if params or size_args:
-            mod = param_module(params[0][0]) if params else module_of(self.node)
-            self.carriers.append(Carrier(self.node.name, mod, layout, params, list(size_args)))
+    def carrier(self, layout: Layout, params: list[tuple[str, int]], size_args=(), tag=None, lossy=False,
+                node: fx.Node | None = None) -> None:
+        """Record what is sliced (or rewritten) along ``layout`` at this node (or at ``node``)."""
+        node = node or self.node
+        if params or size_args or tag or lossy:
+            mod = param_module(params[0][0]) if params else module_of(node)
+            fact = Carrier(node.name, mod, layout, params, list(size_args), tag, lossy)
+            for target, _ in params:
+                self.use_param(target, fact)
+            self.carriers.append(fact)
 
     def opaque(self, why: str) -> Layout | None:
         """Pin every tensor input and return a fresh pinned space for the output (a rule that cannot follow)."""
@@ -147,11 +214,14 @@ class State:
             lay = self.layouts.get(arg)
             for sub in lay if isinstance(lay, tuple) else (lay,):
                 if isinstance(sub, Layout):
-                    self.pin(sub, reason)
+                    self.pin(self.layout_of(sub), reason)
         val = node.meta.get("val")
         if isinstance(val, (tuple, list)):
             return tuple(self.fresh(tuple(v.shape), reason) if isinstance(v, torch.Tensor) else None for v in val)
         return self.fresh(node, reason)
+
+    def layout_of(self, lay: Layout) -> Layout:
+        return Layout(lay.axis, self.spaces.resolve(lay.segments), lay.inner, lay.granule, lay.split, lay.seg_axis)
 
     def unknown(self, why: str) -> Layout | None:
         """An op without a table row: opaque, and listed in the report's unknown ops."""
@@ -160,29 +230,42 @@ class State:
         return self.opaque(why)
 
 
+def _tracked_inputs(st: State, node: fx.Node) -> bool:
+    for arg in node.all_input_nodes:
+        lay = st.layouts.get(arg)
+        if any(isinstance(sub, Layout) for sub in (lay if isinstance(lay, tuple) else (lay,))):
+            return True
+    return False
+
+
 def analyse(gm: fx.GraphModule, table=None) -> Dependencies:
     """Find every channel group of ``gm`` (an exported ATen graph)."""
-    from grailc.ops import OP_TABLE, is_shape_only
+    from grailc.ops import OP_TABLE, SOURCES, is_shape_only
 
     table = OP_TABLE if table is None else table
     st = State(gm)
     for node in gm.graph.nodes:
         st.node = node
         if node.op == "placeholder":
-            st.layouts[node] = st.fresh(node, "model input")
+            val = node.meta.get("val")
+            floating = isinstance(val, torch.Tensor) and val.is_floating_point()
+            st.layouts[node] = st.fresh(node, "model input") if floating else None
         elif node.op == "get_attr":
             continue
         elif node.op == "output":
             for arg in node.all_input_nodes:
                 lay = st.layouts.get(arg)
                 for sub in lay if isinstance(lay, tuple) else (lay,):
-                    st.pin(sub, "model output")
+                    if isinstance(sub, Layout):
+                        st.pin(st.layout_of(sub), "model output")
+        elif is_shape_only(node, st):
+            st.layouts[node] = None
+        elif node.op == "call_function" and node.target not in SOURCES and not _tracked_inputs(st, node):
+            st.layouts[node] = None  # computed from constants and ids only: no channel flows through it
         elif node.op == "call_function" and node.target in table:
             out = table[node.target](node, st)
             st.layouts[node] = out
             _check_layout(st, node, out)
-        elif is_shape_only(node, st):
-            st.layouts[node] = None
         else:
             what = node.target if node.op == "call_function" else f"{node.op} {node.target}"
             st.layouts[node] = st.unknown(f"unknown op {what}")
@@ -193,32 +276,33 @@ def _check_layout(st: State, node: fx.Node, out) -> None:
     """A rule's output layout must describe the tensor it belongs to."""
     shape = tensor_shape(node)
     if isinstance(out, Layout) and shape is not None:
-        if len(shape) < -out.axis or shape[out.axis] != out.size * out.inner:
-            st.pin(out, f"layout does not match the shape {list(shape)} at {st.where()}")
+        fits = len(shape) >= -out.axis and shape[out.axis] == out.length * out.inner
+        if out.seg_axis is not None:
+            fits = fits and len(shape) >= -out.seg_axis and shape[out.seg_axis] == len(out.segments)
+        if not fits:
+            st.pin(st.layout_of(out), f"layout does not match the shape {list(shape)} at {st.where()}")
 
 
 def _gather(st: State) -> Dependencies:
     spaces = st.spaces
-    for target, users in st.param_users.items():
-        if len(users) > 1:
-            for fact in [*st.producers, *st.consumers, *st.carriers]:
-                if target in _params_of(fact):
-                    for sid in _spaces_of(fact):
-                        spaces.pin(sid, f"parameter {target} is shared by nodes {sorted(users)}")
+    _tie_shared_params(st)
     groups: dict[int, ChannelGroup] = {}
 
     def group(sid: int) -> ChannelGroup:
         root = spaces.find(sid)
         if root not in groups:
-            groups[root] = ChannelGroup(root, spaces.sizes[root])
+            groups[root] = ChannelGroup(root, spaces.units(root))
         return groups[root]
 
-    for p in st.producers:
-        group(p.space).producers.append(p)
-    for c in st.consumers:
-        for i, (seg, off) in enumerate(zip(c.layout.segments, c.layout.offsets())):
-            group(seg.space).consumers.append(ConsumerSlot(c, i, off, seg.size))
+    for facts, store in ((st.producers, "producers"), (st.consumers, "consumers")):
+        for fact in facts:
+            fact.layout = st.layout_of(fact.layout)
+            lay = fact.layout
+            for i, (seg, off) in enumerate(zip(lay.segments, lay.offsets())):
+                per_unit = spaces.unit(seg.space) // lay.granule
+                getattr(group(seg.space), store).append(Slot(fact, i, off, lay.seg_length(seg), per_unit))
     for car in st.carriers:
+        car.layout = st.layout_of(car.layout)
         for seg in car.layout.segments:
             g = group(seg.space)
             if car not in g.carriers:
@@ -230,19 +314,29 @@ def _gather(st: State) -> Dependencies:
         if not reasons and not g.consumers:
             reasons = ["no consumer reads these channels"]
         g.pinned = "; ".join(reasons) if reasons else None
+        g.understood = not reasons
+        lossy = spaces.lossy(root)
+        g.lossy = (lossy[0] + (f" (and {len(lossy) - 1} more normalisations)" if len(lossy) > 1 else "")
+                   if lossy else None)
     groups = {k: groups[k] for k in sorted(groups)}
     return Dependencies(spaces, st.producers, st.consumers, st.carriers, groups, st.unknown_ops)
 
 
-def _params_of(fact) -> list[str]:
-    if isinstance(fact, Producer):
-        return [fact.weight] + ([fact.bias] if fact.bias else [])
-    if isinstance(fact, Consumer):
-        return [fact.weight]
-    return [t for t, _ in fact.params]
-
-
-def _spaces_of(fact) -> list[int]:
-    if isinstance(fact, Producer):
-        return [fact.space]
-    return [s.space for s in fact.layout.segments]
+def _tie_shared_params(st: State) -> None:
+    """A module called more than once: the same rows (producers) or slices (carriers) hold the same channels, so
+    their spaces are tied; a shared consumer weight cannot take two merges, so its input channels are pinned."""
+    for target, uses in st.param_users.items():
+        nodes = sorted({n for n, _ in uses})
+        if len(nodes) < 2:
+            continue
+        facts = list({id(f): f for _, f in uses}.values())
+        kinds = {type(f) for f in facts}
+        layouts = [st.layout_of(f.layout) for f in facts]
+        if kinds <= {Producer, Carrier} and len(kinds) == 1 and all(
+            lay.size == layouts[0].size and len(lay.segments) == 1 for lay in layouts
+        ):
+            if all(st.spaces.union(layouts[0].segments[0].space, lay.segments[0].space) for lay in layouts[1:]):
+                continue
+        for lay in layouts:
+            for seg in lay.segments:
+                st.spaces.pin(seg.space, f"parameter {target} is shared by nodes {nodes}")

@@ -183,14 +183,16 @@ def compress(
                 f"calibration batch {i} has shape {list(b.shape)} but the input shape is {list(shape)}",
                 fix="make --input-shape match the calibration data",
             )
-    batches = [b.detach().to(dtype) for b in batches]  # a half-precision model gets half-precision inputs
+    # a half-precision model gets half-precision inputs; integer inputs (token ids) stay as they are
+    batches = [b.detach().to(dtype) if b.is_floating_point() else b.detach() for b in batches]
     _check_finite_batches(batches, dtype)
     held = recipe.calib.held_out if len(batches) > recipe.calib.held_out else 0
     fit, held_out = (batches[:-held], batches[-held:]) if held else (batches, [])
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    gm, example = capture(model, shape)
+    ids = None if batches[0].is_floating_point() else batches[0][: max(2, shape[0])]
+    gm, example = capture(model, shape, example=ids)
     timings["trace"] = round(time.perf_counter() - start, 4)
     if static_batch(gm) is not None:  # a graph fixed to one batch size is fed batches of that size
         fit = batches_for(gm, fit)

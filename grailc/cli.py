@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sequential", action="store_true",
                    help="calibrate group by group on the already-compressed upstream (slower, usually more accurate, "
                    "memory of one group at a time)")
+    c.add_argument("--targets", help="which groups to prune, comma-separated: channels (alias mlp), heads, embed "
+                   "(alias hidden; through LayerNorm/RMSNorm, approximate) (default channels,heads)")
+    c.add_argument("--multiple-of", type=int, help="round every kept width (channels, heads*head_dim) to a multiple")
     c.add_argument("--recipe", help="a TOML recipe; flags override its fields")
     c.add_argument("--max-memory", help="budget for the Gram matrices, e.g. 4GiB (default 8GiB)")
     c.add_argument("--seed", type=int, help="seed for random calibration data")
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", help="state dict for torchvision:NAME / timm:NAME")
     g.add_argument("--trust-pickle", action="store_true", help="allow unpickling a full module (runs code)")
     g.add_argument("--input-shape", help="e.g. 1,3,224,224 (read from a .pt2 when omitted)")
+    g.add_argument("--targets", help="as for compress: which groups count as prunable")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
     d = sub.add_parser("demo", help="compress the embedded Fashion-MNIST ResNet and measure its test accuracy")
@@ -108,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _targets(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -134,6 +142,8 @@ def recipe_from_args(args):
         compensate=args.compensate,
         lam=args.lam,
         sequential=True if args.sequential else None,
+        targets=_targets(args.targets) if args.targets else None,
+        multiple_of=args.multiple_of,
         max_memory=args.max_memory,
         input_shape=parse_shape(args.input_shape) if args.input_shape else None,
         calib_source=args.calib,
@@ -168,21 +178,28 @@ def input_shape_for(recipe, loaded) -> list[int]:
 
 def run_groups(args) -> int:
     """Print the channel groups of a model: what would be pruned together, and what is pinned and why."""
+    from types import SimpleNamespace
+
     from grailc.analysis import analyse
     from grailc.loading import load_model
+    from grailc.passmanager import exclude_groups
     from grailc.recipe import Recipe, parse_shape
     from grailc.trace import capture
 
     loaded = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
-    recipe = Recipe(input_shape=parse_shape(args.input_shape) if args.input_shape else None)
+    recipe = Recipe(input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                    targets=_targets(args.targets) if args.targets else list(Recipe().targets)).validate()
     shape = input_shape_for(recipe, loaded)
     gm, _ = capture(loaded.exported if loaded.exported is not None else loaded.module, tuple(shape))
-    deps = analyse(gm)
-    print(f"{'id':>5} {'kind':9} {'size':>6} {'prod':>4} {'cons':>4}  producers / pinned because")
+    ctx = SimpleNamespace(deps=analyse(gm), recipe=recipe)
+    exclude_groups(ctx)
+    deps = ctx.deps
+    print(f"{'id':>5} {'kind':9} {'units':>6} {'x ch':>5} {'prod':>4} {'cons':>4}  producers / pinned because")
     for g in deps.groups.values():
-        names = ", ".join(g.modules()[:3]) + (" ..." if len(g.producers) > 3 else "")
-        print(f"{g.id:>5} {g.kind:9} {g.size:>6} {len(g.producers):>4} {len(g.consumers):>4}  {names}"
-              + (f"\n{'':32}pinned: {g.pinned}" if g.pinned else ""))
+        names = ", ".join(g.modules()[:3]) + (" ..." if len(g.modules()) > 3 else "")
+        print(f"{g.id:>5} {g.kind:9} {g.size:>6} {g.granule:>5} {len(g.producers):>4} {len(g.consumers):>4}  {names}"
+              + (f"\n{'':38}approximate: {g.lossy}" if g.lossy else "")
+              + (f"\n{'':38}pinned: {g.pinned}" if g.pinned else ""))
     print(f"{len(deps.groups)} groups, {len(deps.prunable())} prunable"
           + (f"; unknown ops: {sorted({u['op'] for u in deps.unknown_ops})}" if deps.unknown_ops else ""))
     return 0
@@ -226,9 +243,10 @@ def run_compress(args, argv) -> int:
             return e.exit_code
         if sha_before is not None and file_sha256(model_path) != sha_before:
             raise GrailcError(f"the input file {model_path} changed during the compile", fix="rerun on a stable copy")
+        table = None if args.quiet else summary(report)  # before the commit: a failure here writes nothing
         out = staged.commit()
-    if not args.quiet:
-        print(summary(report))
+    if table is not None:
+        print(table)
         written = ", ".join(sorted(p.name for p in out.iterdir()))
         print(f"wrote {out}/: {written} ({time.perf_counter() - start:.1f} s)")
     return 0

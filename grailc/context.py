@@ -16,7 +16,8 @@ from grailc.groups import Dependencies
 
 @dataclass
 class Decision:
-    """What a selector decided for one group: the kept channels (sorted) and the scores behind them."""
+    """What a selector decided for one group: the kept units (channels, heads, conv groups; sorted, or permuted by
+    the self-check) and the per-unit scores behind them."""
 
     keep: torch.Tensor
     scores: torch.Tensor | None = None

@@ -2,26 +2,33 @@
 
 * a **producer** computes the channels of a space (rows of a conv/linear weight; several for residual groups);
 * a **consumer** reduces over them (columns of the next conv/linear weight); compensation merges ``B`` here;
-* a **carrier** only carries them and is sliced (BatchNorm, depthwise conv, per-channel parameters).
+* a **carrier** only carries them and is sliced (BatchNorm, depthwise and grouped convs, per-channel parameters,
+  LayerNorm, the shape constants of views), or marks what they pass through (attention).
 
-A :class:`ChannelGroup` gathers the facts of one root space. ``pinned`` is the reason it cannot be pruned.
+A :class:`ChannelGroup` gathers the facts of one root space. Its ``size`` counts *units* (channels, heads, conv
+groups); a decision keeps whole units. Each producer and consumer sees the group through a *slot*: a segment of its
+weight dimension, ``offset .. offset + size`` in that dimension's indices, ``per_unit`` indices per unit.
+``pinned`` is the reason the group cannot be pruned; ``lossy`` the reason pruning it is only approximate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from grailc.channels import Layout, Spaces
+import torch
+
+from grailc.channels import Layout, Spaces, unit_indices
 
 
 @dataclass
 class Producer:
     node: str
     module: str
-    kind: str  # "conv" | "linear"
-    weight: str  # parameter target; rows (dim 0) are the channels
+    kind: str  # "conv" | "linear" | "embedding"
+    weight: str  # parameter target; dim ``dim`` holds the produced channels
     bias: str | None
-    space: int
+    layout: Layout  # the produced channels (segments after a split)
+    dim: int = 0
 
 
 @dataclass
@@ -29,9 +36,10 @@ class Consumer:
     node: str
     module: str
     kind: str  # "conv" | "linear"
-    weight: str  # parameter target; dim 1 holds the input channels (times ``layout.inner`` for linear)
+    weight: str  # parameter target; dim ``dim`` holds the input channels (times ``layout.inner`` for linear)
     arg: int  # index of the consumed input in node.args
     layout: Layout  # layout of the consumed input
+    dim: int = 1
 
 
 @dataclass
@@ -39,49 +47,84 @@ class Carrier:
     node: str
     module: str
     layout: Layout
-    params: list[tuple[str, int]]  # (parameter target, dim holding the channels)
-    # integer arguments that follow the channel count: (arg index, position in a list arg or None, multiplier),
-    # e.g. a depthwise conv's ``groups`` (6, None, 1) or a view's target size (1, q, inner)
+    params: list[tuple[str, int]]  # (parameter target, dim holding the indices of ``layout``)
+    # integer arguments that follow the kept width: (arg index, position in a list arg or None, divisor); the new
+    # value is (kept indices along layout.axis) * layout.inner // divisor, e.g. a view's size or a conv's groups
     size_args: list[tuple[int, int | None, int]] = field(default_factory=list)
+    tag: str | None = None  # "attention" for the ops that make a group a group of heads
+    lossy: bool = False  # normalisation over the channels: sliced, statistics approximated
 
 
 @dataclass(frozen=True)
-class ConsumerSlot:
-    """One segment of one consumer's input: channels ``offset .. offset+size`` belong to the group."""
+class Slot:
+    """One segment of a producer's or consumer's weight dimension: indices ``offset .. offset+size``."""
 
-    consumer: Consumer
+    fact: Producer | Consumer
     segment: int
     offset: int
     size: int
+    per_unit: int  # indices per unit of the group
+
+    @property
+    def consumer(self) -> Consumer:
+        return self.fact
 
     @property
     def key(self) -> str:
-        return f"{self.consumer.node}[{self.segment}]"
+        return f"{self.fact.node}[{self.segment}]"
+
+    def keep(self, units: torch.Tensor) -> torch.Tensor:
+        """The slot's kept indices (relative to ``offset``) for kept units."""
+        return unit_indices(units, self.per_unit)
+
+    def to_units(self, per_index: torch.Tensor) -> torch.Tensor:
+        """Sum a per-index score over each unit."""
+        return per_index.reshape(-1, self.per_unit).sum(1)
+
+
+ConsumerSlot = Slot
 
 
 @dataclass
 class ChannelGroup:
     id: int
-    size: int
-    producers: list[Producer] = field(default_factory=list)
-    consumers: list[ConsumerSlot] = field(default_factory=list)
+    size: int  # units
+    producers: list[Slot] = field(default_factory=list)
+    consumers: list[Slot] = field(default_factory=list)
     carriers: list[Carrier] = field(default_factory=list)
     pinned: str | None = None
+    lossy: str | None = None  # why pruning this group is approximate (normalisation over its channels)
+    understood: bool = False  # the analysis follows every use: the permutation check can run on it
 
     @property
     def kind(self) -> str:
-        if len(self.producers) > 1:
+        if any(c.tag == "attention" for c in self.carriers):
+            return "heads"
+        if len({p.fact.node for p in self.producers}) > 1:
             return "residual"
         if self.producers:
-            return self.producers[0].kind
+            return self.producers[0].fact.kind
         return "opaque"
+
+    @property
+    def target(self) -> str:
+        """Which ``targets`` entry selects this group: heads, embed (lossy) or channels."""
+        if self.lossy:
+            return "embed"
+        return "heads" if self.kind == "heads" else "channels"
+
+    @property
+    def granule(self) -> int:
+        """Channels per unit at the first consumer (head_dim for heads), else at the first producer."""
+        slots = self.consumers or self.producers
+        return slots[0].per_unit if slots else 1
 
     @property
     def prunable(self) -> bool:
         return self.pinned is None
 
     def modules(self) -> list[str]:
-        return [p.module for p in self.producers]
+        return list(dict.fromkeys(p.fact.module for p in self.producers))
 
 
 @dataclass
@@ -97,3 +140,13 @@ class Dependencies:
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable]
+
+    def units_of(self, decisions: dict):
+        """``(space) -> (kept units, channels per unit)`` or None when the space's group is not decided."""
+        find = self.spaces.find
+
+        def lookup(space: int):
+            d = decisions.get(find(space))
+            return None if d is None else (d.keep, self.spaces.unit(space))
+
+        return lookup

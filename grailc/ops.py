@@ -1,19 +1,32 @@
 """Op tables: the channel facts of each ATen op, declared as rows.
 
 Each row maps an ATen overload to a rule; a rule reads its inputs' layouts from the analysis state and returns
-its output layout. The algebra of each rule, for a tensor whose channels sit on axis ``a``:
+its output layout (see :mod:`grailc.channels` for what a layout says). The algebra of each rule, for a tensor whose
+channels sit on axis ``a``:
 
-* ``Elementwise``   y[c] = f(x[c])                      tie(In(0), Out)
-* ``Broadcast``     y[c] = x0[c] (op) x1[c] ...          tie(all tensor inputs, Out); per-channel constants carried
-* ``Spatial``       pooling over H, W only               tie(In(0), Out) when a is not a pooled axis
-* ``Norm``          BatchNorm: y[c] = g[c](x[c]-m[c])/s[c] + b[c]   tie(In(0), Out), carry g, b, m, s
-* ``Conv``          y[o] = sum_c W[o, c] * x[c]          consume(In(0)) produce(Out); depthwise: tie, carry W, b
-* ``Linear``        y[o] = sum_c W[o, c] x[c] + b[o]     consume(In(0)) produce(Out)
-* ``Flatten``       [.., C, H, W] -> [.., C*H*W]         the channel axis spans inner = H*W elements
-* ``Concat``        cat on the channel axis              segments back to back (offsets); elsewhere: tie
-* ``Pad``           pad(x, [l, r, ...]) of spatial axes  tie(In(0), Out)
-* ``View``          view/reshape keeping the channel axis, or merging it outermost into one axis (like flatten)
-* ``Reduce``        mean/sum over axes other than a      tie; over a: pin
+* ``Elementwise``   y[c] = f(x[c])                         tie(In(0), Out)
+* ``Broadcast``     y[c] = x0[c] (op) x1[c] ...             tie(all tensor inputs, Out); per-channel parameters
+                                                            (also through expand/casts: class tokens) carried
+* ``Spatial``       pooling/resizing over the last dims     tie(In(0), Out) when a is not one of them
+* ``BatchNorm``     y[c] = g[c](x[c]-m[c])/s[c] + b[c]      tie(In(0), Out), carry g, b, m, s
+* ``LayerNorm``     y = g (x - mean_c x) / std_c x + b      tie, carry g, b; *lossy*: the statistics run over a
+* ``GroupNorm``     statistics per block of C/G channels    whole blocks kept (unit C/G): exact; carry g, b, G
+* ``Conv``          y[o] = sum_c W[o, c] * x[c]             consume(In(0)) produce(Out); transposed: W^T;
+                                                            groups > 1: block j of x goes with block j of y
+* ``Linear``        y[o] = sum_c W[o, c] x[c] + b[o]        consume(In(0)) produce(Out); a linear over a dim
+                                                            without channels passes them through
+* ``Embedding``     y[t, c] = W[ids[t], c]                  produce(Out) from W's columns
+* ``Reshape``       view/reshape/flatten/unflatten          merge following dims into ``inner``, split the axis
+                                                            into [units, granule...] (heads), or move the dims
+                                                            before it (window partitions)
+* ``Permute``       permute/transpose/unsqueeze/squeeze     the axes move
+* ``Select``        select/unbind on another dim: moves axes; on the granule axis: one part per granule
+* ``Split``         split/chunk on the channel axis         segments (like cat in reverse); elsewhere: tie
+* ``Concat``        cat on the channel axis                 segments back to back (offsets); elsewhere: tie
+* ``Reduce``        mean/sum/var over dims                  tie; over a with keepdim: lossy (a norm statistic)
+* ``Attention``     softmax(q k^T) v per head               heads of q, k, v tied (k, v repeated r times for
+                                                            grouped-query attention); the output's heads with them
+* ``Matmul``        batched a @ b                           batch axes tied; contracting a channel axis pins
 * ``Getitem``       picks one layout of a tuple
 
 An op missing from the table pins every space it touches. Adding an op is one row here (and a handler in
@@ -22,12 +35,14 @@ An op missing from the table pins every space it touches. Adding an op is one ro
 
 from __future__ import annotations
 
+import math
 import operator
+from dataclasses import replace
 
 import torch
 from torch import fx
 
-from grailc.channels import Layout
+from grailc.channels import Layout, Segment
 
 aten = torch.ops.aten
 
@@ -41,49 +56,95 @@ def _pos(axis: int, ndim: int) -> int:
     return axis + ndim
 
 
+def _dim(d: int, ndim: int) -> int:
+    """A dim argument as a positive index."""
+    return d % max(ndim, 1)
+
+
+def _prod(dims) -> int | None:
+    out = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return None
+        out *= d
+    return out
+
+
+def _same_dims(a, b) -> bool:
+    """Equal shapes, comparing symbolic sizes by their expression."""
+    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+
+
+def _tuple_of(node: fx.Node, lay):
+    """``lay`` for every tensor of a tuple-valued node."""
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return tuple(lay if isinstance(v, torch.Tensor) else None for v in val)
+    return lay
+
+
 class Elementwise:
     """y[c] = f(x[c]): the output keeps the input's channels."""
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
-        return st.layout(node.args[0])
+        return _tuple_of(node, st.layout(node.args[0]))
+
+
+class Softmax:
+    """softmax(x, dim): elementwise unless dim is the channel axis (the output then depends on every channel)."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        lay, nd = st.layout(node.args[0]), _ndim(st, node.args[0])
+        if lay is None or nd is None:
+            return None
+        if _dim(node.args[1], nd) == _pos(lay.axis, nd):
+            return st.opaque(f"{node.target} over the channel axis")
+        return lay
 
 
 class Broadcast:
-    """Binary/ternary elementwise ops with broadcasting: every tensor input holds the same channels.
+    """Elementwise ops with broadcasting: every tensor input holds the same channels.
 
-    A parameter with the channel count on the aligned axis is carried (sliced); one with size 1 there, or too
-    few dims to reach it, is broadcast and untouched. A tensor input of size 1 on the channel axis is broadcast.
+    An input with one channel (or size 1 on the channel axis) is broadcast. A parameter with the channel count on
+    the aligned axis is carried (sliced), also when it comes through ``expand`` or a dtype cast; any other input
+    that is not tracked but spans the channels pins them: it could not be sliced.
     """
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
-        out_shape = st.shape(node)
         tensors = [a for a in node.args if isinstance(a, fx.Node) and st.shape(a) is not None]
-        data = [a for a in tensors if st.param(a) is None]
-        layouts = [st.layout(a) for a in data]
-        layouts = [lay for lay in layouts if lay is not None and not _broadcast_one(st, lay, data, layouts)]
-        if not layouts:
-            return st.fresh(node, f"{node.target} of constants at {st.where()}") if out_shape else None
-        out = st.tie(layouts)
+        layouts = [st.layout(a) for a in tensors]
+        tracked = [lay for lay in layouts if lay is not None and lay.length * lay.inner > 1]
+        if not tracked:
+            if any(lay is not None for lay in layouts):  # one channel broadcast against constants
+                return st.fresh(node, f"{node.target} of a single channel with constants at {st.where()}")
+            return None
+        out = st.tie(tracked)
         params = []
-        for a in tensors:
-            target = st.param(a)
-            if target is None:
+        for a, lay in zip(tensors, layouts):
+            if lay is not None:
                 continue
             shape = st.shape(a)
             if len(shape) < -out.axis or shape[out.axis] == 1:
                 continue
-            if shape[out.axis] == out.size * out.inner and out.inner == 1:
-                params.append((target, len(shape) + out.axis))
+            found = st.param_chain(a, out.axis)
+            if found and shape[out.axis] == out.length * out.inner and out.inner == 1:
+                params.append(found[:2])
+                _carry_chain(st, out, found)
             else:
-                st.pin(out, f"constant {target} of shape {list(shape)} does not follow the channels at {st.where()}")
+                st.pin(out, f"{a.name} of shape {list(shape)} spans the channels but is computed, not a parameter, "
+                       f"at {st.where()}")
         st.carrier(out, params)
         return out
 
 
-def _broadcast_one(st, layout: Layout, data, layouts) -> bool:
-    """True when this input has one channel and is broadcast against wider ones."""
-    sizes = [lay.size * lay.inner for lay in layouts if lay is not None]
-    return layout.size * layout.inner == 1 and max(sizes) > 1
+def _carry_chain(st, out: Layout, found) -> None:
+    """Literal sizes of the channel dim in the expands and views a parameter passes through follow the kept width."""
+    _, _, chain = found
+    for n, pos in chain:
+        sizes = n.args[1] if len(n.args) > 1 else None
+        if n.target in (aten.expand.default, aten.view.default, aten.reshape.default) and isinstance(sizes, list):
+            if pos < len(sizes) and isinstance(sizes[pos], int) and sizes[pos] != -1:
+                st.carrier(replace(out, inner=1), [], size_args=[(1, pos, 1)], node=n)
 
 
 class Spatial:
@@ -95,15 +156,14 @@ class Spatial:
     def __call__(self, node: fx.Node, st) -> Layout | None:
         lay = st.layout(node.args[0])
         if lay is None:
-            return st.opaque("spatial op on an untracked tensor")
-        if -lay.axis <= self.dims or lay.inner != 1:
+            return None
+        if any(-a <= self.dims for a in lay.axes()) or lay.inner != 1:
             return st.opaque(f"{node.target} acts on the channel axis")
-        if isinstance(node.meta.get("val"), (tuple, list)):  # (values, indices): indices carry no weights
-            return (lay,) + (None,) * (len(node.meta["val"]) - 1)
-        return lay
+        return _tuple_of(node, lay) if not isinstance(node.meta.get("val"), (tuple, list)) else (
+            (lay,) + (None,) * (len(node.meta["val"]) - 1))
 
 
-class Norm:
+class BatchNorm:
     """BatchNorm (eval): channel axis 1, per-channel parameters at the given argument positions."""
 
     def __init__(self, param_args: tuple[int, ...]):
@@ -112,7 +172,7 @@ class Norm:
     def __call__(self, node: fx.Node, st) -> Layout | None:
         lay = st.layout(node.args[0])
         ndim = _ndim(st, node.args[0])
-        if lay is None or ndim is None or _pos(lay.axis, ndim) != 1 or lay.inner != 1:
+        if lay is None or ndim is None or _pos(lay.axis, ndim) != 1 or lay.inner != 1 or lay.granule != 1:
             return st.opaque("batch norm whose channel axis is not the tracked one")
         params = []
         for i in self.param_args:
@@ -127,10 +187,63 @@ class Norm:
         return lay
 
 
+class LayerNorm:
+    """layer_norm(x, [C], g, b): normalises over the last axis, the channels: a lossy carrier."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        lay = st.layout(node.args[0])
+        shape = node.args[1]
+        if lay is None or lay.axis != -1 or lay.inner != 1 or lay.granule != 1 or len(shape) != 1:
+            return st.opaque("layer norm over more than the channel axis")
+        params = []
+        for i in (2, 3):
+            if i < len(node.args) and node.args[i] is not None:
+                target = st.param(node.args[i])
+                if target is None:
+                    return st.opaque("layer norm with computed (non-parameter) weights")
+                params.append((target, 0))
+        st.lossy(lay, "layer_norm normalises over the channels")
+        st.carrier(lay, params, size_args=[(1, 0, 1)], lossy=True)
+        return _tuple_of(node, lay) if not isinstance(node.meta.get("val"), (tuple, list)) else (lay, None, None)
+
+
+class GroupNorm:
+    """group_norm(x, G, g, b): statistics per block of C/G channels; keeping whole blocks keeps it exact."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        x, groups = node.args[0], node.args[1]
+        lay, shape = st.layout(x), st.shape(x)
+        if lay is None or shape is None or _pos(lay.axis, len(shape)) != 1 or lay.inner != 1 or lay.granule != 1:
+            return st.opaque("group norm whose channel axis is not the tracked one")
+        per = shape[1] // groups
+        for seg, off in zip(lay.segments, lay.offsets()):
+            if seg.size % per or off % per or not st.spaces.coarsen(seg.space, _unit_factor(st, seg.space, per)):
+                return st.opaque(f"group norm blocks of {per} channels cross the tracked channels")
+        params = []
+        for i in (2, 3):
+            if i < len(node.args) and node.args[i] is not None:
+                target = st.param(node.args[i])
+                if target is None:
+                    return st.opaque("group norm with computed (non-parameter) weights")
+                params.append((target, 0))
+        st.carrier(lay, params, size_args=[(1, None, per)])
+        return lay
+
+
+def _unit_factor(st, space: int, multiple: int) -> int:
+    """The factor that makes the space's unit a multiple of ``multiple``."""
+    unit = st.spaces.unit(space)
+    return math.lcm(unit, multiple) // unit
+
+
 class Conv:
-    """conv(x, W, b, stride, padding, dilation, groups): W is [C_out, C_in/groups, *kernel]."""
+    """conv(x, W, b, stride, padding, dilation, groups): W is [C_out, C_in/groups, *kernel]; transposed convs have
+    W as [C_in, C_out/groups, *kernel] (rows and columns swapped)."""
 
     groups_arg = 6
+
+    def __init__(self, transposed: bool = False):
+        self.transposed = transposed
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         x, w = node.args[0], node.args[1]
@@ -140,19 +253,36 @@ class Conv:
         lay, shape, out_shape = st.layout(x), st.shape(x), st.shape(node)
         if weight is None or (bias is not None and bias_t is None):
             return st.opaque("convolution with computed (non-parameter) weights")
-        if lay is None or shape is None or len(shape) < 3 or _pos(lay.axis, len(shape)) != 1 or lay.inner != 1:
-            return st.opaque("convolution input without a tracked channel axis")
-        c_in, c_out = shape[1], out_shape[1]
         axis = 1 - len(out_shape)
+        rows, cols = (1, 0) if self.transposed else (0, 1)
+        if lay is not None and (shape is None or _pos(lay.axis, len(shape)) != 1 or lay.inner != 1):
+            return st.opaque("convolution input without a tracked channel axis")
         if groups == 1:
-            st.consumer("conv", weight, 0, lay)
-            return st.producer("conv", weight, bias_t, out_shape, axis)
-        if groups == c_in == c_out:
-            params = [(weight, 0)] + ([(bias_t, 0)] if bias_t else [])
-            st.carrier(lay, params, size_args=[(self.groups_arg, None, 1)])
-            return lay.with_axis(axis)
-        why = f"grouped convolution (groups={groups}, {c_in}->{c_out} channels) is kept whole"
-        return st.opaque(why)
+            if lay is not None:
+                st.consumer("conv", weight, 0, lay, dim=cols)
+            return st.producer("conv", weight, bias_t, out_shape, axis, dim=rows)
+        if self.transposed or lay is None or lay.granule != 1:
+            return st.opaque(f"grouped convolution (groups={groups}) on this input is kept whole")
+        return self._grouped(node, st, lay, shape[1], out_shape, groups, weight, bias_t, axis)
+
+    def _grouped(self, node, st, lay, c_in, out_shape, groups, weight, bias_t, axis):
+        """Block j of the input (C_in/G channels) goes with block j of the output (C_out/G): whole blocks are kept
+        (a depthwise conv is the case C_in/G = 1)."""
+        c_out = out_shape[1]
+        per_in, per_out = c_in // groups, c_out // groups
+        out = st.fresh(out_shape, axis=axis)
+        sizes = [seg.size // per_in * per_out for seg in lay.segments]
+        parts = st.spaces.split(out.segments[0].space, sizes) if len(sizes) > 1 else [out.segments[0].space]
+        aligned = parts is not None and all(seg.size % per_in == 0 and off % per_in == 0 for seg, off in
+                                            zip(lay.segments, lay.offsets()))
+        if aligned:
+            aligned = all(st.spaces.align(seg.space, per_in, p, per_out) for seg, p in zip(lay.segments, parts))
+        if not aligned:
+            return st.opaque(f"grouped convolution (groups={groups}) whose blocks cross the tracked channels")
+        out = Layout(axis, tuple(Segment(p, st.spaces.sizes[p]) for p in parts))
+        params = [(weight, 0)] + ([(bias_t, 0)] if bias_t else [])
+        st.carrier(out, params, size_args=[(self.groups_arg, None, per_out)])
+        return out
 
 
 class Linear:
@@ -165,38 +295,484 @@ class Linear:
         lay, out_shape = st.layout(x), st.shape(node)
         if weight is None or (bias is not None and bias_t is None):
             return st.opaque("linear with computed (non-parameter) weights")
-        if lay is None or lay.axis != -1:
-            return st.opaque("linear input without a tracked last axis")
-        st.consumer("linear", weight, 0, lay)
+        if lay is not None and -1 not in lay.axes():
+            return lay  # acts on a dim without channels (token mixing): channels pass through
+        if lay is not None and (lay.axis != -1):
+            return st.opaque("linear over the dims inside a granule")
+        if lay is not None:
+            st.consumer("linear", weight, 0, lay)
         return st.producer("linear", weight, bias_t, out_shape, -1)
 
 
-class Flatten:
-    """flatten(x, start, end): channels stay outermost in the merged axis, each spanning the rest."""
+class Embedding:
+    """embedding(W, ids): row ids of W; the output's channels are W's columns."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        weight = st.param(node.args[0])
+        if weight is None:
+            return st.opaque("embedding with a computed table")
+        return st.producer("embedding", weight, None, st.shape(node), -1, dim=1)
+
+
+def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
+    """The layout after reshaping ``src`` to ``dst``, or why the channels cannot be followed."""
+    nd_s, nd_d = len(src), len(dst)
+    first = min(_pos(a, nd_s) for a in lay.axes())
+    if nd_d >= nd_s - first and _same_dims(src[first:], dst[nd_d - (nd_s - first):]):
+        return lay  # only dims before the channels change (window partitions, batch merges)
+    p = _pos(lay.axis, nd_s)
+    after = _prod(src[p + 1 :])
+    if after is None or not isinstance(src[p], int):
+        return "reshape over dynamic sizes next to the channels"
+    split = {_pos(a, nd_s) for a in lay.split}
+    for q in range(nd_d):
+        if not isinstance(dst[q], int) or _prod(dst[q + 1 :]) is None:
+            continue
+        tail = _prod(dst[q + 1 :])
+        if dst[q] == src[p] and tail == after and not split:
+            return lay.with_axis(q - nd_d)  # the channel axis keeps its size; the dims after it regroup
+        for j in range(1, nd_s - p):  # merge the channel axis with the j dims after it
+            merged = _prod(src[p + 1 : p + 1 + j])
+            if dst[q] != src[p] * merged or tail != _prod(src[p + 1 + j :]):
+                continue
+            inside = set(range(p + 1, p + 1 + j))
+            if split and split == inside and merged == lay.granule and lay.inner == 1:
+                return Layout(q - nd_d, lay.segments)  # [.., H, D] -> [.., H*D]: channels are contiguous again
+            if not split or (not split & inside and all(a > p + j for a in split)
+                             and _same_dims(src[p + 1 + j :], dst[q + 1 :])):
+                return replace(lay, axis=q - nd_d, inner=lay.inner * merged)  # [.., Hkv, r, T, D] -> [.., Hkv*r, ..]
+        for j in range(1, nd_d - q):  # split the channel axis into dst[q], ..., dst[q+j]
+            factors = dst[q : q + j + 1]
+            if _prod(factors) != src[p] or _prod(dst[q + j + 1 :]) != after or split:
+                continue
+            if lay.inner > 1 and lay.granule == 1 and factors[0] == lay.length and _prod(factors[1:]) == lay.inner:
+                return replace(lay, axis=q - nd_d, inner=1)  # [N, C*H*W] -> [N, C, H, W]
+            if lay.inner != 1 or lay.granule != 1:
+                continue
+            if j >= 2 and len(lay.segments) == 1 and _feeds_unbind(st.node, q):
+                return _stacked(st, lay, factors, q - nd_d)
+            return _granules(st, lay, _prod(factors[1:]), q - nd_d, tuple(range(q + 1 - nd_d, q + j + 1 - nd_d)))
+    return "reshape that splits or mixes the channel axis"
+
+
+def _granules(st, lay: Layout, granule: int, axis: int, split: tuple[int, ...]) -> Layout | str:
+    """Channels regrouped into granules of ``granule`` consecutive channels (heads of head_dim)."""
+    for seg, off in zip(lay.segments, lay.offsets()):
+        if seg.size % granule or off % granule:
+            return f"reshape into blocks of {granule} that cross a concatenation of channels"
+    for seg in lay.segments:
+        if not st.spaces.coarsen(seg.space, _unit_factor(st, seg.space, granule)):
+            return f"blocks of {granule} channels do not fit the tied channels"
+    return Layout(axis, lay.segments, 1, granule, split)
+
+
+def _feeds_unbind(node: fx.Node, dim: int) -> bool:
+    """True when dim ``dim`` of ``node``'s output is unbound or selected next (through permutes only): a fused
+    projection split into its parts (q, k, v)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        nd = len(tensor_dims(node))
+        if user.target == aten.permute.default:
+            dim = [d % nd for d in user.args[1]].index(dim)
+        elif user.target == aten.transpose.int:
+            a, b = user.args[1] % nd, user.args[2] % nd
+            dim = b if dim == a else a if dim == b else dim
+        else:
+            return user.target == aten.unbind.int and (user.args[1] if len(user.args) > 1 else 0) % nd == dim
+        node = user
+    return len(node.users) > 1 and all(u.target == aten.select.int and u.args[1] % len(tensor_dims(node)) == dim
+                                       for u in node.users)
+
+
+def tensor_dims(node: fx.Node) -> tuple:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def _stacked(st, lay: Layout, factors, seg_axis: int) -> Layout | str:
+    """[.., S*H*D] -> [.., S, H, D] where the S slices are used apart: S parts of the space stacked on ``seg_axis``,
+    each with H granules of D channels (kept alike in every part, so that the tensor stays rectangular)."""
+    count, granule = factors[0], _prod(factors[2:])
+    seg = lay.segments[0]
+    parts = st.spaces.split(seg.space, [seg.size // count] * count)
+    if parts is None:
+        return "a fused projection whose channels are tied elsewhere"
+    for p in parts:
+        if not st.spaces.coarsen(p, _unit_factor(st, p, granule)) or not st.spaces.align(parts[0], 1, p, 1):
+            return f"parts of a fused projection that do not split into blocks of {granule}"
+    split = tuple(range(seg_axis + 2, seg_axis + len(factors)))
+    return Layout(seg_axis + 1, tuple(Segment(p, seg.size // count) for p in parts), 1, granule, split, seg_axis)
+
+
+class Reshape:
+    """view/reshape/_unsafe_view (target sizes in arg 1), flatten (start, end), unflatten (dim, sizes).
+
+    A literal size of the channel axis in the target follows the kept width; a computed one pins."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        x = node.args[0]
+        lay, src, dst = st.layout(x), st.shape(x), st.shape(node)
+        if lay is None or src is None or dst is None:
+            return None if lay is None else st.opaque("reshape of a tensor without shape")
+        out = reshape_layout(st, lay, src, dst)
+        if isinstance(out, str):
+            return st.opaque(out)
+        q = _pos(out.axis, len(dst))
+        if self.kind == "view":
+            sizes, pos = node.args[1], q
+        elif self.kind == "unflatten":
+            sizes, pos = node.args[2], q - _dim(node.args[1], len(src))
+        else:
+            return out
+        if isinstance(sizes, (list, tuple)) and 0 <= pos < len(sizes) and len(dst) == len(sizes) + (
+            len(src) - 1 if self.kind == "unflatten" else 0
+        ):
+            size = sizes[pos]
+            if isinstance(size, fx.Node):
+                return st.opaque("reshape with a computed channel size")
+            if size != -1:
+                st.carrier(out, [], size_args=[(1 if self.kind == "view" else 2, pos, 1)])
+        return out
+
+
+class Permute:
+    """permute/transpose/unsqueeze/squeeze: the channel axes move with their dims."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        x = node.args[0]
+        lay, src, dst = st.layout(x), st.shape(x), st.shape(node)
+        if lay is None:
+            return None
+        nd, nd_out = len(src), len(dst)
+        where = self.where(node, src, dst)
+        if where is None:
+            return st.opaque(f"{node.target} whose dims cannot be followed")
+        out = lay.remap(nd, nd_out, where)
+        return out if out is not None else st.opaque(f"{node.target} removes the channel axis")
+
+    def where(self, node, src, dst) -> dict[int, int | None] | None:
+        nd = len(src)
+        if self.kind == "permute":
+            return {d % nd: i for i, d in enumerate(node.args[1])}
+        if self.kind == "transpose":
+            a, b = _dim(node.args[1], nd), _dim(node.args[2], nd)
+            where = {i: i for i in range(nd)}
+            where[a], where[b] = b, a
+            return where
+        if self.kind == "t":
+            return {0: 1, 1: 0} if nd == 2 else {0: 0}
+        if self.kind == "unsqueeze":
+            d = _dim(node.args[1], nd + 1)
+            return {i: (i if i < d else i + 1) for i in range(nd)}
+        # squeeze: drop size-1 dims (the given ones, or all)
+        dims = node.args[1] if len(node.args) > 1 else None
+        dims = list(range(nd)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+        gone = {_dim(d, nd) for d in dims if src[_dim(d, nd)] == 1}
+        where, k = {}, 0
+        for i in range(nd):
+            where[i] = None if i in gone else k
+            k += i not in gone
+        return where if k == len(dst) else None
+
+
+class Expand:
+    """expand(x, sizes): broadcast dims of size 1; a literal channel size follows the kept width."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        lay = st.layout(node.args[0])
+        if lay is None:
+            return None
+        sizes = node.args[1]
+        q = len(sizes) + lay.axis
+        if isinstance(sizes[q], fx.Node):
+            return st.opaque("expand with a computed channel size")
+        if sizes[q] != -1:
+            st.carrier(lay, [], size_args=[(1, q, 1)])
+        return lay
+
+
+class Repeat:
+    """repeat(x, reps): channels pass through when their axes are not repeated."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        lay = st.layout(node.args[0])
+        if lay is None:
+            return None
+        reps = node.args[1]
+        if any(reps[len(reps) + a] != 1 for a in lay.axes()):
+            return st.opaque("repeat along the channel axis")
+        return lay
+
+
+class Select:
+    """select(x, dim, i) / unbind(x, dim): another dim goes away; on the granule axis each granule becomes a part
+    of the space (a fused qkv projection: q, k and v)."""
+
+    def __init__(self, unbind: bool = False):
+        self.unbind = unbind
+
+    def __call__(self, node: fx.Node, st):
+        x = node.args[0]
+        lay, src = st.layout(x), st.shape(x)
+        if lay is None:
+            return None
+        nd = len(src)
+        d = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
+        count = src[d] if self.unbind else 1
+        where = {i: (i if i < d else i - 1) for i in range(nd)}
+        where[d] = None
+        if lay.seg_axis is not None and d == _pos(lay.seg_axis, nd):
+            picked = [replace(lay, segments=(s,), seg_axis=None).remap(nd, nd - 1, where) for s in lay.segments]
+            return tuple(picked) if self.unbind else picked[node.args[2] % len(picked)]
+        if d == _pos(lay.axis, nd):
+            parts = self.parts(st, lay, src)
+            if isinstance(parts, str):
+                return st.opaque(parts)
+            if self.unbind:
+                return tuple(parts)
+            return parts[node.args[2] % len(parts)]
+        out = lay.remap(nd, nd - 1, where)
+        if out is None:
+            return st.opaque(f"{node.target} removes a channel axis")
+        return tuple([out] * count) if self.unbind else out
+
+    @staticmethod
+    def parts(st, lay: Layout, src) -> list[Layout] | str:
+        """One layout per granule: its channels over the within-granule axes."""
+        nd = len(src)
+        if lay.granule == 1 or not lay.split or lay.inner != 1 or len(lay.segments) != 1:
+            return "selecting single channels"
+        seg = lay.segments[0]
+        ids = st.spaces.split(seg.space, [lay.granule] * lay.length)
+        if ids is None:
+            return "selecting granules of channels that are tied elsewhere"
+        where = {i: (i if i < _pos(lay.axis, nd) else i - 1) for i in range(nd)}
+        split = [where[_pos(a, nd)] - (nd - 1) for a in lay.split]
+        out = []
+        for sid in ids:
+            if len(split) == 1:
+                out.append(Layout(split[0], (Segment(sid, lay.granule),)))
+            else:
+                inner_granule = _prod(src[_pos(a, nd)] for a in lay.split[1:])
+                if not st.spaces.coarsen(sid, inner_granule):
+                    return "granules that do not divide"
+                out.append(Layout(split[0], (Segment(sid, lay.granule),), 1, inner_granule, tuple(split[1:])))
+        return out
+
+
+class Slice:
+    """slice(x, dim, start, end, step): on another dim (or inside granules) channels pass through."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        x = node.args[0]
+        lay, src = st.layout(x), st.shape(x)
+        if lay is None:
+            return None
+        nd = len(src)
+        d = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
+        if d == _pos(lay.axis, nd):
+            if _same_dims(src, st.shape(node)):
+                return lay
+            return st.opaque("slice of the channel axis")
+        return lay
+
+
+class Index:
+    """x[i0, i1, ...] with index tensors on leading dims: the trailing channel axes are untouched."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        lay, src = st.layout(node.args[0]), st.shape(node.args[0])
+        if lay is None:
+            return None
+        indices = node.args[1]
+        if any(_pos(a, len(src)) < len(indices) for a in lay.axes()):
+            return st.opaque("indexing of the channel axis")
+        return lay
+
+
+class Split:
+    """split/split_with_sizes/chunk: on the channel axis the outputs get consecutive channels (segments, or parts
+    of one producer's space); on another dim every output keeps the layout."""
+
+    def __call__(self, node: fx.Node, st):
+        x = node.args[0]
+        lay, src = st.layout(x), st.shape(x)
+        if lay is None:
+            return None
+        nd = len(src)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        d = _dim(dim, nd)
+        outs = [v for v in node.meta.get("val", ())]
+        if d != _pos(lay.axis, nd):
+            return tuple(lay for _ in outs)
+        if lay.inner != 1 or lay.granule != 1:
+            return st.opaque("split of the channel axis inside granules")
+        sizes = [int(v.shape[d]) for v in outs]
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        seg_bounds = [0]
+        for seg in lay.segments:
+            seg_bounds.append(seg_bounds[-1] + seg.size)
+        if set(bounds) <= set(seg_bounds):
+            return tuple(Layout(lay.axis, tuple(s for s, start in zip(lay.segments, seg_bounds)
+                                                 if bounds[i] <= start < bounds[i + 1])) for i in range(len(sizes)))
+        if len(lay.segments) == 1:
+            parts = st.spaces.split(lay.segments[0].space, sizes)
+            if parts is not None:
+                return tuple(Layout(lay.axis, (Segment(p, s),)) for p, s in zip(parts, sizes))
+        return st.opaque("split of the channel axis across tied channels")
+
+
+class Concat:
+    """cat(tensors, dim): on the channel axis the segments follow each other; inside granules (rotary halves) or
+    on another dim the inputs are tied, and an untracked input there must be a parameter (class token)."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        tensors = node.args[0]
+        ndim = _ndim(st, node)
+        layouts = [st.layout(t) for t in tensors]
+        tracked = [lay for lay in layouts if lay is not None]
+        if not tracked or ndim is None:
+            return None
+        d = _dim(node.args[1] if len(node.args) > 1 else 0, ndim) - ndim
+        first = tracked[0]
+        if all(lay.axis == d for lay in tracked) and len(tracked) == len(layouts):
+            if all(lay.inner == 1 and lay.granule == first.granule and lay.split == first.split for lay in tracked):
+                return replace(first, segments=tuple(s for lay in tracked for s in lay.segments))
+            return st.opaque("concat of channels laid out differently")
+        if any(lay.axis == d for lay in tracked):
+            return st.opaque("concat mixing the channel axis with another")
+        out = st.tie(tracked)
+        params = []
+        for t, lay in zip(tensors, layouts):
+            if lay is not None:
+                continue
+            shape = st.shape(t)
+            found = st.param_chain(t, out.axis)
+            if shape[out.axis] == 1:
+                continue
+            if found and out.inner == 1 and shape[out.axis] == out.length:
+                params.append(found[:2])
+                _carry_chain(st, out, found)
+            else:
+                st.pin(out, f"concat with the computed tensor {t.name} at {st.where()}")
+        st.carrier(out, params)
+        return out
+
+
+class Reduce:
+    """mean/sum/amax/var(x, dims, keepdim): channels pass through unless reduced over; a reduction over the
+    channels kept as a size-1 axis is a normalisation statistic (RMSNorm): lossy."""
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         x = node.args[0]
         lay, shape = st.layout(x), st.shape(x)
-        if lay is None or shape is None:
-            return st.opaque("flatten of an untracked tensor")
+        if lay is None:
+            return None
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         ndim = len(shape)
-        start = node.args[1] if len(node.args) > 1 else 0
-        end = node.args[2] if len(node.args) > 2 else -1
-        start, end = start % max(ndim, 1), end % max(ndim, 1)
-        pos = _pos(lay.axis, ndim)
-        new_ndim = ndim - (end - start)
-        if pos < start:
-            return lay.with_axis(pos - new_ndim)
-        if pos > end:
-            return lay.with_axis(pos - (end - start) - new_ndim)
-        if pos == start:
-            inner = lay.inner
-            for d in shape[start + 1 : end + 1]:
-                if not isinstance(d, int):
-                    return st.opaque("flatten over a dynamic size")
-                inner *= d
-            return Layout(start - new_ndim, lay.segments, inner)
-        return st.opaque("flatten that splits the channel axis from the inside")
+        if dims is None:
+            return st.opaque("reduction over all axes")
+        dims = {_dim(d, ndim) for d in ([dims] if isinstance(dims, int) else dims)}
+        if _pos(lay.axis, ndim) in dims:
+            if keepdim and lay.inner == 1 and lay.granule == 1:
+                st.lossy(lay, f"{node.target} is a statistic over the channels")
+                return None
+            return st.opaque("reduction over the channel axis")
+        kept = replace(lay, split=tuple(a for a in lay.split if _pos(a, ndim) not in dims))
+        if keepdim:
+            return kept
+        where = {}
+        k = 0
+        for i in range(ndim):
+            where[i] = None if i in dims else k
+            k += i not in dims
+        return kept.remap(ndim, k, where)
+
+
+class Roll:
+    """roll(x, shifts, dims): channels pass through when their axes are not rolled."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        lay, shape = st.layout(node.args[0]), st.shape(node.args[0])
+        if lay is None:
+            return None
+        dims = node.args[2] if len(node.args) > 2 else []
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not dims or _pos(lay.axis, len(shape)) in {_dim(d, len(shape)) for d in dims}:
+            return st.opaque("roll of the channel axis")
+        return lay
+
+
+class Attention:
+    """scaled_dot_product_attention(q, k, v, mask): q, k, v as [.., H, T, D]. Head h of q goes with head h of k and
+    v (head h // r under grouped-query attention, via ``enable_gqa`` or a repeat in the graph); the output's heads
+    (a new space of H * D_v channels) with them. The softmax couples the channels inside a head, so heads are the
+    unit; the output is linear in v per channel, so the consumer of the output is compensated."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        q, k, v = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
+        lq, lk, lv = st.layout(q), st.layout(k), st.layout(v)
+        if any(lay is None or lay.axis != -3 or lay.granule == 1 or -1 not in lay.split for lay in (lq, lk, lv)):
+            return st.opaque("attention over inputs without tracked heads")
+        if isinstance(mask, fx.Node):
+            mshape = st.shape(mask)
+            if st.layout(mask) is not None or (mshape and len(mshape) >= 3 and mshape[-3] != 1):
+                return st.opaque("attention mask per head")
+        hq, hk = st.shape(q)[-3], st.shape(k)[-3]
+        if gqa and hk != hq:
+            lk = replace(lk, inner=lk.inner * hq // hk)
+            lv = replace(lv, inner=lv.inner * hq // hk)
+        if not (st.align(lq, lk) and st.align(lq, lv)):
+            return st.opaque("attention heads of q, k and v that do not line up")
+        out_shape = st.shape(node)
+        dv = out_shape[-1]
+        sid = st.spaces.new(hq * dv)
+        st.spaces.coarsen(sid, dv)
+        out = Layout(-3, (Segment(sid, hq * dv),), 1, dv, (-1,))
+        if not st.align(lq, out):
+            return st.opaque("attention output heads that do not line up")
+        st.carrier(out, [], tag="attention")
+        return out
+
+
+class Matmul:
+    """a @ b with batch dims: channels on batch axes are tied (heads of q k^T, then of attention @ v); channels on
+    a's rows or b's columns pass through; contracting a channel axis pins (weights computed at run time)."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        a, b = node.args[:2]
+        la, lb = st.layout(a), st.layout(b)
+        sa, sb = st.shape(a), st.shape(b)
+        if len(sa) < 2 or len(sb) < 2:
+            return st.opaque("matmul of vectors")
+        if (la is not None and la.axis == -1) or (lb is not None and lb.axis == -2):
+            return st.opaque("matmul contracting the channel axis")
+        contracted = (la is not None and -1 in la.split) or (lb is not None and -2 in lb.split)
+        la = la and replace(la, split=tuple(s for s in la.split if s != -1))
+        lb = lb and replace(lb, split=tuple(s for s in lb.split if s != -2))
+        if la is not None and lb is not None:
+            if la.axis > -3 or lb.axis > -3:
+                return st.opaque("matmul of channels on different axes")
+            if not (la.axis == lb.axis and st.align(la, lb)):
+                return st.opaque("matmul of batch channels that do not line up")
+            out = lb if lb.split else la
+        else:
+            out = la if la is not None else lb
+            other, so = (b, sb) if la is not None else (a, sa)
+            if out.axis <= -3 and len(so) >= -out.axis and so[out.axis] != 1:
+                return st.opaque(f"matmul with the computed tensor {other.name} across the channels")
+        if contracted:
+            st.carrier(out, [], tag="attention")
+        return out
 
 
 class Pad:
@@ -204,96 +780,12 @@ class Pad:
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         lay = st.layout(node.args[0])
+        if lay is None:
+            return None
         padded = len(node.args[1]) // 2
-        if lay is None or lay.inner != 1 or -lay.axis <= padded:
+        if lay.inner != 1 or any(-a <= padded for a in lay.axes()):
             return st.opaque("padding of the channel axis")
         return lay
-
-
-def _same_dims(a, b) -> bool:
-    """Equal shape prefixes, comparing symbolic sizes by their expression."""
-    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
-
-
-def _prod(dims) -> int | None:
-    out = 1
-    for d in dims:
-        if not isinstance(d, int):
-            return None
-        out *= d
-    return out
-
-
-class View:
-    """view/reshape: channels survive when the dims before them are unchanged and the channel axis either keeps
-    its size (the dims after it may be regrouped) or becomes the outermost part of one merged trailing axis
-    (like flatten). A literal size for the channel axis in the target shape follows the new width."""
-
-    def __call__(self, node: fx.Node, st) -> Layout | None:
-        x = node.args[0]
-        lay, src, dst = st.layout(x), st.shape(x), st.shape(node)
-        if lay is None or src is None or dst is None:
-            return st.opaque("view of an untracked tensor")
-        p = len(src) + lay.axis
-        q = p
-        if not _same_dims(src[:p], dst[:q]) or q >= len(dst):
-            return st.opaque("view that changes the axes before the channels")
-        rest_src, rest_dst = _prod(src[p + 1 :]), _prod(dst[q + 1 :])
-        if rest_src is None or rest_dst is None or not isinstance(dst[q], int):
-            return st.opaque("view over dynamic sizes")
-        if dst[q] == src[p] and rest_src == rest_dst and (lay.inner == 1 or _same_dims(src[p:], dst[q:])):
-            out = Layout(q - len(dst), lay.segments, lay.inner)
-        elif len(dst) == q + 1 and dst[q] == src[p] * rest_src:
-            out = Layout(q - len(dst), lay.segments, lay.inner * rest_src)
-        else:
-            return st.opaque("view that splits or mixes the channel axis")
-        target = node.args[1]
-        if isinstance(target, (list, tuple)) and len(target) == len(dst) and target[q] != -1:
-            if not isinstance(target[q], int):
-                return st.opaque("view with a computed channel size")
-            st.carrier(out, [], size_args=[(1, q, out.inner)])
-        return out
-
-
-class Concat:
-    """cat(tensors, dim): on the channel axis the segments follow each other; elsewhere the inputs are tied."""
-
-    def __call__(self, node: fx.Node, st) -> Layout | None:
-        tensors = node.args[0]
-        dim = node.args[1] if len(node.args) > 1 else 0
-        layouts = [st.layout(t) for t in tensors]
-        ndim = _ndim(st, node)
-        if any(lay is None for lay in layouts) or ndim is None:
-            return st.opaque("concat of untracked tensors")
-        dim = dim - ndim if dim >= 0 else dim
-        if all(lay.axis == dim and lay.inner == 1 for lay in layouts):
-            return Layout(dim, tuple(s for lay in layouts for s in lay.segments))
-        if all(lay.axis != dim for lay in layouts):
-            return st.tie(layouts)
-        return st.opaque("concat mixing the channel axis with another")
-
-
-class Reduce:
-    """mean/sum/amax(x, dims, keepdim): channels pass through unless reduced over."""
-
-    def __call__(self, node: fx.Node, st) -> Layout | None:
-        x = node.args[0]
-        lay, shape = st.layout(x), st.shape(x)
-        if lay is None or shape is None or lay.inner != 1:
-            return st.opaque("reduction of an untracked tensor")
-        dims = node.args[1] if len(node.args) > 1 else None
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        ndim = len(shape)
-        if dims is None:
-            return st.opaque("reduction over all axes")
-        dims = {d % ndim for d in ([dims] if isinstance(dims, int) else dims)}
-        pos = _pos(lay.axis, ndim)
-        if pos in dims:
-            return st.opaque("reduction over the channel axis")
-        if keepdim:
-            return lay
-        new_pos = pos - sum(1 for d in dims if d < pos)
-        return lay.with_axis(new_pos - (ndim - len(dims)))
 
 
 class Getitem:
@@ -303,11 +795,14 @@ class Getitem:
         src, idx = node.args
         found = st.layouts.get(src)
         if isinstance(found, tuple) and isinstance(idx, int) and idx < len(found):
-            return found[idx]
+            lay = found[idx]
+            return st.layout_of(lay) if isinstance(lay, Layout) else None
         return st.opaque("getitem on an untracked value")
 
 
 SHAPE_ONLY = {aten.sym_size.int}
+ASSERTIONS = {getattr(aten, name).default for name in ("_assert_tensor_metadata", "_assert_scalar")
+              if hasattr(aten, name)}
 
 
 def is_shape_only(node: fx.Node, st) -> bool:
@@ -319,6 +814,8 @@ def is_shape_only(node: fx.Node, st) -> bool:
         return True
     if node.op != "call_function":
         return False
+    if node.target in ASSERTIONS:
+        return True
     if node.target in SHAPE_ONLY:
         lay = st.layout(node.args[0])
         ndim = _ndim(st, node.args[0])
@@ -345,26 +842,58 @@ def _rows(names: str, rule) -> dict:
 
 ELEMENTWISE = """relu relu_ hardtanh hardtanh_ relu6 relu6_ gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_
     hardswish hardswish_ hardsigmoid hardsigmoid_ leaky_relu leaky_relu_ elu elu_ mish mish_ softplus
-    dropout dropout_ clone alias detach contiguous neg abs exp erf sqrt rsqrt reciprocal square
-    feature_dropout alpha_dropout lift_fresh_copy"""
+    dropout dropout_ native_dropout clone alias detach contiguous neg abs exp erf sqrt rsqrt reciprocal square
+    feature_dropout alpha_dropout lift_fresh_copy _to_copy to.dtype to.dtype_layout to.device type_as cos sin log
+    sign floor ceil round logical_not bitwise_not selu celu"""
 BROADCAST = """add.Tensor add_.Tensor sub.Tensor sub_.Tensor mul.Tensor mul_.Tensor div.Tensor div_.Tensor
-    add.Scalar add_.Scalar sub.Scalar mul.Scalar mul_.Scalar div.Scalar div_.Scalar pow.Tensor_Scalar
-    clamp clamp_ clamp_min clamp_min_ clamp_max maximum minimum"""
-SPATIAL = """max_pool2d avg_pool2d adaptive_avg_pool2d adaptive_max_pool2d upsample_nearest2d.vec
-    upsample_bilinear2d.vec"""
+    add.Scalar add_.Scalar sub.Scalar mul.Scalar mul_.Scalar div.Scalar div_.Scalar pow.Tensor_Scalar pow.Tensor_Tensor
+    rsub.Scalar rsub.Tensor clamp clamp_ clamp_min clamp_min_ clamp_max maximum minimum where.self
+    masked_fill.Scalar masked_fill.Tensor addcmul lerp.Scalar eq.Tensor ne.Tensor lt.Tensor gt.Tensor
+    eq.Scalar ne.Scalar lt.Scalar gt.Scalar ge.Scalar le.Scalar logical_and __and__.Tensor"""
+SPATIAL_1D = """max_pool1d avg_pool1d adaptive_avg_pool1d adaptive_max_pool1d upsample_nearest1d.vec
+    upsample_linear1d.vec"""
+SPATIAL_2D = """max_pool2d avg_pool2d adaptive_avg_pool2d adaptive_max_pool2d upsample_nearest2d.vec
+    upsample_bilinear2d.vec upsample_bicubic2d.vec _upsample_bilinear2d_aa.vec max_pool2d_with_indices"""
+SPATIAL_3D = """max_pool3d avg_pool3d adaptive_avg_pool3d adaptive_max_pool3d upsample_nearest3d.vec
+    upsample_trilinear3d.vec"""
 
 OP_TABLE: dict = {
     **_rows(ELEMENTWISE, Elementwise()),
     **_rows(BROADCAST, Broadcast()),
-    **_rows(SPATIAL, Spatial(2)),
-    **_rows("max_pool2d_with_indices", Spatial(2)),
-    **_rows("batch_norm _native_batch_norm_legit_no_training", Norm((1, 2, 3, 4))),
-    **_rows("conv2d conv1d", Conv()),
+    **_rows("_softmax softmax.int log_softmax.int _log_softmax", Softmax()),
+    **_rows(SPATIAL_1D, Spatial(1)),
+    **_rows(SPATIAL_2D, Spatial(2)),
+    **_rows(SPATIAL_3D, Spatial(3)),
+    **_rows("batch_norm _native_batch_norm_legit_no_training", BatchNorm((1, 2, 3, 4))),
+    **_rows("layer_norm native_layer_norm", LayerNorm()),
+    **_rows("group_norm", GroupNorm()),
+    **_rows("conv1d conv2d conv3d", Conv()),
+    **_rows("conv_transpose1d conv_transpose2d.input conv_transpose3d.input", Conv(transposed=True)),
     **_rows("linear", Linear()),
-    **_rows("flatten.using_ints", Flatten()),
-    **_rows("cat", Concat()),
+    **_rows("embedding", Embedding()),
+    **_rows("view reshape _unsafe_view", Reshape("view")),
+    **_rows("flatten.using_ints", Reshape("flatten")),
+    **_rows("unflatten.int", Reshape("unflatten")),
+    **_rows("permute", Permute("permute")),
+    **_rows("transpose.int", Permute("transpose")),
+    **_rows("t", Permute("t")),
+    **_rows("unsqueeze", Permute("unsqueeze")),
+    **_rows("squeeze squeeze.dim squeeze.dims", Permute("squeeze")),
+    **_rows("expand", Expand()),
+    **_rows("repeat", Repeat()),
+    **_rows("select.int", Select()),
+    **_rows("unbind.int", Select(unbind=True)),
+    **_rows("slice.Tensor", Slice()),
+    **_rows("index.Tensor", Index()),
+    **_rows("split.Tensor split_with_sizes unsafe_split.Tensor", Split()),
+    **_rows("cat concat", Concat()),
     **_rows("pad constant_pad_nd", Pad()),
-    **_rows("view reshape _unsafe_view", View()),
-    **_rows("mean.dim sum.dim_IntList amax", Reduce()),
+    **_rows("mean.dim sum.dim_IntList amax amin var.correction var.dim std.correction std.dim", Reduce()),
+    **_rows("roll", Roll()),
+    **_rows("scaled_dot_product_attention", Attention()),
+    **_rows("matmul bmm", Matmul()),
     operator.getitem: Getitem(),
 }
+
+SOURCES = set(_rows("conv1d conv2d conv3d conv_transpose1d conv_transpose2d.input conv_transpose3d.input linear "
+                    "embedding", None))

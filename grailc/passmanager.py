@@ -43,10 +43,16 @@ ANALYSES: dict[str, Callable[[Context], None]] = {"deps": _analyse_deps}
 
 
 def exclude_groups(ctx: Context) -> None:
-    """Pin the groups whose producers match one of the recipe's exclusion patterns."""
+    """Pin the groups that are not among the recipe's targets or whose producers match an exclusion pattern."""
     from fnmatch import fnmatchcase
 
+    from grailc.recipe import TARGETS
+
+    targets = {TARGETS[t] for t in ctx.recipe.targets}
     for g in ctx.deps.groups.values():
+        if g.prunable and g.target not in targets:
+            why = f" ({g.lossy})" if g.lossy else ""
+            g.pinned = f"not a target: {g.target} groups are pruned with --targets {g.target}{why}"
         for pattern in ctx.recipe.exclude:
             if g.prunable and any(fnmatchcase(m, pattern) for m in g.modules()):
                 g.pinned = f"excluded by recipe pattern {pattern!r}"

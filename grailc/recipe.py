@@ -9,6 +9,8 @@ selector = "wanda"          # magnitude | wanda
 compensate = "grail"        # grail | none
 lam = 1e-3                  # ridge, relative to mean(diag G[K, K])
 exclude = ["layer4.*"]      # module-name patterns whose groups are never pruned
+targets = ["channels", "heads"]  # which groups: channels (alias mlp), heads, embed (alias hidden: lossy)
+multiple_of = 8             # every kept width a multiple of 8
 [ratios]                    # per module pattern (first match wins)
 "layer1.*" = 0.25
 [calib]
@@ -36,6 +38,8 @@ import tomllib
 
 from grailc.errors import RecipeError, did_you_mean
 
+TARGETS = {"channels": "channels", "mlp": "channels", "heads": "heads", "embed": "embed", "hidden": "embed"}
+DEFAULT_TARGETS = ["channels", "heads"]
 DEFAULT_PIPELINE = ["analyse", "calibrate", "select", "compensate", "apply", "verify"]
 
 
@@ -66,6 +70,8 @@ class Recipe:
     lam: float = 1e-3
     magnitude_norm: int = 1
     sequential: bool = False  # Grams taken group by group on the already-compressed upstream
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    multiple_of: int = 1  # every kept width (channels, heads * head_dim) a multiple of this
     exclude: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
     input_shape: list[int] | None = None
@@ -96,6 +102,10 @@ class Recipe:
         check_choice("compensator", self.compensate, COMPENSATORS)
         if self.lam < 0:
             raise RecipeError(f"lam {self.lam} is negative", fix="the ridge must be >= 0")
+        for t in self.targets:
+            check_choice("target", t, TARGETS)
+        if self.multiple_of < 1:
+            raise RecipeError(f"multiple_of {self.multiple_of} must be at least 1")
         if self.magnitude_norm not in (1, 2):
             raise RecipeError(f"magnitude_norm {self.magnitude_norm} is not 1 or 2")
         c = self.calib
@@ -151,7 +161,8 @@ def _check_types(recipe: Recipe) -> None:
                     f"({type(value).__name__})",
                     fix=f"write it like {prefix}{f.name} = {json.dumps(default)}" if default is not None else None,
                 )
-    for name, items, kind in (("exclude", recipe.exclude, str), ("pipeline", recipe.pipeline, str)):
+    for name, items, kind in (("exclude", recipe.exclude, str), ("pipeline", recipe.pipeline, str),
+                              ("targets", recipe.targets, str)):
         if not all(isinstance(item, kind) for item in items):
             raise RecipeError(f"recipe field {name} must be a list of strings, got {items!r}")
     for pattern, ratio in recipe.ratios.items():

@@ -42,10 +42,12 @@ def group_records(deps, decisions: dict, folds: dict, rows: dict | None = None) 
                 "id": g.id,
                 "kind": g.kind,
                 "size": g.size,
+                "granule": g.granule,
                 "kept": int(len(d.keep)) if d is not None else g.size,
                 "pinned": g.pinned,
-                "producers": [p.module for p in g.producers],
-                "consumers": [s.consumer.module for s in g.consumers],
+                "approximate": g.lossy,
+                "producers": g.modules(),
+                "consumers": list(dict.fromkeys(s.fact.module for s in g.consumers)),
                 "carriers": sorted({c.module for c in g.carriers}),
                 "recon_error_plain": _mean([f.recon_error_plain for f in slot_folds]),
                 "recon_error_grail": _mean(
@@ -74,10 +76,17 @@ def summary(report: dict) -> str:
     lines = [f"{'':24}{'before':>16}{'after':>16}"]
     lines += [f"{name:24}{a:>16}{b:>16}" for name, a, b in rows]
     lines.append(f"groups: {len(groups)} ({len(pruned)} pruned, {len(pinned)} pinned)")
+    heads = [g for g in pruned if g["kind"] == "heads"]
+    if heads:
+        lines.append(f"attention: {sum(g['kept'] for g in heads)} of {sum(g['size'] for g in heads)} heads kept")
+    lossy = [g for g in pruned if g.get("approximate")]
+    if lossy:
+        lines.append(f"approximate (normalisation over pruned channels): {len(lossy)} groups")
     plain = _mean([g["recon_error_plain"] for g in pruned])
     grail = _mean([g["recon_error_grail"] for g in pruned])
     if plain is not None:
-        lines.append(f"mean reconstruction error: plain {plain:.4f}, compensated {grail:.4f}")
+        text = f"mean reconstruction error: plain {plain:.4f}"
+        lines.append(text + (f", compensated {grail:.4f}" if grail is not None else " (no compensation)"))
     out = report.get("output_error")
     if out:
         text = f"held-out output error: {out['relative_l2']:.4f} relative L2"

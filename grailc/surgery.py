@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from grailc.channels import Layout
+from grailc.channels import Layout, unit_indices
 
 
 def get_param(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -42,11 +42,20 @@ def _is_param(gm: fx.GraphModule, target: str) -> bool:
         return False
 
 
-def layout_index(layout: Layout, keep_of) -> torch.Tensor:
-    """Indices kept along an axis laid out as ``layout``; ``keep_of(space)`` gives a segment's kept channels."""
+def layout_index(layout: Layout, units_of) -> torch.Tensor:
+    """Indices kept along ``layout.axis``. ``units_of(space)`` gives (kept units, channels per unit) for a decided
+    space, None otherwise; a unit of ``u`` channels covers ``u / granule`` indices. Segments stacked on a segment
+    axis share their indices (they are tied), so the first one says which."""
     parts = []
-    for seg, off in zip(layout.segments, layout.offsets()):
-        parts.append(keep_of(seg.space, seg.size) + off)
+    segments = layout.segments[:1] if layout.seg_axis is not None else layout.segments
+    for seg, off in zip(segments, layout.offsets()):
+        found = units_of(seg.space)
+        count = layout.seg_length(seg)
+        if found is None or found[1] < layout.granule:
+            parts.append(torch.arange(count) + off)
+        else:
+            units, unit = found
+            parts.append(unit_indices(units, unit // layout.granule) + off)
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
@@ -54,14 +63,17 @@ def narrow_rows(weight: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torc
     return weight.index_select(dim, index.to(weight.device))
 
 
-def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor]) -> torch.Tensor:
-    """One map per segment on dim 1 of a consumer weight: segment s's columns become ``W_s @ maps[s]``.
+def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """One map per segment on dim ``dim`` (the input channels) of a consumer weight: segment s's columns become
+    ``W_s @ maps[s]``.
 
     ``maps[s]`` is a [size_s, k_s] matrix (a GRAIL map), or a 1-D index of kept columns (plain pruning, I[:, K]).
     """
+    if dim == 0:  # transposed convolution: [C_in, C_out, ...]
+        return merge_columns(weight.transpose(0, 1), layout, maps).transpose(0, 1).contiguous()
     out_dim = weight.shape[0]
-    w = weight.reshape(out_dim, layout.size, layout.inner, -1)  # [O, C, inner, taps]
-    pieces = [map_columns(w[:, off : off + seg.size], m) for seg, off, m in
+    w = weight.reshape(out_dim, layout.length, layout.inner, -1)  # [O, C, inner, taps]
+    pieces = [map_columns(w[:, off : off + layout.seg_length(seg)], m) for seg, off, m in
               zip(layout.segments, layout.offsets(), maps)]
     merged = torch.cat(pieces, dim=1)
     k_total = merged.shape[1]
@@ -81,19 +93,25 @@ def map_columns(cols: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def mask_columns(weight: torch.Tensor, slot, keep: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
     """Full-width twin of a merge: the slot's columns become W B on the kept channels and 0 elsewhere."""
     layout = slot.consumer.layout
-    w = weight.detach().clone()
-    view = w.view(w.shape[0], layout.size, layout.inner, -1)
+    w = _columns_first(weight, slot).detach().clone(memory_format=torch.contiguous_format)
+    view = w.view(w.shape[0], layout.length, layout.inner, -1)
     cols = view[:, slot.offset : slot.offset + slot.size]
     kept = map_columns(cols, B if B is not None else keep)
     cols.zero_()
     cols[:, keep] = kept
-    return w
+    return _columns_first(w, slot).contiguous()
+
+
+def _columns_first(weight: torch.Tensor, slot) -> torch.Tensor:
+    """The weight with its input channels on dim 1 (a transposed convolution has them on dim 0); an involution."""
+    return weight.transpose(0, 1) if slot.consumer.dim == 0 else weight
 
 
 def consumer_columns(weight: torch.Tensor, slot, dtype=torch.float64) -> torch.Tensor:
     """The slot's columns of a consumer weight as [rows, size] (every kernel tap / flattened position a row)."""
     layout = slot.consumer.layout
-    w = weight.detach().reshape(weight.shape[0], layout.size, -1)[:, slot.offset : slot.offset + slot.size]
+    weight = _columns_first(weight, slot)
+    w = weight.detach().reshape(weight.shape[0], layout.length, -1)[:, slot.offset : slot.offset + slot.size]
     return w.permute(0, 2, 1).reshape(-1, slot.size).to(dtype)
 
 

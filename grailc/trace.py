@@ -58,12 +58,14 @@ def trace(module: torch.nn.Module, example: torch.Tensor) -> tuple[fx.GraphModul
     return gm, ep
 
 
-def capture(model, shape: tuple[int, ...]) -> tuple[fx.GraphModule, torch.Tensor]:
-    """Trace an nn.Module or ExportedProgram for inputs of ``shape``: the graph and its example input."""
+def capture(model, shape: tuple[int, ...], example: torch.Tensor | None = None) -> tuple[fx.GraphModule, torch.Tensor]:
+    """Trace an nn.Module or ExportedProgram for inputs of ``shape``: the graph and its example input. Integer
+    inputs (token ids) cannot be made up: their ``example`` comes from the calibration data."""
     _check_input_shape(model, shape)
     module = _graph_of(model)
     with _quiet_torch():
-        example = _runnable_example(module, shape, model_dtype(model))
+        if example is None:
+            example = _runnable_example(module, shape, model_dtype(model))
         try:
             gm, _ = trace(module, example)
         except TraceError as e:

@@ -1,14 +1,13 @@
 """Apply: the only pass that changes weights.
 
-For every group with a decision: producers keep rows K, carriers keep K along their channel dim (a depthwise
-conv's ``groups`` and a view's size follow the new width), and each consumer's columns become W B (B from
-compensation) or W[:, K].
-Groups without a decision and pinned groups keep all their channels.
+For every group with a decision (kept units K): producers keep the rows of K, carriers keep K along their
+dimension (a grouped conv's ``groups``, a view's or an expand's size and a LayerNorm's shape follow the new width),
+and each consumer's columns become W B (B from compensation) or W[:, K]. A unit of ``u`` channels seen through a
+layout of granule ``g`` covers ``u / g`` indices. Groups without a decision and pinned groups keep everything.
+A parameter shared by several nodes (a module called twice) is narrowed once.
 """
 
 from __future__ import annotations
-
-import torch
 
 from grailc.passmanager import Pass, register_pass
 from grailc.surgery import get_param, layout_index, merge_columns, narrow_rows, set_param
@@ -16,46 +15,52 @@ from grailc.surgery import get_param, layout_index, merge_columns, narrow_rows, 
 
 def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
     """Narrow and merge ``gm`` in place according to ``decisions`` (group id -> Decision) and ``folds``."""
-    find = deps.spaces.find
-
-    def keep_of(space: int, size: int) -> torch.Tensor:
-        d = decisions.get(find(space))
-        return d.keep if d is not None else torch.arange(size)
+    units_of = deps.units_of(decisions)
+    decided = lambda layout: any(units_of(s.space) is not None for s in layout.segments)  # noqa: E731
+    done: dict[str, set[str]] = {"consumer": set(), "producer": set(), "carrier": set()}  # per role
 
     for consumer in deps.consumers:
-        if not any(find(s.space) in decisions for s in consumer.layout.segments):
+        if not decided(consumer.layout) or consumer.weight in done["consumer"]:
             continue
+        done["consumer"].add(consumer.weight)
         maps = []
         for i, seg in enumerate(consumer.layout.segments):
             fold = folds.get(f"{consumer.node}[{i}]")
             if fold is not None and fold.B is not None:
                 maps.append(fold.B)
             else:
-                maps.append(keep_of(seg.space, seg.size))
-        set_param(gm, consumer.weight, merge_columns(get_param(gm, consumer.weight), consumer.layout, maps))
+                single = type(consumer.layout)(consumer.layout.axis, (seg,), 1, consumer.layout.granule)
+                maps.append(layout_index(single, units_of))
+        w = get_param(gm, consumer.weight)
+        set_param(gm, consumer.weight, merge_columns(w, consumer.layout, maps, consumer.dim))
 
     for p in deps.producers:
-        if find(p.space) in decisions:
-            idx = decisions[find(p.space)].keep
-            set_param(gm, p.weight, narrow_rows(get_param(gm, p.weight), idx))
-            if p.bias:
-                set_param(gm, p.bias, narrow_rows(get_param(gm, p.bias), idx))
+        if not decided(p.layout) or p.weight in done["producer"]:
+            continue
+        done["producer"].add(p.weight)
+        idx = layout_index(p.layout, units_of)
+        set_param(gm, p.weight, narrow_rows(get_param(gm, p.weight), idx, p.dim))
+        if p.bias:
+            set_param(gm, p.bias, narrow_rows(get_param(gm, p.bias), idx))
 
     nodes = {n.name: n for n in gm.graph.nodes}
     for car in deps.carriers:
-        if not any(find(s.space) in decisions for s in car.layout.segments):
+        if not decided(car.layout):
             continue
-        idx = layout_index(car.layout, keep_of)
+        idx = layout_index(car.layout, units_of)
         for target, dim in car.params:
-            set_param(gm, target, narrow_rows(get_param(gm, target), idx, dim))
+            if target not in done["carrier"]:
+                done["carrier"].add(target)
+                set_param(gm, target, narrow_rows(get_param(gm, target), idx, dim))
         if car.size_args:
             node = nodes[car.node]
             args = list(node.args)
-            for arg, pos, mult in car.size_args:
+            value = len(idx) * car.layout.inner
+            for arg, pos, div in car.size_args:
                 if pos is None:
-                    args[arg] = len(idx) * mult
+                    args[arg] = value // div
                 else:
-                    args[arg] = [*args[arg][:pos], len(idx) * mult, *args[arg][pos + 1 :]]
+                    args[arg] = [*args[arg][:pos], value // div, *args[arg][pos + 1 :]]
             node.args = tuple(args)
 
 

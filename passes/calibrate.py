@@ -32,8 +32,8 @@ def channel_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     axis = x.dim() + layout.axis
     x = x.movedim(axis, -1)
     if layout.inner > 1:
-        x = x.reshape(*x.shape[:-1], layout.size, layout.inner).transpose(-1, -2)
-    return x.reshape(-1, layout.size)
+        x = x.reshape(*x.shape[:-1], layout.length, layout.inner).transpose(-1, -2)
+    return x.reshape(-1, layout.length)
 
 
 def gram_bytes(groups) -> int:
@@ -85,7 +85,7 @@ class InputRecorder(fx.Interpreter):
         dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
         with torch.no_grad():
             try:
-                self.run(x.to(dtype))
+                self.run(x.to(dtype) if x.is_floating_point() else x)
             except _Done:
                 pass
 
@@ -218,7 +218,7 @@ def calibrate_sequentially(ctx, batches) -> None:
                 fold = ctx.folds.get(slot.key)
                 weight = get_param(shadow, slot.consumer.weight)
                 B = fold.B if fold is not None else None
-                set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, decision.keep, B))
+                set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.keep(decision.keep), B))
         for slot in g.consumers:  # a finished group's statistics are not needed again
             for store in (ctx.grams, ctx.cross, ctx.target_grams):
                 store.pop(slot.key, None)

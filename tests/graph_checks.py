@@ -60,8 +60,10 @@ def masked_reference(gm, group, keep: torch.Tensor):
     drop = torch.tensor([c for c in range(group.size) if c not in set(keep.tolist())], dtype=torch.long)
     for slot in group.consumers:
         w = get_param(masked, slot.consumer.weight).detach().clone()
-        view = w.view(w.shape[0], slot.consumer.layout.size, -1)
-        view[:, slot.offset + drop] = 0
+        cols = w.transpose(0, 1) if slot.consumer.dim == 0 else w
+        view = cols.reshape(cols.shape[0], slot.consumer.layout.length, -1)
+        view[:, slot.offset + slot.keep(drop)] = 0
+        cols.copy_(view.reshape(cols.shape))
         set_param(masked, slot.consumer.weight, w)
     return masked
 
@@ -75,11 +77,7 @@ def prune_and_compare(gm, deps, group, keep: torch.Tensor, x: torch.Tensor, atol
     pruned.recompile()
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), reference(x), atol=atol, rtol=1e-4)
-    find = deps.spaces.find
-
-    def keep_of(space, size):
-        return keep if find(space) == group.id else torch.arange(size)
-
+    units_of = deps.units_of({group.id: Decision(keep)})
     for slot in group.consumers:
         node = next(n for n in gm.graph.nodes if n.name == slot.consumer.node)
         arg = node.args[slot.consumer.arg]
@@ -89,9 +87,10 @@ def prune_and_compare(gm, deps, group, keep: torch.Tensor, x: torch.Tensor, atol
             before.run(x)
             after.run(x)
         layout = slot.consumer.layout
-        idx = layout_index(layout, keep_of)
-        new_layout = Layout(layout.axis, tuple(Segment(s.space, len(keep_of(s.space, s.size)))
-                                               for s in layout.segments), layout.inner)
+        idx = layout_index(layout, units_of)
+        new_layout = Layout(layout.axis, tuple(
+            Segment(s.space, len(layout_index(Layout(layout.axis, (s,), 1, layout.granule), units_of)) * layout.granule)
+            for s in layout.segments), layout.inner, layout.granule)
         expected = channel_rows(before.values[arg.name], layout)[:, idx]
         got = channel_rows(after.values[arg.name], new_layout)
         torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4)

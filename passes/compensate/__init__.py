@@ -44,8 +44,8 @@ def compensate_group(ctx, group) -> None:
     decision = ctx.decisions.get(group.id)
     if decision is None:
         return
-    keep = decision.keep
     for slot in group.consumers:
+        keep = slot.keep(decision.keep)
         G = ctx.grams[slot.key]
         C, Gx = ctx.cross.get(slot.key, G), ctx.target_grams.get(slot.key, G)
         m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float32)

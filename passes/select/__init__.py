@@ -1,11 +1,13 @@
 """Select: decide, per prunable group, which channels to keep.
 
-The budget of a group of size C at ratio r is ``max(1, round(C * (1 - r)))`` kept channels; a recipe can set the
+The budget of a group of C units (channels, heads, conv groups) at ratio r is ``max(1, round(C * (1 - r)))``
+kept units, rounded so that every kept width is a multiple of ``multiple_of``; a recipe can set the
 ratio per module pattern. The selector named in the recipe scores channels; the top scores are kept.
 """
 
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatchcase
 
 import torch
@@ -23,8 +25,17 @@ def ratio_for(group, recipe) -> float:
     return recipe.ratio
 
 
-def n_keep(size: int, ratio: float) -> int:
-    return max(1, min(size, round(size * (1.0 - ratio))))
+def n_keep(size: int, ratio: float, step: int = 1) -> int:
+    """Units kept of ``size`` at ``ratio``, a multiple of ``step`` (at least one step) unless that is all of them."""
+    k = max(1, min(size, round(size * (1.0 - ratio))))
+    if step > 1 and k < size:
+        k = min(size, max(step, step * round(k / step)))
+    return k
+
+
+def unit_step(group, multiple_of: int) -> int:
+    """Units per step so that every kept width (units * channels per unit) is a multiple of ``multiple_of``."""
+    return multiple_of // math.gcd(multiple_of, group.granule) if multiple_of > 1 else 1
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -37,7 +48,7 @@ def select_group(ctx, group) -> None:
     """Record the decision for one group (none when its budget keeps every channel)."""
     load_builtin()
     check_choice("selector", ctx.recipe.selector, SELECTORS)
-    k = n_keep(group.size, ratio_for(group, ctx.recipe))
+    k = n_keep(group.size, ratio_for(group, ctx.recipe), unit_step(group, ctx.recipe.multiple_of))
     if k < group.size:
         scores = SELECTORS[ctx.recipe.selector](ctx, group)
         ctx.decisions[group.id] = Decision(top_k(scores, k), scores)

@@ -2,7 +2,7 @@
 
 ``||x_c||_2 = sqrt(G_cc)`` comes from each consumer's own Gram, so a channel that a consumer weighs heavily and
 sees with large activations is kept. Scores are normalised per consumer (divided by their sum) so that wide and
-narrow consumers of a residual group count alike.
+narrow consumers of a residual group count alike; a unit (a head) scores the sum of its channels.
 """
 
 from __future__ import annotations
@@ -19,6 +19,6 @@ def wanda(ctx, group) -> torch.Tensor:
     for slot in group.consumers:
         w = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float32)
         norms = torch.diagonal(ctx.grams[slot.key]).clamp_min(0).sqrt()
-        s = w.abs().sum(0, dtype=torch.float64) * norms
+        s = slot.to_units(w.abs().sum(0, dtype=torch.float64) * norms)
         score += s / s.sum().clamp_min(1e-300)
     return score

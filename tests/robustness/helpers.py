@@ -58,9 +58,11 @@ class CumsumBetweenConvs(Tiny):
         return self.head(torch.cumsum(self.stem(x), dim=1))
 
 
-class TransposeBetweenConvs(Tiny):
+class FlipBetweenConvs(Tiny):
+    """flip of the channel axis: an op without a table row."""
+
     def forward(self, x):
-        return self.head(self.stem(x).transpose(2, 3))
+        return self.head(self.stem(x).flip(1))
 
 
 class LogOfNegatives(Tiny):

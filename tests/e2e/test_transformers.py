@@ -1,0 +1,128 @@
+"""Transformers end to end: attention heads as groups (fused qkv, grouped-query attention), LayerNorm streams as
+approximate groups, channels-last blocks, and a self-check that catches a carrier the analysis missed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from grailc.passes.verify import permutation_error
+from graph_checks import group_of, traced
+from torch import nn
+
+import grailc
+from grailc.fashion_mnist import accuracy, load_fashion_mnist, to_inputs
+from grailc.models.fashion_vit import load_fashion_vit
+
+TEST_IMAGES = 2000
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    images, labels = load_fashion_mnist("test")
+    train, _ = load_fashion_mnist("train")
+    calib = to_inputs(train[:160]).split(32)  # 128 unlabeled images to fit, 32 held out
+    return load_fashion_vit(), images[:TEST_IMAGES], labels[:TEST_IMAGES], list(calib)
+
+
+def test_vit_heads_and_mlp_grail_beats_plain_pruning(fashion):
+    model, images, labels, calib = fashion
+    dense = accuracy(model, images, labels)
+    runs = {c: grailc.compress(model, calib=calib, ratio=0.5, calib_held_out=1, compensate=c)
+            for c in ("grail", "none")}
+    acc = {c: accuracy(r.module, images, labels) for c, r in runs.items()}
+    report = runs["grail"].report
+    heads = [g for g in report["groups"] if g["kind"] == "heads"]
+    assert len(heads) == 4 and all(g["size"] == 4 and g["kept"] == 2 and g["granule"] == 24 for g in heads)
+    assert report["verification"]["permutation_error"] <= 1e-5
+    assert report["params_after"] < 0.75 * report["params_before"]
+    assert acc["grail"] > acc["none"] + 0.05, (dense, acc)
+    assert acc["grail"] > 0.5 * dense
+
+
+def test_vit_embedding_width_is_approximate_and_pruned_only_when_asked(fashion, tmp_path):
+    model, _, _, calib = fashion
+    default = grailc.compress(model, calib=calib, ratio=0.3, calib_held_out=1).report
+    embed = [g for g in default["groups"] if g["approximate"]]
+    assert len(embed) == 1 and embed[0]["pinned"].startswith("not a target") and embed[0]["kept"] == embed[0]["size"]
+    result = grailc.compress(model, calib=calib, ratio=0.3, calib_held_out=1, targets=["embed", "heads", "mlp"])
+    embed = next(g for g in result.report["groups"] if g["approximate"])
+    assert embed["pinned"] is None and embed["kept"] == round(96 * 0.7)
+    # the class token, position embedding, LayerNorm weights and shapes all follow: the narrowed model exports
+    out = result.save(tmp_path / "out")
+    assert result.report["onnx"]["relative_diff"] < 1e-3
+    reloaded = torch.export.load(str(out / "model.pt2")).module()
+    x = calib[0][:3]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), result.module(x), atol=1e-5, rtol=1e-4)
+
+
+class TinyLM(nn.Module):
+    """A LLaMA-architecture decoder (rotary, RMSNorm, SwiGLU, 4 query / 2 key-value heads) returning logits."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        self.lm = LlamaForCausalLM(config).eval()
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def test_grouped_query_attention_keeps_query_heads_with_their_key_value_head(tmp_path):
+    model = TinyLM()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(4)]
+    result = grailc.compress(model, calib=ids, ratio=0.5, calib_held_out=1)
+    report = result.report
+    heads = [g for g in report["groups"] if g["kind"] == "heads"]
+    # a unit is one key-value head with its two query heads: 2 units of 2 x 16 channels at o_proj
+    assert len(heads) == 2 and all((g["size"], g["kept"], g["granule"]) == (2, 1, 32) for g in heads)
+    mlp = [g for g in report["groups"] if set(g["producers"]) == {"lm.model.layers.0.mlp.gate_proj",
+                                                                  "lm.model.layers.0.mlp.up_proj"}]
+    assert mlp and mlp[0]["kept"] == 48
+    assert report["verification"]["permutation_error"] <= 1e-5
+    layer = result.module.get_submodule("lm.model.layers.0.self_attn")
+    assert layer.q_proj.weight.shape == (32, 64) and layer.k_proj.weight.shape == (16, 64)
+    assert layer.o_proj.weight.shape == (64, 32)
+    result.save(tmp_path / "out")
+    assert report["onnx"]["relative_diff"] < 1e-3
+
+
+def test_convnext_channels_last_blocks_prune():
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 3, 64, 64, generator=g) for _ in range(3)]
+    report = grailc.compress(model, calib=batches, ratio=0.3, calib_held_out=1, targets=["mlp", "embed"]).report
+    pruned = [g for g in report["groups"] if g["kept"] < g["size"]]
+    assert len(pruned) >= 16  # 12 MLP hidden widths (fc1 -> GELU -> fc2) and the 4 stage streams
+    assert sum(bool(g["approximate"]) for g in pruned) == 4
+    assert report["verification"]["permutation_error"] <= 1e-5
+    assert report["params_after"] < 0.7 * report["params_before"]
+
+
+class BatchNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv_out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv_out(torch.relu(self.bn(self.conv_in(x))))
+
+
+def test_permutation_check_catches_a_missed_carrier():
+    gm, deps = traced(BatchNormed(), (1, 3, 8, 8))
+    x = [torch.randn(2, 3, 8, 8)]
+    assert permutation_error(gm, deps, x) <= 1e-5
+    missed = copy.deepcopy(deps)
+    missed.carriers = [c for c in missed.carriers if c.module != "bn"]  # as if the analysis had not seen it
+    group_of(missed, "conv_in")
+    assert permutation_error(gm, missed, x) > 1e-2
