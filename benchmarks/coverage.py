@@ -1,7 +1,8 @@
 """Coverage sweep: does grailc compress every torchvision classifier and a broad timm sample, and pass its checks?
 
     .venv/bin/python benchmarks/coverage.py [--zoo torchvision|timm|all] [--models NAME ...] [--side 64]
-        [--ratio 0.3] [--skip-larger-than 100] [--timeout 900] [--json out.json] [--threads 1] [--no-tp] [--debug]
+        [--ratio 0.3] [--targets channels,heads,embed]
+        [--skip-larger-than 100] [--timeout 900] [--json out.json] [--threads 1] [--no-tp] [--debug]
 
 Models: every torchvision classification model (``torchvision.models.list_models(module=torchvision.models)``) and
 one small variant per timm family (``TIMM_FAMILIES``), all with random weights. ``--models`` takes bare names
@@ -234,14 +235,15 @@ def not_compressed_reason(report: dict, ratio: float) -> str:
     return text + (f" ({len(pinned)} producer groups pinned, e.g. {pinned[0][:150]})" if pinned else "")
 
 
-def run_grailc(model: torch.nn.Module, batches: list[torch.Tensor], ratio: float, debug: bool) -> dict:
+def run_grailc(model: torch.nn.Module, batches: list[torch.Tensor], ratio: float, debug: bool,
+               targets: list[str] | None = None) -> dict:
     """compress + save into a temporary folder; the row's status, reason and figures."""
     import grailc
 
     start = time.perf_counter()
     report: dict = {}
     try:
-        result = grailc.compress(model, calib=batches, ratio=ratio, calib_held_out=HELD_OUT)
+        result = grailc.compress(model, calib=batches, ratio=ratio, calib_held_out=HELD_OUT, targets=targets)
         report = result.report
         with tempfile.TemporaryDirectory() as tmp:
             result.save(Path(tmp) / "out")
@@ -341,7 +343,8 @@ def worker(args) -> None:
         return
     batches = calibration(side)
     write_json(out, {**row, "stage": "grailc"})
-    row.update(run_grailc(model, batches, args.ratio, args.debug), stage="torch-pruning")
+    targets = args.targets.split(",") if args.targets else None
+    row.update(run_grailc(model, batches, args.ratio, args.debug, targets), stage="torch-pruning")
     write_json(out, row)
     if not args.no_tp:
         row["tp"] = run_tp(model, batches[0][:1], row["producer_sets"])
@@ -355,6 +358,7 @@ def run_isolated(spec: Spec, args) -> dict:
         result = Path(tmp) / "row.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec.key, "--result-file", str(result),
                "--ratio", str(args.ratio)]
+        cmd += ["--targets", args.targets] if args.targets else []
         cmd += ["--side", str(args.side)] if args.side else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--no-tp"] if args.no_tp else []
@@ -456,6 +460,7 @@ def parse_args(argv=None):
     parser.add_argument("--zoo", choices=["torchvision", "timm", "all"], default="all")
     parser.add_argument("--side", type=int, help="shrink the input side to this where the model accepts it")
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--targets", help="grailc --targets, e.g. channels,heads,embed (default: grailc's default)")
     parser.add_argument("--skip-larger-than", type=float, metavar="N", help="skip models over N million params")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model (0: none)")
     parser.add_argument("--json", type=Path, help="write the rows here (rewritten after every model)")

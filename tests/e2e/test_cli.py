@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import onnxruntime as ort
 import torch
 import torchvision
@@ -94,3 +95,24 @@ def test_groups_lists_what_prunes_together_and_what_is_pinned(capsys):
     rows = [line.split() for line in out.splitlines()[1:] if line.split() and line.split()[0].isdigit()]
     assert any(int(r[3]) > 1 for r in rows if r[1] == "conv")
     assert out.strip().splitlines()[-1] == "29 groups, 27 prunable"
+
+
+@pytest.mark.parametrize("selector", ["magnitude", "wanda"])
+@pytest.mark.parametrize("compensate", ["grail", "none"])
+def test_every_selector_and_compensator_prints_its_summary(selector, compensate, tmp_path, capsys):
+    """Plain pruning has no compensated error: the summary says so instead of failing after the files exist."""
+    from grailc.models.fashion_vit import FashionViT
+
+    model_path = tmp_path / "vit.pt2"
+    torch.export.save(torch.export.export(FashionViT(depth=1).eval(), (torch.randn(2, 1, 28, 28),)), str(model_path))
+    out = tmp_path / "out"
+    code = main(["compress", str(model_path), "--calib", "random", "--calib-batches", "3", "--batch-size", "4",
+                 "--held-out", "1", "--ratio", "0.5", "--selector", selector, "--compensate", compensate,
+                 "--targets", "mlp,heads", "--multiple-of", "8", "--no-onnx", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "attention: 2 of 4 heads kept" in captured.out
+    assert ("no compensation" in captured.out) == (compensate == "none")
+    report = json.loads((out / "report.json").read_text())
+    mlp = next(g for g in report["groups"] if g["kind"] == "linear" and g["kept"] < g["size"])
+    assert mlp["kept"] % 8 == 0
