@@ -11,12 +11,12 @@ import operator
 
 import pytest
 import torch
+from grailc.passes.verify import permutation_error
 from graph_checks import prune_and_compare
 from torch import fx, nn
 
 from grailc.analysis import analyse
 from grailc.ops import BROADCAST, ELEMENTWISE, OP_TABLE, SPATIAL_1D, SPATIAL_2D, SPATIAL_3D
-from grailc.passes.verify import permutation_error
 
 aten = torch.ops.aten
 C = 8

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import onnxruntime as ort
+import pytest
 import torch
 import torchvision
 from photos import photos, random_crops
