@@ -48,8 +48,9 @@ class Carrier:
     module: str
     layout: Layout
     params: list[tuple[str, int]]  # (parameter target, dim holding the indices of ``layout``)
-    # integer arguments that follow the kept width: (arg index, position in a list arg or None, divisor); the new
-    # value is (kept indices along layout.axis) * layout.inner // divisor, e.g. a view's size or a conv's groups
+    # integer arguments that follow the kept width: (arg index, position in a list arg or None, divisor[, segments]);
+    # the new value is (kept indices along layout.axis, of the given segments only if named) * layout.inner // divisor,
+    # e.g. a view's size, a conv's groups, the sizes of a split
     size_args: list[tuple[int, int | None, int]] = field(default_factory=list)
     tag: str | None = None  # "attention" for the ops that make a group a group of heads
     lossy: bool = False  # normalisation over the channels: sliced, statistics approximated

@@ -620,11 +620,16 @@ class Split:
         for seg in lay.segments:
             seg_bounds.append(seg_bounds[-1] + seg.size)
         if set(bounds) <= set(seg_bounds):
+            st.carrier(lay, [], size_args=[(1, i, 1, tuple(j for j, start in enumerate(seg_bounds[:-1])
+                                                              if bounds[i] <= start < bounds[i + 1]))
+                                           for i in range(len(sizes))])
             return tuple(Layout(lay.axis, tuple(s for s, start in zip(lay.segments, seg_bounds)
                                                  if bounds[i] <= start < bounds[i + 1])) for i in range(len(sizes)))
         if len(lay.segments) == 1:
             parts = st.spaces.split(lay.segments[0].space, sizes)
             if parts is not None:
+                whole = Layout(lay.axis, tuple(Segment(p, s) for p, s in zip(parts, sizes)))
+                st.carrier(whole, [], size_args=[(1, i, 1, i) for i in range(len(sizes))])  # sizes follow each part
                 return tuple(Layout(lay.axis, (Segment(p, s),)) for p, s in zip(parts, sizes))
         return st.opaque("split of the channel axis across tied channels")
 

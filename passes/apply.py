@@ -9,8 +9,15 @@ A parameter shared by several nodes (a module called twice) is narrowed once.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
+
 from grailc.passmanager import Pass, register_pass
 from grailc.surgery import get_param, layout_index, merge_columns, narrow_rows, set_param
+
+
+SPLIT_WITH_SIZES = torch.ops.aten.split_with_sizes.default
 
 
 def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
@@ -55,13 +62,23 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
         if car.size_args:
             node = nodes[car.node]
             args = list(node.args)
-            value = len(idx) * car.layout.inner
-            for arg, pos, div in car.size_args:
+            for arg, pos, div, *segments in car.size_args:
+                value = len(idx) * car.layout.inner
+                if segments:  # the width of some segments only (the outputs of a split)
+                    part = [car.layout.segments[i] for i in _as_tuple(segments[0])]
+                    value = len(layout_index(replace(car.layout, segments=tuple(part)), units_of)) * car.layout.inner
                 if pos is None:
                     args[arg] = value // div
                 else:
+                    if isinstance(args[arg], int):  # split(x, size, dim): one size for all, written out per output
+                        args[arg] = [int(v.shape[args[2] if len(args) > 2 else 0]) for v in node.meta["val"]]
+                        node.target = SPLIT_WITH_SIZES
                     args[arg] = [*args[arg][:pos], value // div, *args[arg][pos + 1 :]]
             node.args = tuple(args)
+
+
+def _as_tuple(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
 
 
 @register_pass

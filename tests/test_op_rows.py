@@ -269,6 +269,11 @@ STRUCTURED_CASES = {
         if False else g.call_function(aten.slice.Tensor, (g.call_function(get, (g.call_function(
             aten.unsafe_split.Tensor, (y, 3, 2)), 0)), 3, 0, 6)),
     ], 2)), 2),
+    "split_channels": (lambda g, y, root: g.call_function(aten.cat.default, ([
+        g.call_function(get, (g.call_function(aten.split.Tensor, (y, 4, 1)), i)) for i in (1, 0)], 1)), 2),
+    "split_channels_sizes": (lambda g, y, root: g.call_function(aten.cat.default, ([
+        g.call_function(get, (g.call_function(aten.split_with_sizes.default, (y, [3, 5], 1)), i)) for i in (1, 0)],
+        1)), 2),
     "unbind": (lambda g, y, root: g.call_function(aten.concat.default, ([
         g.call_function(aten.unsqueeze.default, (g.call_function(get, (g.call_function(aten.unbind.int, (y, 2)), i)),
                                                  2)) for i in (0, 1)], 2)), 2),
