@@ -406,7 +406,8 @@ def _stacked(st, lay: Layout, factors, seg_axis: int) -> Layout | str:
 
 
 class Reshape:
-    """view/reshape/_unsafe_view (target sizes in arg 1), flatten (start, end), unflatten (dim, sizes).
+    """view/reshape/_unsafe_view (target sizes in arg 1), flatten (start, end), unflatten (dim, sizes),
+    reshape_as/view_as (the shape of another tensor).
 
     A literal size of the channel axis in the target follows the kept width; a computed one pins."""
 
@@ -422,6 +423,8 @@ class Reshape:
         if isinstance(out, str):
             return st.opaque(out)
         q = _pos(out.axis, len(dst))
+        if self.kind == "as":  # reshape_as(x, other): the sizes come from a tensor, which follows by itself
+            return out
         if self.kind == "view":
             sizes, pos = node.args[1], q
         elif self.kind == "unflatten":
@@ -782,14 +785,16 @@ class Matmul:
 
 
 class Pad:
-    """pad(x, [l, r, t, b, ...]): pads the last len/2 axes; channels pass through when they are not padded."""
+    """pad(x, [l, r, t, b, ...]): pads the last len/2 axes; channels pass through when their axes get no padding
+    (a channels-last window padding pads [0, 0] on the channels)."""
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         lay = st.layout(node.args[0])
         if lay is None:
             return None
-        padded = len(node.args[1]) // 2
-        if lay.inner != 1 or any(-a <= padded for a in lay.axes()):
+        pads = list(node.args[1])
+        padded = {-(i // 2) - 1 for i, p in enumerate(pads) if p != 0}  # pads[2i:2i+2] pad dim -(i+1)
+        if any(a in padded for a in lay.axes()) or (lay.inner != 1 and lay.axis >= -len(pads) // 2):
             return st.opaque("padding of the channel axis")
         return lay
 
@@ -879,6 +884,7 @@ OP_TABLE: dict = {
     **_rows("embedding", Embedding()),
     **_rows("view reshape _unsafe_view", Reshape("view")),
     **_rows("flatten.using_ints", Reshape("flatten")),
+    **_rows("reshape_as view_as", Reshape("as")),
     **_rows("unflatten.int", Reshape("unflatten")),
     **_rows("permute", Permute("permute")),
     **_rows("transpose.int", Permute("transpose")),

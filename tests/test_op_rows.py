@@ -257,6 +257,13 @@ STRUCTURED_CASES = {
                 (aten.view.default, ("y", [2, C, 1, 1]), None)), 2),
     "reshape": (chain((aten.reshape.default, ("y", [2, C, 36]), None), (aten._unsafe_view.default, ("y", [2, C, 6, 6]),
                                                                         None)), 2),
+    "reshape_as": (lambda g, y, root: g.call_function(aten.reshape_as.default, (
+        g.call_function(aten.view.default, (y, [2, C, 36])), y)), 2),
+    "view_as": (lambda g, y, root: g.call_function(aten.view_as.default, (
+        g.call_function(aten.view.default, (y, [2, C, 36])), y)), 2),
+    "channels_last_pad": (chain((aten.permute.default, ("y", [0, 2, 3, 1]), None),
+                                (aten.constant_pad_nd.default, ("y", [0, 0, 1, 1, 0, 2], 0.0), None),
+                                (aten.permute.default, ("y", [0, 3, 1, 2]), None)), 2),
     "flatten": (chain((aten.flatten.using_ints, ("y", 2), None), (aten.unflatten.int, ("y", 2, [6, 6]), None)), 2),
     "select": (chain((aten.select.int, ("y", 2, 0), None), (aten.unsqueeze.default, ("y", 2), None)), 2),
     "slice": (chain((aten.slice.Tensor, ("y", 2, 0, 3), None)), 2),
