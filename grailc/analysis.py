@@ -10,6 +10,8 @@ changes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
@@ -57,6 +59,15 @@ def _same_dim_without_ones(out: tuple, src: tuple, pos: int) -> int | None:
     if [out[i] for i in keep_out] != [src[i] for i in keep_src] or pos not in keep_out:
         return None
     return keep_src[keep_out.index(pos)]
+
+
+def _same_dim_of_view(out: tuple, src: tuple, pos: int) -> int | None:
+    """The dim of ``src`` that a view keeps as dim ``pos`` of ``out`` (same size, same elements after it)."""
+    after = math.prod(out[pos + 1 :])
+    for p, size in enumerate(src):
+        if size == out[pos] and math.prod(src[p + 1 :]) == after:
+            return p
+    return None
 
 
 class State:
@@ -113,6 +124,12 @@ class State:
                 new = pos - (len(out) - len(src))
             elif name in RESHAPES_OF_ONES:
                 new = _same_dim_without_ones(out, src, pos)
+                if new is None and name != "unsqueeze":
+                    new = _same_dim_of_view(out, src, pos)
+            elif name == "permute":
+                new = [d % len(src) for d in arg.args[1]][pos]
+            elif name == "index" and all(i is None or pos >= len(arg.args[1]) for i in arg.args[1]):
+                new = pos - (len(out) - len(src))  # index tensors on leading dims: trailing dims stay
             else:
                 return None
             if new is None or new < 0:

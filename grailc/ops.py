@@ -342,6 +342,13 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
             if not split or (not split & inside and all(a > p + j for a in split)
                              and _same_dims(src[p + 1 + j :], dst[q + 1 :])):
                 return replace(lay, axis=q - nd_d, inner=lay.inner * merged)  # [.., Hkv, r, T, D] -> [.., Hkv*r, ..]
+        for j in range(1, p + 1):  # merge the channel axis, innermost, with the j dims before it: repeated segments
+            outer = _prod(src[p - j : p])
+            if outer is None or dst[q] != outer * src[p] or tail != after or lay.inner != 1 or lay.granule != 1:
+                continue
+            if split or q < p - j or not _same_dims(src[: p - j], dst[: p - j]):
+                continue
+            return replace(lay, axis=q - nd_d, segments=lay.segments * outer)  # [.., 2, 2, C] -> [.., 4C]
         for j in range(1, nd_d - q):  # split the channel axis into dst[q], ..., dst[q+j]
             factors = dst[q : q + j + 1]
             if _prod(factors) != src[p] or _prod(dst[q + j + 1 :]) != after or split:
