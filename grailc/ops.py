@@ -22,6 +22,7 @@ channels sit on axis ``a``:
 * ``Permute``       permute/transpose/unsqueeze/squeeze     the axes move
 * ``Select``        select/unbind on another dim: moves axes; on the granule axis: one part per granule
 * ``Split``         split/chunk on the channel axis         segments (like cat in reverse); elsewhere: tie
+* ``Stack``         stack(tensors, dim)                     tie the inputs; a new dim appears
 * ``Concat``        cat on the channel axis                 segments back to back (offsets); elsewhere: tie
 * ``Reduce``        mean/sum/var over dims                  tie; over a with keepdim: lossy (a norm statistic)
 * ``Attention``     softmax(q k^T) v per head               heads of q, k, v tied (k, v repeated r times for
@@ -294,7 +295,7 @@ class Linear:
         bias = node.args[2] if len(node.args) > 2 else None
         weight, bias_t = st.param(w), st.param(bias)
         lay, out_shape = st.layout(x), st.shape(node)
-        if weight is None or (bias is not None and bias_t is None):
+        if weight is None:
             return st.opaque("linear with computed (non-parameter) weights")
         if lay is not None and -1 not in lay.axes():
             return lay  # acts on a dim without channels (token mixing): channels pass through
@@ -302,7 +303,10 @@ class Linear:
             return st.opaque("linear over the dims inside a granule")
         if lay is not None:
             st.consumer("linear", weight, 0, lay)
-        return st.producer("linear", weight, bias_t, out_shape, -1)
+        out = st.producer("linear", weight, bias_t, out_shape, -1)
+        if bias is not None and bias_t is None:  # a bias computed at run time cannot be sliced: keep the outputs
+            st.pin(out, f"linear with a computed bias {getattr(bias, 'name', bias)} at {st.where()}")
+        return out
 
 
 class Embedding:
@@ -681,6 +685,20 @@ class Concat:
         return out
 
 
+class Stack:
+    """stack(tensors, dim): a new dim in front of ``dim``; the inputs hold the same channels (tied)."""
+
+    def __call__(self, node: fx.Node, st) -> Layout | None:
+        tensors = node.args[0]
+        layouts = [st.layout(t) for t in tensors]
+        if any(lay is None for lay in layouts):
+            return st.opaque("stack with untracked tensors")
+        nd = len(st.shape(tensors[0]))
+        d = _dim(node.args[1] if len(node.args) > 1 else 0, nd + 1)
+        out = st.tie(layouts).remap(nd, nd + 1, {i: (i if i < d else i + 1) for i in range(nd)})
+        return out
+
+
 class Reduce:
     """mean/sum/amax/var(x, dims, keepdim): channels pass through unless reduced over; a reduction over the
     channels kept as a size-1 axis is a normalisation statistic (RMSNorm): lossy."""
@@ -904,7 +922,8 @@ OP_TABLE: dict = {
     **_rows("unbind.int", Select(unbind=True)),
     **_rows("slice.Tensor", Slice()),
     **_rows("index.Tensor", Index()),
-    **_rows("split.Tensor split_with_sizes unsafe_split.Tensor", Split()),
+    **_rows("split.Tensor split_with_sizes unsafe_split.Tensor chunk", Split()),
+    **_rows("stack", Stack()),
     **_rows("cat concat", Concat()),
     **_rows("pad constant_pad_nd", Pad()),
     **_rows("mean.dim sum.dim_IntList amax amin var.correction var.dim std.correction std.dim", Reduce()),

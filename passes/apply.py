@@ -16,7 +16,6 @@ import torch
 from grailc.passmanager import Pass, register_pass
 from grailc.surgery import get_param, layout_index, merge_columns, narrow_rows, set_param
 
-
 SPLIT_WITH_SIZES = torch.ops.aten.split_with_sizes.default
 
 

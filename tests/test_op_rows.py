@@ -287,6 +287,9 @@ STRUCTURED_CASES = {
     "split_channels_sizes": (lambda g, y, root: g.call_function(aten.cat.default, ([
         g.call_function(get, (g.call_function(aten.split_with_sizes.default, (y, [3, 5], 1)), i)) for i in (1, 0)],
         1)), 2),
+    "chunk_stack": (lambda g, y, root: g.call_function(aten.sum.dim_IntList, (g.call_function(aten.stack.default, (
+        [g.call_function(get, (g.call_function(aten.chunk.default, (y, 2, 3)), i)) for i in (1, 0)], -1)), [-1])),
+        2),
     "unbind": (lambda g, y, root: g.call_function(aten.concat.default, ([
         g.call_function(aten.unsqueeze.default, (g.call_function(get, (g.call_function(aten.unbind.int, (y, 2)), i)),
                                                  2)) for i in (0, 1)], 2)), 2),
