@@ -346,14 +346,19 @@ def _tie_shared_params(st: State) -> None:
         nodes = sorted({n for n, _ in uses})
         if len(nodes) < 2:
             continue
+        reason = f"parameter {target} is shared by nodes {nodes}"
         facts = list({id(f): f for _, f in uses}.values())
-        kinds = {type(f) for f in facts}
-        layouts = [st.layout_of(f.layout) for f in facts]
-        if kinds <= {Producer, Carrier} and len(kinds) == 1 and all(
-            lay.size == layouts[0].size and len(lay.segments) == 1 for lay in layouts
-        ):
-            if all(st.spaces.union(layouts[0].segments[0].space, lay.segments[0].space) for lay in layouts[1:]):
+        for role in (Producer, Carrier, Consumer):
+            layouts = [st.layout_of(f.layout) for f in facts if type(f) is role]
+            if len(layouts) < 2:
                 continue
-        for lay in layouts:
-            for seg in lay.segments:
-                st.spaces.pin(seg.space, f"parameter {target} is shared by nodes {nodes}")
+            same = all(lay.size == layouts[0].size and len(lay.segments) == len(layouts[0].segments)
+                       for lay in layouts)
+            if role is not Consumer and same and all(
+                st.spaces.union(a.space, b.space) for lay in layouts[1:]
+                for a, b in zip(layouts[0].segments, lay.segments)
+            ):
+                continue
+            for lay in layouts:
+                for seg in lay.segments:
+                    st.spaces.pin(seg.space, reason)

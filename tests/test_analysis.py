@@ -8,6 +8,8 @@ import torchvision
 from graph_checks import group_of, prune_and_compare, traced
 from torch import nn
 
+from grailc.passes.verify import permutation_error
+
 
 @pytest.fixture(scope="module")
 def resnet18():
@@ -111,3 +113,42 @@ def test_every_group_prunes_exactly_like_its_masked_reference(name):
     assert len(deps.prunable()) >= 27
     for group in deps.prunable():
         prune_and_compare(gm, deps, group, torch.arange(0, group.size, 2), x, atol=1e-4)
+
+
+class Siamese(nn.Module):
+    """One encoder conv called on two inputs; their features added: the shared rows hold the same channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.enc(x)) + torch.relu(self.enc(x.flip(-1))))
+
+
+def test_module_called_twice_ties_its_uses_and_prunes_once():
+    gm, deps = traced(Siamese(), (1, 3, 8, 8))
+    group = group_of(deps, "enc")
+    assert group.prunable and len(group.producers) == 2 and group.modules() == ["enc"]
+    x = torch.randn(2, 3, 8, 8)
+    assert permutation_error(gm, deps, [x]) <= 1e-5
+    prune_and_compare(gm, deps, group, torch.tensor([0, 3, 5]), x)
+
+
+class SharedConsumer(nn.Module):
+    """One conv applied twice in a row: its columns would need two different merges, so its input is pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.shared = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.shared(torch.relu(self.shared(torch.relu(self.a(x)))))
+
+
+def test_shared_consumer_weight_pins_with_reason():
+    _, deps = traced(SharedConsumer(), (1, 3, 8, 8))
+    group = group_of(deps, "a")
+    assert group.pinned and "parameter shared.weight is shared by nodes" in group.pinned
