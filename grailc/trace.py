@@ -62,6 +62,7 @@ def capture(model, shape: tuple[int, ...], example: torch.Tensor | None = None) 
     """Trace an nn.Module or ExportedProgram for inputs of ``shape``: the graph and its example input. Integer
     inputs (token ids) cannot be made up: their ``example`` comes from the calibration data."""
     _check_input_shape(model, shape)
+    _check_single_input(model)
     module = _graph_of(model)
     with _quiet_torch():
         if example is None:
@@ -148,6 +149,31 @@ def _check_input_shape(model, shape: tuple[int, ...]) -> None:
         raise RecipeError(
             f"input shape {list(shape)} does not fit the model, which was exported for inputs {expected}",
             fix="give --input-shape (or input_shape=) in the model's layout, batch dimension first",
+        )
+
+
+def _check_single_input(model) -> None:
+    """grailc compresses models with one input tensor (float data, or integer ids into an embedding); say so
+    plainly for a model that takes several, rather than blaming the input shape."""
+    import inspect
+
+    if isinstance(model, torch.export.ExportedProgram):
+        names = [s.arg.name for s in model.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    elif isinstance(model, fx.GraphModule):
+        names = [n.name for n in model.graph.nodes if n.op == "placeholder"]
+    else:
+        try:
+            params = inspect.signature(model.forward).parameters.values()
+        except (TypeError, ValueError):
+            return
+        names = [p.name for p in params if p.default is inspect.Parameter.empty
+                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(names) > 1:
+        raise RecipeError(
+            f"the model takes {len(names)} inputs ({', '.join(names)}); grailc compresses models with one input "
+            "tensor (float data, or integer token ids) for now",
+            fix="wrap the model in a module whose forward takes one tensor and builds the others (masks, "
+            "position ids) inside, or give the other inputs default values",
         )
 
 

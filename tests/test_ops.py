@@ -269,5 +269,5 @@ def test_every_rule_class_is_exercised():
     """The tests above cover each kind of rule in the table."""
     exercised = {"Elementwise", "Broadcast", "Spatial", "BatchNorm", "Conv", "Linear", "Concat", "Reduce",
                  "Getitem", "Pad", "Reshape", "Softmax", "LayerNorm", "GroupNorm", "Embedding", "Permute", "Expand",
-                 "Repeat", "Select", "Slice", "Index", "Split", "Roll", "Attention", "Matmul"}
+                 "Repeat", "Select", "Slice", "Index", "Split", "Stack", "Roll", "Attention", "Matmul"}
     assert {type(rule).__name__ for rule in OP_TABLE.values()} == exercised

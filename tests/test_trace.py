@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import grailc
+from grailc.errors import RecipeError
 from grailc.trace import capture, static_batch
 
 
@@ -59,3 +61,17 @@ def test_literal_view_size_follows_the_pruned_width(tmp_path):
     assert result.report["params_after"] < result.report["params_before"]
     result.save(tmp_path / "out")
     assert result.report["onnx"]["relative_diff"] < 1e-3
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        return self.fc(x) * mask
+
+
+def test_a_model_with_two_inputs_is_refused_for_what_it_is():
+    with pytest.raises(RecipeError, match=r"takes 2 inputs \(x, mask\)"):
+        grailc.compress(TwoInputs(), calib=[torch.randn(2, 4)])
