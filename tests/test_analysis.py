@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from grailc.passes.verify import permutation_error
 from graph_checks import group_of, prune_and_compare, traced
 from torch import nn
-
-from grailc.passes.verify import permutation_error
 
 
 @pytest.fixture(scope="module")
