@@ -11,6 +11,7 @@ changes.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import fx
@@ -100,8 +101,7 @@ class State:
         if not isinstance(found, Layout):
             return None
         segments = self.spaces.resolve(found.segments)
-        return found if segments == found.segments else Layout(
-            found.axis, segments, found.inner, found.granule, found.split, found.seg_axis)
+        return found if segments == found.segments else replace(found, segments=segments)
 
     def param_chain(self, arg, axis: int) -> tuple[str, int, list[tuple[fx.Node, int]]] | None:
         """A parameter reached from ``arg`` through ops that only add, drop or broadcast size-1 dims (expand,
@@ -187,7 +187,7 @@ class State:
             return None
         first = layouts[0]
         for other in layouts[1:]:
-            same = other.axis == first.axis and other.seg_axis == first.seg_axis
+            same = other.axis == first.axis and other.seg_axis == first.seg_axis and other.outer == first.outer
             if not (same and self.align(first, other)):
                 for lay in layouts:
                     self.pin(lay, f"{self.node.target} ties channels of different layouts at {self.where()}")
@@ -238,7 +238,7 @@ class State:
         return self.fresh(node, reason)
 
     def layout_of(self, lay: Layout) -> Layout:
-        return Layout(lay.axis, self.spaces.resolve(lay.segments), lay.inner, lay.granule, lay.split, lay.seg_axis)
+        return replace(lay, segments=self.spaces.resolve(lay.segments))
 
     def unknown(self, why: str) -> Layout | None:
         """An op without a table row: opaque, and listed in the report's unknown ops."""
@@ -293,7 +293,7 @@ def _check_layout(st: State, node: fx.Node, out) -> None:
     """A rule's output layout must describe the tensor it belongs to."""
     shape = tensor_shape(node)
     if isinstance(out, Layout) and shape is not None:
-        fits = len(shape) >= -out.axis and shape[out.axis] == out.length * out.inner
+        fits = len(shape) >= -out.axis and (out.outer or shape[out.axis] == out.length * out.inner)
         if out.seg_axis is not None:
             fits = fits and len(shape) >= -out.seg_axis and shape[out.seg_axis] == len(out.segments)
         if not fits:

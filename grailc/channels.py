@@ -19,7 +19,9 @@ index, so that broadcasting lines up) holds
   after grouped-query ``repeat_kv``, where index ``i`` is key head ``i // r``).
 
 ``segments`` follow each other along the axis (after a ``cat``), or, when ``seg_axis`` is set, sit at the indices of
-``seg_axis`` and share the positions of ``axis`` (``[3, B, H, T, D]`` after a fused qkv projection).
+``seg_axis`` and share the positions of ``axis`` (``[3, B, H, T, D]`` after a fused qkv projection). When ``outer``
+is set the axis also carries a leading factor, the batch: ``nn.MultiheadAttention`` views ``[T, B, H*D]`` as
+``[T, B*H, D]``, whose index ``b*H + h`` is head ``h``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Layout:
     granule: int = 1
     split: tuple[int, ...] = ()
     seg_axis: int | None = None
+    outer: bool = False  # the axis also carries a leading factor: index i holds index i mod length (B*H of MHA)
 
     @property
     def size(self) -> int:

@@ -326,6 +326,11 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
     if nd_d >= nd_s - first and _same_dims(src[first:], dst[nd_d - (nd_s - first):]):
         return lay  # only dims before the channels change (window partitions, batch merges)
     p = _pos(lay.axis, nd_s)
+    if lay.outer:
+        return _heads_out_of_batch(lay, src, dst, p)
+    heads = _heads_into_batch(st, lay, src, dst, p)
+    if heads is not None:
+        return heads
     after = _prod(src[p + 1 :])
     if after is None or not isinstance(src[p], int):
         return "reshape over dynamic sizes next to the channels"
@@ -361,10 +366,33 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
                 return replace(lay, axis=q - nd_d, inner=1)  # [N, C*H*W] -> [N, C, H, W]
             if lay.inner != 1 or lay.granule != 1:
                 continue
-            if j >= 2 and len(lay.segments) == 1 and _feeds_unbind(st.node, q):
+            if len(lay.segments) == 1 and _feeds_unbind(st.node, q):
                 return _stacked(st, lay, factors, q - nd_d)
             return _granules(st, lay, _prod(factors[1:]), q - nd_d, tuple(range(q + 1 - nd_d, q + j + 1 - nd_d)))
     return "reshape that splits or mixes the channel axis"
+
+
+def _heads_into_batch(st, lay: Layout, src: tuple, dst: tuple, p: int) -> Layout | str | None:
+    """[T, B, H*D] -> [T, B*H, D] (nn.MultiheadAttention): the heads join the batch axis as its inner factor."""
+    if lay.granule != 1 or lay.inner != 1 or lay.split or lay.seg_axis is not None or p < 1 or len(dst) != len(src):
+        return None
+    d = dst[p]
+    if not isinstance(d, int) or not isinstance(src[p], int) or src[p] % d or src[p] == d:
+        return None
+    if not (_same_dims(src[: p - 1], dst[: p - 1]) and _same_dims(src[p + 1 :], dst[p + 1 :])):
+        return None
+    if str(dst[p - 1]) != str(src[p - 1] * (src[p] // d)):
+        return None
+    out = _granules(st, lay, d, p - 1 - len(dst), (p - len(dst),))
+    return replace(out, outer=True) if isinstance(out, Layout) else out
+
+
+def _heads_out_of_batch(lay: Layout, src: tuple, dst: tuple, p: int) -> Layout | str:
+    """[B*H, T, D] -> [B, H, T, D]: the heads leave the batch axis again."""
+    for q in range(1, len(dst)):
+        if dst[q] == lay.length and str(dst[q - 1] * dst[q]) == str(src[p]) and _same_dims(src[p + 1 :], dst[q + 1 :]):
+            return replace(lay, axis=q - len(dst), outer=False)
+    return "reshape of heads merged into the batch axis"
 
 
 def _granules(st, lay: Layout, granule: int, axis: int, split: tuple[int, ...]) -> Layout | str:
@@ -379,8 +407,8 @@ def _granules(st, lay: Layout, granule: int, axis: int, split: tuple[int, ...]) 
 
 
 def _feeds_unbind(node: fx.Node, dim: int) -> bool:
-    """True when dim ``dim`` of ``node``'s output is unbound or selected next (through permutes only): a fused
-    projection split into its parts (q, k, v)."""
+    """True when dim ``dim`` of ``node``'s output is unbound or selected next (through permutes, transposes,
+    unsqueezes, squeezes and copies only): a fused projection split into its parts (q, k, v)."""
     while len(node.users) == 1:
         user = next(iter(node.users))
         nd = len(tensor_dims(node))
@@ -389,6 +417,16 @@ def _feeds_unbind(node: fx.Node, dim: int) -> bool:
         elif user.target == aten.transpose.int:
             a, b = user.args[1] % nd, user.args[2] % nd
             dim = b if dim == a else a if dim == b else dim
+        elif user.target == aten.unsqueeze.default:
+            dim += user.args[1] % (nd + 1) <= dim
+        elif user.target in (aten.squeeze.dim, aten.squeeze.dims):
+            gone = user.args[1] if isinstance(user.args[1], (list, tuple)) else [user.args[1]]
+            gone = {g % nd for g in gone if tensor_dims(node)[g % nd] == 1}
+            if dim in gone:
+                return False
+            dim -= sum(g < dim for g in gone)
+        elif user.target in (aten.contiguous.default, aten.clone.default):
+            pass
         else:
             return user.target == aten.unbind.int and (user.args[1] if len(user.args) > 1 else 0) % nd == dim
         node = user
@@ -446,6 +484,11 @@ class Reshape:
             len(src) - 1 if self.kind == "unflatten" else 0
         ):
             size = sizes[pos]
+            if isinstance(size, fx.Node) and out.outer and size.target == operator.mul:
+                factor = [i for i, a in enumerate(size.args) if isinstance(a, int)]
+                if factor and size.args[factor[0]] == out.length:  # batch * heads: the head count follows
+                    st.carrier(out, [], size_args=[(factor[0], None, 1)], node=size)
+                    return out
             if isinstance(size, fx.Node):
                 return st.opaque("reshape with a computed channel size")
             if size != -1:

@@ -126,3 +126,23 @@ def test_permutation_check_catches_a_missed_carrier():
     missed.carriers = [c for c in missed.carriers if c.module != "bn"]  # as if the analysis had not seen it
     group_of(missed, "conv_in")
     assert permutation_error(gm, missed, x) > 1e-2
+
+
+def test_torchvision_vit_multihead_attention_prunes_heads(tmp_path):
+    """nn.MultiheadAttention views [T, B, H*D] as [T, B*H, D]: the heads travel inside the batch axis and back."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero: outputs would all be 0
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(4)]
+    result = grailc.compress(model, calib=batches, ratio=0.5, calib_held_out=1)
+    heads = [g for g in result.report["groups"] if g["kind"] == "heads"]
+    assert len(heads) == 2 and all((g["size"], g["kept"], g["granule"]) == (4, 2, 8) for g in heads)
+    assert result.report["verification"]["permutation_error"] <= 1e-5
+    attention = result.module.get_submodule("encoder.layers.encoder_layer_0.self_attention")
+    assert attention.in_proj_weight.shape == (3 * 16, 32) and attention.out_proj.weight.shape == (32, 16)
+    result.save(tmp_path / "out")
+    assert result.report["onnx"]["relative_diff"] < 1e-3
