@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     torch.set_flush_denormal(True)  # subnormal activations only cost time; flushing them changes no figure
-    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up like Ctrl-C
+    _INTERRUPTS.clear()
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}  # both clean up
     try:
         if args.command == "demo":
             from grailc.demo import run_demo
@@ -109,15 +110,27 @@ def main(argv: list[str] | None = None) -> int:
               "with --debug and report the traceback", file=sys.stderr)
         return 4
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _targets(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+_INTERRUPTS: list[int] = []  # signals received during this run
+
+
 def _terminate(signum, frame):
+    """Ctrl-C and SIGTERM: stop here. The signal is also remembered, so that an interrupt swallowed by some
+    library's cleanup code still stops the compile before anything is written (see ``_stop_if_interrupted``)."""
+    _INTERRUPTS.append(signum)
     raise KeyboardInterrupt
+
+
+def _stop_if_interrupted() -> None:
+    if _INTERRUPTS:
+        raise KeyboardInterrupt
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -244,6 +257,7 @@ def run_compress(args, argv) -> int:
         if sha_before is not None and file_sha256(model_path) != sha_before:
             raise GrailcError(f"the input file {model_path} changed during the compile", fix="rerun on a stable copy")
         table = None if args.quiet else summary(report)  # before the commit: a failure here writes nothing
+        _stop_if_interrupted()
         out = staged.commit()
     if table is not None:
         print(table)
