@@ -98,10 +98,7 @@ class State:
     def layout(self, arg) -> Layout | None:
         """The layout of a tensor argument, split spaces read through their parts."""
         found = self.layouts.get(arg) if isinstance(arg, fx.Node) else None
-        if not isinstance(found, Layout):
-            return None
-        segments = self.spaces.resolve(found.segments)
-        return found if segments == found.segments else replace(found, segments=segments)
+        return self.layout_of(found) if isinstance(found, Layout) else None
 
     def param_chain(self, arg, axis: int) -> tuple[str, int, list[tuple[fx.Node, int]]] | None:
         """A parameter reached from ``arg`` through ops that only add, drop or broadcast size-1 dims (expand,

@@ -20,7 +20,7 @@ channels sit on axis ``a``:
                                                             into [units, granule...] (heads), or move the dims
                                                             before it (window partitions)
 * ``Permute``       permute/transpose/unsqueeze/squeeze     the axes move
-* ``Select``        select/unbind on another dim: moves axes; on the granule axis: one part per granule
+* ``Select``        select/unbind on another dim: moves axes; on a segment axis: one segment each
 * ``Split``         split/chunk on the channel axis         segments (like cat in reverse); elsewhere: tie
 * ``Stack``         stack(tensors, dim)                     tie the inputs; a new dim appears
 * ``Concat``        cat on the channel axis                 segments back to back (offsets); elsewhere: tie
@@ -74,6 +74,33 @@ def _prod(dims) -> int | None:
 def _same_dims(a, b) -> bool:
     """Equal shapes, comparing symbolic sizes by their expression."""
     return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+
+
+def _drop_dims(nd: int, gone) -> dict[int, int | None]:
+    """Where each of ``nd`` dims goes when the dims in ``gone`` disappear (None for those)."""
+    where, k = {}, 0
+    for i in range(nd):
+        where[i] = None if i in gone else k
+        k += i not in gone
+    return where
+
+
+def _first_of(node: fx.Node, lay):
+    """``lay``, or (lay, None, ...) for ops that also return statistics or indices (which carry no channels)."""
+    val = node.meta.get("val")
+    return (lay,) + (None,) * (len(val) - 1) if isinstance(val, (tuple, list)) else lay
+
+
+def _norm_params(node: fx.Node, st, args, what: str) -> list[tuple[str, int]] | str:
+    """The per-channel parameters of a normalisation at ``args`` (dim 0), or why they cannot be sliced."""
+    params = []
+    for i in args:
+        if i < len(node.args) and node.args[i] is not None:
+            target = st.param(node.args[i])
+            if target is None:
+                return f"{what} with computed (non-parameter) weights"
+            params.append((target, 0))
+    return params
 
 
 def _tuple_of(node: fx.Node, lay):
@@ -160,8 +187,7 @@ class Spatial:
             return None
         if any(-a <= self.dims for a in lay.axes()) or lay.inner != 1:
             return st.opaque(f"{node.target} acts on the channel axis")
-        return _tuple_of(node, lay) if not isinstance(node.meta.get("val"), (tuple, list)) else (
-            (lay,) + (None,) * (len(node.meta["val"]) - 1))
+        return _first_of(node, lay)
 
 
 class BatchNorm:
@@ -175,17 +201,11 @@ class BatchNorm:
         ndim = _ndim(st, node.args[0])
         if lay is None or ndim is None or _pos(lay.axis, ndim) != 1 or lay.inner != 1 or lay.granule != 1:
             return st.opaque("batch norm whose channel axis is not the tracked one")
-        params = []
-        for i in self.param_args:
-            if i < len(node.args) and node.args[i] is not None:
-                target = st.param(node.args[i])
-                if target is None:
-                    return st.opaque("batch norm with computed (non-parameter) statistics")
-                params.append((target, 0))
+        params = _norm_params(node, st, self.param_args, "batch norm")
+        if isinstance(params, str):
+            return st.opaque(params)
         st.carrier(lay, params)
-        if isinstance(node.meta.get("val"), (tuple, list)):
-            return (lay,) + (None,) * (len(node.meta["val"]) - 1)
-        return lay
+        return _first_of(node, lay)
 
 
 class LayerNorm:
@@ -196,16 +216,12 @@ class LayerNorm:
         shape = node.args[1]
         if lay is None or lay.axis != -1 or lay.inner != 1 or lay.granule != 1 or len(shape) != 1:
             return st.opaque("layer norm over more than the channel axis")
-        params = []
-        for i in (2, 3):
-            if i < len(node.args) and node.args[i] is not None:
-                target = st.param(node.args[i])
-                if target is None:
-                    return st.opaque("layer norm with computed (non-parameter) weights")
-                params.append((target, 0))
+        params = _norm_params(node, st, (2, 3), "layer norm")
+        if isinstance(params, str):
+            return st.opaque(params)
         st.lossy(lay, "layer_norm normalises over the channels")
         st.carrier(lay, params, size_args=[(1, 0, 1)], lossy=True)
-        return _tuple_of(node, lay) if not isinstance(node.meta.get("val"), (tuple, list)) else (lay, None, None)
+        return _first_of(node, lay)
 
 
 class GroupNorm:
@@ -220,13 +236,9 @@ class GroupNorm:
         for seg, off in zip(lay.segments, lay.offsets()):
             if seg.size % per or off % per or not st.spaces.coarsen(seg.space, _unit_factor(st, seg.space, per)):
                 return st.opaque(f"group norm blocks of {per} channels cross the tracked channels")
-        params = []
-        for i in (2, 3):
-            if i < len(node.args) and node.args[i] is not None:
-                target = st.param(node.args[i])
-                if target is None:
-                    return st.opaque("group norm with computed (non-parameter) weights")
-                params.append((target, 0))
+        params = _norm_params(node, st, (2, 3), "group norm")
+        if isinstance(params, str):
+            return st.opaque(params)
         st.carrier(lay, params, size_args=[(1, None, per)])
         return lay
 
@@ -532,11 +544,7 @@ class Permute:
         dims = node.args[1] if len(node.args) > 1 else None
         dims = list(range(nd)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
         gone = {_dim(d, nd) for d in dims if src[_dim(d, nd)] == 1}
-        where, k = {}, 0
-        for i in range(nd):
-            where[i] = None if i in gone else k
-            k += i not in gone
-        return where if k == len(dst) else None
+        return _drop_dims(nd, gone) if nd - len(gone) == len(dst) else None
 
 
 class Expand:
@@ -569,8 +577,8 @@ class Repeat:
 
 
 class Select:
-    """select(x, dim, i) / unbind(x, dim): another dim goes away; on the granule axis each granule becomes a part
-    of the space (a fused qkv projection: q, k and v)."""
+    """select(x, dim, i) / unbind(x, dim): another dim goes away; on a segment axis each output gets its segment
+    (q, k and v of a fused projection). Selecting on the channel axis itself pins."""
 
     def __init__(self, unbind: bool = False):
         self.unbind = unbind
@@ -583,45 +591,14 @@ class Select:
         nd = len(src)
         d = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
         count = src[d] if self.unbind else 1
-        where = {i: (i if i < d else i - 1) for i in range(nd)}
-        where[d] = None
+        where = _drop_dims(nd, {d})
         if lay.seg_axis is not None and d == _pos(lay.seg_axis, nd):
             picked = [replace(lay, segments=(s,), seg_axis=None).remap(nd, nd - 1, where) for s in lay.segments]
             return tuple(picked) if self.unbind else picked[node.args[2] % len(picked)]
-        if d == _pos(lay.axis, nd):
-            parts = self.parts(st, lay, src)
-            if isinstance(parts, str):
-                return st.opaque(parts)
-            if self.unbind:
-                return tuple(parts)
-            return parts[node.args[2] % len(parts)]
         out = lay.remap(nd, nd - 1, where)
         if out is None:
             return st.opaque(f"{node.target} removes a channel axis")
         return tuple([out] * count) if self.unbind else out
-
-    @staticmethod
-    def parts(st, lay: Layout, src) -> list[Layout] | str:
-        """One layout per granule: its channels over the within-granule axes."""
-        nd = len(src)
-        if lay.granule == 1 or not lay.split or lay.inner != 1 or len(lay.segments) != 1:
-            return "selecting single channels"
-        seg = lay.segments[0]
-        ids = st.spaces.split(seg.space, [lay.granule] * lay.length)
-        if ids is None:
-            return "selecting granules of channels that are tied elsewhere"
-        where = {i: (i if i < _pos(lay.axis, nd) else i - 1) for i in range(nd)}
-        split = [where[_pos(a, nd)] - (nd - 1) for a in lay.split]
-        out = []
-        for sid in ids:
-            if len(split) == 1:
-                out.append(Layout(split[0], (Segment(sid, lay.granule),)))
-            else:
-                inner_granule = _prod(src[_pos(a, nd)] for a in lay.split[1:])
-                if not st.spaces.coarsen(sid, inner_granule):
-                    return "granules that do not divide"
-                out.append(Layout(split[0], (Segment(sid, lay.granule),), 1, inner_granule, tuple(split[1:])))
-        return out
 
 
 class Slice:
@@ -716,9 +693,9 @@ class Concat:
             if lay is not None:
                 continue
             shape = st.shape(t)
-            found = st.param_chain(t, out.axis)
             if shape[out.axis] == 1:
                 continue
+            found = st.param_chain(t, out.axis)
             if found and out.inner == 1 and shape[out.axis] == out.length:
                 params.append(found[:2])
                 _carry_chain(st, out, found)
@@ -765,12 +742,7 @@ class Reduce:
         kept = replace(lay, split=tuple(a for a in lay.split if _pos(a, ndim) not in dims))
         if keepdim:
             return kept
-        where = {}
-        k = 0
-        for i in range(ndim):
-            where[i] = None if i in dims else k
-            k += i not in dims
-        return kept.remap(ndim, k, where)
+        return kept.remap(ndim, ndim - len(dims), _drop_dims(ndim, dims))
 
 
 class Roll:

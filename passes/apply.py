@@ -35,8 +35,7 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
             if fold is not None and fold.B is not None:
                 maps.append(fold.B)
             else:
-                single = type(consumer.layout)(consumer.layout.axis, (seg,), 1, consumer.layout.granule)
-                maps.append(layout_index(single, units_of))
+                maps.append(layout_index(replace(consumer.layout, segments=(seg,), inner=1), units_of))
         w = get_param(gm, consumer.weight)
         set_param(gm, consumer.weight, merge_columns(w, consumer.layout, maps, consumer.dim))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grailc.errors import GrailcError
+from grailc.models import load_checkpoint
 
 CHECKPOINT = Path(__file__).parent.parent / "data" / "fashion_resnet.safetensors"
 
@@ -68,14 +68,4 @@ class FashionResNet(nn.Module):
 
 def load_pretrained() -> FashionResNet:
     """The FashionResNet trained by ``examples/train_fashion_mnist.py``, in eval mode."""
-    from safetensors.torch import load_file
-
-    if not CHECKPOINT.is_file():
-        raise GrailcError(
-            "the Fashion-MNIST checkpoint is missing",
-            where=str(CHECKPOINT),
-            fix="run `python examples/train_fashion_mnist.py`",
-        )
-    model = FashionResNet()
-    model.load_state_dict(load_file(CHECKPOINT))
-    return model.eval()
+    return load_checkpoint(FashionResNet(), CHECKPOINT, "Fashion-MNIST", "examples/train_fashion_mnist.py")

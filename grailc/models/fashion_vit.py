@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grailc.errors import GrailcError
+from grailc.models import load_checkpoint
 
 CHECKPOINT = Path(__file__).parent.parent / "data" / "fashion_vit.safetensors"
 
@@ -117,14 +117,4 @@ class FashionViT(nn.Module):
 
 def load_fashion_vit() -> FashionViT:
     """The FashionViT trained by ``examples/train_fashion_vit.py``, in eval mode."""
-    from safetensors.torch import load_file
-
-    if not CHECKPOINT.is_file():
-        raise GrailcError(
-            "the Fashion-MNIST ViT checkpoint is missing",
-            where=str(CHECKPOINT),
-            fix="run `python examples/train_fashion_vit.py`",
-        )
-    model = FashionViT()
-    model.load_state_dict(load_file(CHECKPOINT))
-    return model.eval()
+    return load_checkpoint(FashionViT(), CHECKPOINT, "Fashion-MNIST ViT", "examples/train_fashion_vit.py")
