@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_flush_denormal(True)  # subnormal activations only cost time; flushing them changes no figure
     _INTERRUPTS.clear()
+    _WRITTEN.clear()
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}  # both clean up
     try:
         if args.command == "demo":
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_groups(args)
         return run_compress(args, argv)
     except KeyboardInterrupt:
-        print("grailc: interrupted; nothing was written", file=sys.stderr)
+        print(f"grailc: interrupted; {_what_was_written()}", file=sys.stderr)
         return 130
     except GrailcError as e:
         if getattr(args, "debug", False):
@@ -103,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         if _is_out_of_memory(e):
-            print(f"grailc: error: out of memory ({_first_line(e)}): nothing was written; lower --input-shape, "
+            print(f"grailc: error: out of memory ({_first_line(e)}): {_what_was_written()}; lower --input-shape, "
                   "--batch-size or --calib-batches, or free memory", file=sys.stderr)
             return 2
-        print(f"grailc: error: internal error (a bug in grailc): {_first_line(e)}: nothing was written; rerun "
+        print(f"grailc: error: internal error (a bug in grailc): {_first_line(e)}: {_what_was_written()}; rerun "
               "with --debug and report the traceback", file=sys.stderr)
         return 4
     finally:
@@ -119,6 +120,12 @@ def _targets(text: str) -> list[str]:
 
 
 _INTERRUPTS: list[int] = []  # signals received during this run
+_WRITTEN: list[Path] = []  # output folders committed during this run
+
+
+def _what_was_written() -> str:
+    """The truth about the outputs when a run fails: none, or the folder committed before the failure."""
+    return f"the outputs in {_WRITTEN[0]} were written before it" if _WRITTEN else "nothing was written"
 
 
 def _terminate(signum, frame):
@@ -259,6 +266,7 @@ def run_compress(args, argv) -> int:
         table = None if args.quiet else summary(report)  # before the commit: a failure here writes nothing
         _stop_if_interrupted()
         out = staged.commit()
+        _WRITTEN.append(out)
     if table is not None:
         print(table)
         written = ", ".join(sorted(p.name for p in out.iterdir()))

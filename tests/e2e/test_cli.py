@@ -116,3 +116,26 @@ def test_every_selector_and_compensator_prints_its_summary(selector, compensate,
     report = json.loads((out / "report.json").read_text())
     mlp = next(g for g in report["groups"] if g["kind"] == "linear" and g["kept"] < g["size"])
     assert mlp["kept"] % 8 == 0
+
+
+def test_a_failure_after_the_outputs_exist_says_so(tmp_path, capsys, monkeypatch):
+    """An error after the output folder is committed must not claim that nothing was written."""
+    from grailc.models.fashion_vit import FashionViT
+
+    model_path = tmp_path / "vit.pt2"
+    torch.export.save(torch.export.export(FashionViT(depth=1).eval(), (torch.randn(2, 1, 28, 28),)), str(model_path))
+    out = tmp_path / "out"
+    listing = Path.iterdir
+
+    def broken_listing(self):
+        if self == out:
+            raise RuntimeError("listing failed")
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", broken_listing)
+    code = main(["compress", str(model_path), "--calib", "random", "--calib-batches", "3", "--batch-size", "4",
+                 "--held-out", "1", "--ratio", "0.5", "--no-onnx", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 4
+    assert f"the outputs in {out} were written before it" in err and "nothing was written" not in err
+    assert (out / "report.json").is_file()
