@@ -29,7 +29,7 @@ def ort_ms(module, example, x, repeats: int) -> float:
         save_onnx(export(module, example), example, path)
         session = ort.InferenceSession(str(path), providers=ort_providers())
         name = session.get_inputs()[0].name
-        return latency_ms(lambda feed: session.run(None, feed), {name: x.numpy()}, repeats)
+        return latency_ms(session.run, (None, {name: x.numpy()}), repeats)
 
 
 def main() -> None:
@@ -53,8 +53,8 @@ def main() -> None:
             for batch in args.batch:
                 x = torch.randn(batch, 3, args.side, args.side)
                 with torch.no_grad():
-                    td = latency_ms(result.reference, x, args.repeats)
-                    tc = latency_ms(result.module, x, args.repeats)
+                    td = latency_ms(result.reference, (x,), args.repeats)
+                    tc = latency_ms(result.module, (x,), args.repeats)
                 od = ort_ms(result.reference, result.example, x, args.repeats)
                 oc = ort_ms(result.module, result.example, x, args.repeats)
                 print(f"{name:14} {ratio:>5.2f} {batch:>5} {td:>12.2f} {tc:>11.2f} {tc / td:>5.2f} {od:>10.2f} "

@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from grailc.passes.calibrate import batches_for
 from grailc.passmanager import run_pipeline
 from grailc.recipe import CalibSpec, ExportSpec, Recipe
 from grailc.report import group_records, summary, versions
-from grailc.trace import capture, model_dtype, static_batch
+from grailc.trace import Inputs, capture, check_input_count, input_names, model_dtype, static_batch
 
 
 @dataclasses.dataclass
@@ -35,8 +35,8 @@ class Result:
     module: fx.GraphModule
     report: dict
     reference: fx.GraphModule
-    example: torch.Tensor
-    held_out: list[torch.Tensor]
+    example: Inputs  # one tensor per model input
+    held_out: list[Inputs]
     recipe: Recipe
     _program: torch.export.ExportedProgram | None = None
 
@@ -80,14 +80,16 @@ class Result:
                     fix="check that the output folder is writable and the disk has space",
                 ) from e
             self.report["pt2"] = {"path": "model.pt2", "load_with": "torch.export.load(path).module()"}
-        skip_onnx = onnx and ONNX_UNSUPPORTED.get(self.example.dtype)
+        dtype = next((t.dtype for t in self.example if t.is_floating_point()), self.example[0].dtype)
+        skip_onnx = onnx and next((ONNX_UNSUPPORTED[t.dtype] for t in self.example if t.dtype in ONNX_UNSUPPORTED),
+                                  None)
         if skip_onnx:
             self.report["onnx"] = {"skipped": skip_onnx}
             onnx = False
         if onnx:
             parity = self.export_onnx(staged.path("model.onnx"))
             parity["path"] = "model.onnx"
-            parity["tolerance"] = tol = parity_tolerance(self.recipe.export.parity_tol, self.example.dtype)
+            parity["tolerance"] = tol = parity_tolerance(self.recipe.export.parity_tol, dtype)
             self.report["onnx"] = parity
         self.report["timings"]["export"] = round(time.perf_counter() - start, 4)
         if onnx and not parity["relative_diff"] <= tol:
@@ -123,25 +125,58 @@ def make_recipe(recipe: Recipe | None = None, **overrides) -> Recipe:
     return recipe.validate()
 
 
-def _as_batches(calib) -> list[torch.Tensor]:
-    if isinstance(calib, torch.Tensor):
-        return [calib]
-    batches = []
-    for item in calib:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, torch.Tensor):
-            raise CalibrationError(f"calibration batches must be tensors, got {type(x).__name__}")
-        batches.append(x)
-    if not batches:
+def _as_batches(calib, names: list[str]) -> list[Inputs]:
+    """Calibration batches as tuples with one tensor per model input (``names``). A batch may be a tensor (one
+    input), a tuple or list (one tensor per input, in order; for a one-input model ``(input, label, ...)``, whose
+    extras are ignored) or a dict keyed by the input names."""
+    items = [calib] if isinstance(calib, (torch.Tensor, Mapping)) else list(calib)
+    if not items:
         raise CalibrationError("no calibration batches were given")
-    return batches
+    return [_as_inputs(item, names, f"calibration batch {i}") for i, item in enumerate(items)]
 
 
-def _check_finite_batches(batches: list[torch.Tensor], dtype: torch.dtype) -> None:
+def _as_inputs(item, names: list[str], what: str) -> Inputs:
+    listed = f"{len(names)} input(s) ({', '.join(names)})"
+    if isinstance(item, Mapping):
+        if sorted(map(str, item)) != sorted(names):
+            raise CalibrationError(f"{what} has keys ({', '.join(map(str, item))}) but the model's inputs are "
+                                   f"({', '.join(names)})", fix="key each batch by the model's input names")
+        item = tuple(item[n] for n in names)
+    elif isinstance(item, torch.Tensor):
+        item = (item,)
+    elif isinstance(item, (tuple, list)):
+        item = tuple(item[:1]) if len(names) == 1 else tuple(item)  # one input: (input, label), label ignored
+    if not isinstance(item, tuple) or len(item) != len(names):
+        held = f"{len(item)} tensor(s)" if isinstance(item, tuple) else f"a {type(item).__name__}"
+        raise CalibrationError(f"{what} holds {held} but the model takes {listed}",
+                               fix="give each batch as a tuple with one tensor per model input, in order")
+    for name, t in zip(names, item):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            got = "a tensor without a batch dimension" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise CalibrationError(f"{what}: input {name} is {got}", fix="give a tensor, batch dimension first")
+    if len({t.shape[0] for t in item}) > 1:
+        sizes = ", ".join(f"{n} {t.shape[0]}" for n, t in zip(names, item))
+        raise CalibrationError(f"{what}: the inputs have different batch sizes ({sizes})",
+                               fix="give every input of a batch the same number of samples")
+    return item
+
+
+def _input_shapes(input_shape, first: Inputs) -> list[tuple[int, ...]]:
+    """One shape per input: the recipe's (one shape, or a list of shapes), else the first batch's."""
+    if input_shape is None:
+        return [(1, *t.shape[1:]) for t in first]
+    if all(isinstance(d, int) for d in input_shape):
+        return [tuple(input_shape)]
+    return [tuple(s) for s in input_shape]
+
+
+def _check_finite_batches(batches: list[Inputs], names: list[str], dtype: torch.dtype) -> None:
     fix = "clean or regenerate the inputs" + (
         "; values beyond the range of the model's dtype overflow to Inf" if dtype.itemsize < 4 else "")
-    for i, b in enumerate(batches):
-        check_finite(b, f"calibration batch {i} (as {dtype})", fix=fix)
+    for i, batch in enumerate(batches):
+        for name, t in zip(names, batch):
+            which = f", input {name}" if len(names) > 1 else ""
+            check_finite(t, f"calibration batch {i}{which} (as {t.dtype})", fix=fix)
 
 
 def _record_groups(ctx: Context) -> None:
@@ -160,39 +195,49 @@ def compress(
     recipe: Recipe | None = None,
     data_free: bool = False,
     progress: bool = False,
+    measure_latency: bool = True,
     **overrides,
 ) -> Result:
     """Compress ``model`` (an nn.Module or ExportedProgram) and verify the result; see :class:`Recipe` for options.
 
-    ``calib`` yields input batches (or (input, label) pairs; labels are ignored). The last ``calib_held_out``
-    batches are not used to fit: they measure the output error.
+    ``calib`` yields input batches: a tensor per batch for a one-input model (or (input, label) pairs; labels are
+    ignored), a tuple of tensors (one per input, in order) or a dict keyed by the input names for a model with
+    several. ``input_shape`` is one shape, or a list with one per input. The last ``calib_held_out`` batches are
+    not used to fit: they measure the output error. ``measure_latency=False`` skips the PyTorch latency figures
+    (a layer-by-layer caller times the whole model instead).
     """
-    recipe = make_recipe(recipe, input_shape=list(input_shape) if input_shape else None, **overrides)
+    if input_shape:  # the recipe holds one shape, or a list of shapes for a model with several inputs
+        shapes = [list(s) for s in input_shape] if isinstance(input_shape[0], (tuple, list)) else [list(input_shape)]
+        input_shape = shapes[0] if len(shapes) == 1 else shapes
+    recipe = make_recipe(recipe, input_shape=input_shape or None, **overrides)
     if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
         raise RecipeError(
             f"the model must be a torch.nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}"
         )
     dtype = model_dtype(model)
-    batches = _as_batches(calib)
+    names = input_names(model)
+    batches = _as_batches(calib, names)
+    shapes = _input_shapes(recipe.input_shape, batches[0])
+    check_input_count(names, shapes)
     if recipe.input_shape is None:
-        recipe.input_shape = [1, *batches[0].shape[1:]]
-    shape = tuple(recipe.input_shape)
-    for i, b in enumerate(batches):
-        if tuple(b.shape[1:]) != shape[1:]:
-            raise CalibrationError(
-                f"calibration batch {i} has shape {list(b.shape)} but the input shape is {list(shape)}",
-                fix="make --input-shape match the calibration data",
-            )
-    # a half-precision model gets half-precision inputs; integer inputs (token ids) stay as they are
-    batches = [b.detach().to(dtype) if b.is_floating_point() else b.detach() for b in batches]
-    _check_finite_batches(batches, dtype)
+        recipe.input_shape = list(shapes[0]) if len(shapes) == 1 else [list(s) for s in shapes]
+    for i, batch in enumerate(batches):
+        for name, t, shape in zip(names, batch, shapes):
+            if tuple(t.shape[1:]) != shape[1:]:
+                which = f" input {name}" if len(names) > 1 else ""
+                raise CalibrationError(
+                    f"calibration batch {i}{which} has shape {list(t.shape)} but the input shape is {list(shape)}",
+                    fix="make --input-shape match the calibration data",
+                )
+    # a half-precision model gets half-precision inputs; integer inputs (token ids, masks) stay as they are
+    batches = [tuple(t.detach().to(dtype) if t.is_floating_point() else t.detach() for t in b) for b in batches]
+    _check_finite_batches(batches, names, dtype)
     held = recipe.calib.held_out if len(batches) > recipe.calib.held_out else 0
     fit, held_out = (batches[:-held], batches[-held:]) if held else (batches, [])
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    ids = None if batches[0].is_floating_point() else batches[0][: max(2, shape[0])]
-    gm, example = capture(model, shape, example=ids)
+    gm, example = capture(model, shapes, data=batches[0])
     timings["trace"] = round(time.perf_counter() - start, 4)
     if static_batch(gm) is not None:  # a graph fixed to one batch size is fed batches of that size
         fit = batches_for(gm, fit)
@@ -216,11 +261,12 @@ def compress(
     report["params_after"] = count_params(ctx.gm)
     report["macs_after"] = count_macs(ctx.gm, example)
     x = (held_out or [example])[0]
-    report["latency_ms"] = {
-        "batch": int(x.shape[0]),
-        "before": latency_ms(reference, x),
-        "after": latency_ms(ctx.gm, x),
-    }
+    if measure_latency:
+        report["latency_ms"] = {
+            "batch": int(x[0].shape[0]),
+            "before": latency_ms(reference, x),
+            "after": latency_ms(ctx.gm, x),
+        }
     report["solver_fallbacks"] = sum(f.fallback is not None for f in ctx.folds.values())
     report["compensation_refused"] = sum(f.refused for f in ctx.folds.values())
     report["versions"] = versions()

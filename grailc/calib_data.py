@@ -7,7 +7,12 @@
   ``mean``/``std`` (or the ImageNet constants when ``C == 3`` and none are given; with ``C != 3`` and none
   given, values stay in ``[0, 1]``).
 * A ``.npy`` / ``.pt`` / ``.pth`` file holding one tensor ``[N, *input_shape[1:]]``: taken as already
-  preprocessed, so it is only cast to float32, never normalised.
+  preprocessed, so floating data is only cast to float32, never normalised; integer data (token ids, masks) keeps
+  its type. A ``.pt`` / ``.pth`` file may also hold a tuple, list or dict of tensors, one per model input (a
+  dict keyed by the input names), all with the same ``N``.
+
+A model with several inputs gets one input shape per input and batches that are tuples, one tensor per input;
+only random data and tensor files can feed several inputs.
 """
 
 from __future__ import annotations
@@ -29,15 +34,17 @@ TENSOR_SUFFIXES = (".npy", ".pt", ".pth")
 CROP_FRACTION = 0.875
 ACCEPTED_FORMS = (
     "pass 'random', a folder of images (" + ", ".join(s.lstrip(".") for s in IMAGE_SUFFIXES) + "), "
-    "or a .npy / .pt / .pth file holding one tensor [N, *input_shape[1:]]"
+    "or a .npy / .pt / .pth file holding one tensor [N, *input_shape[1:]] (a .pt / .pth file: or a tuple, list or "
+    "dict of them, one per model input)"
 )
 
 
 @dataclass
 class CalibrationData:
-    """Calibration batches (float32, each ``[b, *input_shape[1:]]``, the last possibly smaller)."""
+    """Calibration batches (each ``[b, *input_shape[1:]]``, the last possibly smaller; floating data as float32):
+    tensors for a model with one input, tuples with one tensor per input for a model with several."""
 
-    batches: list[torch.Tensor]
+    batches: list[torch.Tensor] | list[tuple[torch.Tensor, ...]]
     source: str
     data_free: bool
 
@@ -52,28 +59,38 @@ def load_calibration(
     std=None,
     normalize: bool = True,
     seed: int = 0,
+    names: list[str] | None = None,
 ) -> CalibrationData:
-    """Up to ``num_batches * batch_size`` calibration samples from ``source`` (see the module docstring)."""
-    input_shape = _check_sizes(input_shape, num_batches, batch_size)
+    """Up to ``num_batches * batch_size`` calibration samples from ``source`` (see the module docstring).
+
+    ``input_shape`` is one shape, or a list of shapes for a model with several inputs, named by ``names`` (which
+    also orders the tensors of a dict file)."""
+    shapes = _check_sizes(input_shape, num_batches, batch_size)
     source = str(source)
     limit = num_batches * batch_size
 
     if source == "random":
         generator = torch.Generator().manual_seed(int(seed))
         batches = [
-            torch.randn((batch_size, *input_shape[1:]), generator=generator, dtype=torch.float32)
+            tuple(torch.randn((batch_size, *shape[1:]), generator=generator, dtype=torch.float32) for shape in shapes)
             for _ in range(num_batches)
         ]
-        return CalibrationData(batches=batches, source="random (data-free)", data_free=True)
+        return CalibrationData(batches=_per_model(batches), source="random (data-free)", data_free=True)
 
     path = Path(source)
     if not path.exists():
         raise CalibrationError("calibration source not found", where=source, fix=ACCEPTED_FORMS)
     if path.is_dir():
-        samples, description = _load_image_folder(path, input_shape, limit, mean, std, normalize)
+        if len(shapes) > 1:
+            raise CalibrationError(
+                f"an image folder gives one input, but the model takes {len(shapes)}", where=source,
+                fix="pass a .pt file holding a tuple or dict of tensors, one per model input",
+            )
+        samples, description = _load_image_folder(path, shapes[0], limit, mean, std, normalize)
+        inputs = [samples]
     elif path.suffix.lower() in TENSOR_SUFFIXES:
-        samples = _load_tensor_file(path, input_shape, limit)
-        description = f"tensor: {path} ({samples.shape[0]} samples)"
+        inputs = _load_tensor_file(path, shapes, limit, names)
+        description = f"tensor: {path} ({inputs[0].shape[0]} samples)"
     else:
         raise CalibrationError(
             f"unsupported calibration file type {path.suffix or '(no suffix)'!r}",
@@ -81,27 +98,42 @@ def load_calibration(
             fix=ACCEPTED_FORMS,
         )
 
-    check_finite(samples, "calibration data (as float32)", where=source)
-    batches = [chunk.contiguous() for chunk in torch.split(samples, batch_size)]
-    return CalibrationData(batches=batches, source=description, data_free=False)
+    for i, samples in enumerate(inputs):
+        what = f"calibration input {_label(names, i)}" if len(inputs) > 1 else "calibration data"
+        check_finite(samples, f"{what} (as {str(samples.dtype).removeprefix('torch.')})", where=source)
+    columns = [torch.split(samples, batch_size) for samples in inputs]
+    batches = [tuple(chunk.contiguous() for chunk in chunks) for chunks in zip(*columns)]
+    return CalibrationData(batches=_per_model(batches), source=description, data_free=False)
 
 
-def _check_sizes(input_shape, num_batches, batch_size) -> tuple[int, ...]:
+def _per_model(batches: list[tuple[torch.Tensor, ...]]) -> list:
+    """Batches as :func:`grailc.compress` takes them: a tensor each for one input, a tuple each for several."""
+    return [b[0] for b in batches] if batches and len(batches[0]) == 1 else batches
+
+
+def _label(names: list[str] | None, i: int) -> str:
+    return names[i] if names and i < len(names) else str(i)
+
+
+def _check_sizes(input_shape, num_batches, batch_size) -> list[tuple[int, ...]]:
     for name, value in (("num_batches", num_batches), ("batch_size", batch_size)):
         if not _is_int(value) or value < 1:
             raise CalibrationError(
                 f"{name} must be a positive integer, got {value!r}", fix=f"set {name} to 1 or more"
             )
     try:
-        shape = tuple(input_shape)
+        items = list(input_shape)
     except TypeError:
-        shape = None
-    if not shape or not all(_is_int(d) and d > 0 for d in shape):
+        items = []
+    several = bool(items) and all(isinstance(s, (tuple, list)) for s in items)
+    shapes = [tuple(s) for s in items] if several else [tuple(items)]
+    if not all(shape and all(_is_int(d) and d > 0 for d in shape) for shape in shapes):
         raise CalibrationError(
-            f"input shape must be positive integers like (1, 3, 224, 224), got {input_shape!r}",
+            f"input shape must be positive integers like (1, 3, 224, 224), or a list of such shapes (one per model "
+            f"input), got {input_shape!r}",
             fix="give the model's input shape, batch dimension first",
         )
-    return tuple(int(d) for d in shape)
+    return [tuple(int(d) for d in shape) for shape in shapes]
 
 
 def _is_int(value) -> bool:
@@ -233,13 +265,38 @@ def _resize_and_center_crop(image, height: int, width: int):
     return image.crop((left, top, left + width, top + height))
 
 
-def tensor_file_sample_shape(path) -> list[int]:
-    """The shape of one sample of a tensor file (all dims but the first), without reading the data."""
-    return [int(d) for d in _read_tensor_file(Path(path)).shape[1:]]
+def tensor_file_sample_shapes(path, names: list[str] | None = None) -> list[list[int]]:
+    """The shape of one sample (all dims but the first) of each input a tensor file holds, without reading the
+    data."""
+    return [[int(d) for d in raw.shape[1:]] for raw in _tensors_in_file(Path(path), names)]
+
+
+def _tensors_in_file(path: Path, names: list[str] | None) -> list:
+    """The tensors of a tensor file, one per model input (a dict's in the order of ``names`` when its keys are
+    those names); a count that differs from ``names`` is refused."""
+    where, raw = str(path), _read_tensor_file(path)
+    if isinstance(raw, dict):
+        if names and set(map(str, raw)) == set(names):
+            raw = [raw[name] for name in names]
+        elif names and len(names) > 1:
+            raise CalibrationError(
+                f"calibration file holds a dict with keys ({', '.join(map(str, raw))}), but the model's inputs are "
+                f"({', '.join(names)})",
+                where=where, fix="key the tensors by the model's input names",
+            )
+    entries = list(raw.values()) if isinstance(raw, dict) else list(raw) if isinstance(raw, (tuple, list)) else [raw]
+    if names and len(entries) != len(names):
+        raise CalibrationError(
+            f"calibration file holds {len(entries)} tensor(s), but the model takes {len(names)} input(s) "
+            f"({', '.join(names)})",
+            where=where, fix="save one tensor per model input, in order: torch.save((x, mask), FILE)",
+        )
+    return entries
 
 
 def _read_tensor_file(path: Path):
-    """A .npy (memory-mapped, no pickles) or a .pt holding a single tensor; clear errors otherwise."""
+    """A .npy (memory-mapped, no pickles) holding one array, or a .pt holding a tensor or a tuple, list or dict of
+    tensors (weights-only loading); clear errors otherwise."""
     where = str(path)
     fix = "re-save the inputs with numpy.save or torch.save(tensor, FILE)"
     try:
@@ -253,11 +310,15 @@ def _read_tensor_file(path: Path):
                 )
         else:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
-            if not isinstance(raw, torch.Tensor):
+            values = raw.values() if isinstance(raw, dict) else raw if isinstance(raw, (tuple, list)) else [raw]
+            bad = next((v for v in values if not isinstance(v, torch.Tensor)), None) if values else raw
+            if bad is not None:
+                inside = "" if bad is raw else f" {type(raw).__name__} of"
                 raise CalibrationError(
-                    f"calibration file holds a {type(raw).__name__}, expected a single tensor",
+                    f"calibration file holds a{inside} {type(bad).__name__}, expected a tensor, or a tuple, list "
+                    "or dict of tensors (one per model input)",
                     where=where,
-                    fix="save one tensor with torch.save(tensor, FILE)",
+                    fix="save the inputs with torch.save(tensor, FILE), or torch.save((x, mask), FILE)",
                 )
     except CalibrationError:
         raise
@@ -277,28 +338,51 @@ def _read_tensor_file(path: Path):
     return raw
 
 
-def _load_tensor_file(path: Path, input_shape, limit: int) -> torch.Tensor:
-    """The first ``limit`` samples of a tensor file, shape-checked; a .npy is memory-mapped."""
+def _load_tensor_file(path: Path, shapes, limit: int, names: list[str] | None = None) -> list[torch.Tensor]:
+    """The first ``limit`` samples of each input a tensor file holds, shape-checked; a .npy is memory-mapped."""
     where = str(path)
+    entries = _tensors_in_file(path, names)
+    if len(entries) != len(shapes):
+        raise CalibrationError(
+            f"calibration file holds {len(entries)} tensor(s), but {len(shapes)} input shape(s) were given",
+            where=where, fix="give one input shape per model input, in the order the file holds them",
+        )
+    inputs = [_load_input(raw, shape, limit, where, _label(names, i) if len(shapes) > 1 else None)
+              for i, (raw, shape) in enumerate(zip(entries, shapes))]
+    if len({int(raw.shape[0]) for raw in entries}) > 1:
+        sizes = ", ".join(f"{_label(names, i)} {int(raw.shape[0])}" for i, raw in enumerate(entries))
+        raise CalibrationError(
+            f"calibration file holds different numbers of samples per input ({sizes})",
+            where=where, fix="save the same number of samples N for every input",
+        )
+    return inputs
+
+
+def _load_input(raw, input_shape, limit: int, where: str, name: str | None) -> torch.Tensor:
+    """One input's first ``limit`` samples: floating data as float32, integer data (token ids, masks) as is."""
     fix = "re-save the inputs with numpy.save or torch.save(tensor, FILE)"
-    raw = _read_tensor_file(path)
+    what = f"calibration tensor for input {name}" if name else "calibration tensor"
     shape = tuple(raw.shape)
     expected = "[" + ", ".join(["N", *(str(d) for d in input_shape[1:])]) + "]"
     if len(shape) != len(input_shape) or shape[1:] != tuple(input_shape[1:]):
         raise CalibrationError(
-            f"calibration tensor has shape {list(shape)}, expected {expected} (input {list(input_shape)})",
+            f"{what} has shape {list(shape)}, expected {expected} (input {list(input_shape)})",
             where=where,
             fix="save the inputs preprocessed, batch dimension first, in the model's layout",
         )
     if shape[0] == 0:
-        raise CalibrationError("calibration tensor holds no samples (N = 0)", where=where, fix=fix)
+        raise CalibrationError(f"{what} holds no samples (N = 0)", where=where, fix=fix)
     is_complex = np.iscomplexobj(raw) if isinstance(raw, np.ndarray) else raw.is_complex()
     if is_complex:
-        raise CalibrationError("calibration tensor holds complex numbers", where=where, fix=fix)
+        raise CalibrationError(f"{what} holds complex numbers", where=where, fix=fix)
     try:
         if isinstance(raw, np.ndarray):
+            if not np.issubdtype(raw.dtype, np.floating):
+                return torch.from_numpy(np.array(raw[:limit]))
             with np.errstate(over="ignore", invalid="ignore"):
                 return torch.from_numpy(np.array(raw[:limit], dtype=np.float32))
+        if not raw.is_floating_point():
+            return raw[:limit].detach().contiguous()
         return raw[:limit].detach().to(torch.float32).contiguous()
     except Exception as e:
         raise CalibrationError(

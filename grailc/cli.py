@@ -28,11 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model", epilog=EPILOG)
     c.add_argument("model", help="a .pt2 file, a torch.save'd module (needs --trust-pickle), "
-                   "torchvision:NAME or timm:NAME")
+                   "torchvision:NAME, timm:NAME, or hf:FOLDER (a Hugging Face decoder LM, compressed layer by layer)")
     c.add_argument("--weights", help="state dict (.safetensors/.pth) for torchvision:NAME / timm:NAME")
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a full module (this runs code from the file: only for files you trust)")
-    c.add_argument("--input-shape", help="e.g. 1,3,224,224 (read from a .pt2 or a tensor file when omitted)")
+    c.add_argument("--input-shape", action="append",
+                   help="e.g. 1,3,224,224; repeated, one per input in order, for a model with several (read from a "
+                   ".pt2 or a tensor file when omitted)")
     c.add_argument("--calib", help="a folder of images, a .npy/.pt tensor file, or 'random' (data-free)")
     c.add_argument("--calib-batches", type=int, help="number of calibration batches (default 8)")
     c.add_argument("--batch-size", type=int, help="calibration batch size (default 16)")
@@ -41,19 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mean", type=float, nargs="+", help="per-channel mean for images")
     c.add_argument("--std", type=float, nargs="+", help="per-channel std for images")
     c.add_argument("--ratio", type=float, help="fraction of channels removed in every prunable group (default 0.5)")
-    c.add_argument("--selector", help="magnitude | wanda (default wanda)")
-    c.add_argument("--compensate", help="grail | none (default grail)")
-    c.add_argument("--lam", type=float, help="ridge, relative to mean(diag G[K,K]) (default 1e-3)")
+    c.add_argument("--selector", help="magnitude | wanda | random | wanda_sp | flap (default wanda)")
+    c.add_argument("--compensate", help="grail | none | bias | grail+bias (default grail)")
+    c.add_argument("--lam", type=float, help="ridge, relative to mean(diag G[K,K]) (default 1e-3; 0.1 for hf: LLMs)")
     c.add_argument("--sequential", action="store_true",
                    help="calibrate group by group on the already-compressed upstream (slower, usually more accurate, "
                    "memory of one group at a time)")
+    c.add_argument("--repair", action="store_true",
+                   help="after pruning, re-estimate BatchNorm statistics on the calibration batches")
     c.add_argument("--targets", help="which groups to prune, comma-separated: channels (alias mlp), heads, embed "
                    "(alias hidden; through LayerNorm/RMSNorm, approximate) (default channels,heads)")
     c.add_argument("--multiple-of", type=int, help="round every kept width (channels, heads*head_dim) to a multiple")
     c.add_argument("--recipe", help="a TOML recipe; flags override its fields")
     c.add_argument("--max-memory", help="budget for the Gram matrices, e.g. 4GiB (default 8GiB)")
-    c.add_argument("--seed", type=int, help="seed for random calibration data")
+    c.add_argument("--seed", type=int, help="seed for random calibration data and the random selector")
     c.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    llm = c.add_argument_group("decoder LLMs (hf:FOLDER, --calib text:FILE.txt)")
+    llm.add_argument("--calib-samples", type=int, default=128, help="calibration windows of text (default 128)")
+    llm.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    llm.add_argument("--structure", default="uniform", choices=["uniform", "global"],
+                     help="uniform: --ratio in every layer; global: FLAP's adaptive structure, one parameter budget "
+                     "spread across layers by standardised fluctuation scores (default uniform)")
+    llm.add_argument("--layers", help="compress only these decoder layers, e.g. 0-3,8 (default all)")
     c.add_argument("--out", default="grailc-out", help="output folder (default grailc-out)")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", action="store_true", help="no progress bars or table")
@@ -64,9 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="as for compress")
     g.add_argument("--weights", help="state dict for torchvision:NAME / timm:NAME")
     g.add_argument("--trust-pickle", action="store_true", help="allow unpickling a full module (runs code)")
-    g.add_argument("--input-shape", help="e.g. 1,3,224,224 (read from a .pt2 when omitted)")
+    g.add_argument("--input-shape", action="append",
+                   help="e.g. 1,3,224,224; repeated for a model with several inputs (read from a .pt2 when omitted)")
     g.add_argument("--targets", help="as for compress: which groups count as prunable")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("ppl", help="perplexity of a decoder LM over non-overlapping windows of a text file "
+                       "(last stdout line: JSON)", epilog=EPILOG)
+    p.add_argument("model", help="hf:FOLDER, or an output folder of grailc compress hf:...")
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--windows", type=int, help="use the first N windows (default all)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     d = sub.add_parser("demo", help="compress the embedded Fashion-MNIST ResNet and measure its test accuracy")
     d.add_argument("--ratio", type=float, default=0.5)
@@ -91,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "groups":
             return run_groups(args)
+        if args.command == "ppl":
+            from grailc.llm.commands import run_ppl
+
+            return run_ppl(args)
         return run_compress(args, argv)
     except KeyboardInterrupt:
         print(f"grailc: interrupted; {_what_was_written()}", file=sys.stderr)
@@ -152,7 +177,7 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
 
 def recipe_from_args(args):
     from grailc.api import make_recipe
-    from grailc.recipe import load_recipe, parse_shape
+    from grailc.recipe import load_recipe
 
     base = load_recipe(args.recipe) if args.recipe else None
     return make_recipe(
@@ -162,10 +187,11 @@ def recipe_from_args(args):
         compensate=args.compensate,
         lam=args.lam,
         sequential=True if args.sequential else None,
+        repair=True if args.repair else None,
         targets=_targets(args.targets) if args.targets else None,
         multiple_of=args.multiple_of,
         max_memory=args.max_memory,
-        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+        input_shape=_input_shape_field(args.input_shape),
         calib_source=args.calib,
         calib_batches=args.calib_batches,
         calib_batch_size=args.batch_size,
@@ -178,22 +204,40 @@ def recipe_from_args(args):
     )
 
 
-def input_shape_for(recipe, loaded) -> list[int]:
-    """--input-shape, else the shape a .pt2 was exported with, else a tensor file's sample shape."""
-    if recipe.input_shape:
-        return recipe.input_shape
-    if loaded.exported is not None:
-        from grailc.trace import program_input
+def _input_shape_field(texts: list[str] | None):
+    """--input-shape as the recipe holds it: one shape, or a list of shapes when the flag is repeated."""
+    from grailc.recipe import parse_shape
 
-        val = program_input(loaded.exported)
-        if val is not None and all(isinstance(d, int) for d in val.shape[1:]):
-            return [1, *(int(d) for d in val.shape[1:])]
+    if not texts:
+        return None
+    shapes = [parse_shape(text) for text in texts]
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+def input_shapes_for(recipe, loaded, names: list[str]) -> list[list[int]]:
+    """One shape per model input (``names``): --input-shape, else the shapes a .pt2 was exported with, else a
+    tensor file's sample shapes."""
+    from grailc.trace import check_input_count
+
+    shape = recipe.input_shape
+    if shape:
+        shapes = shape if isinstance(shape[0], list) else [shape]
+        check_input_count(names, shapes)
+        return shapes
+    if loaded.exported is not None:
+        from grailc.trace import program_inputs
+
+        vals = list(program_inputs(loaded.exported).values())
+        if all(v is not None and all(isinstance(d, int) for d in v.shape[1:]) for v in vals):
+            return [[1, *(int(d) for d in v.shape[1:])] for v in vals]
     source = Path(recipe.calib.source)
     if source.suffix in (".npy", ".pt", ".pth") and source.is_file():
-        from grailc.calib_data import tensor_file_sample_shape
+        from grailc.calib_data import tensor_file_sample_shapes
 
-        return [1, *tensor_file_sample_shape(source)]
-    raise RecipeError("--input-shape is required for this model", fix="give it like --input-shape 1,3,224,224")
+        return [[1, *s] for s in tensor_file_sample_shapes(source, names)]
+    per_input = f", once per input ({', '.join(names)})" if len(names) > 1 else ""
+    raise RecipeError("--input-shape is required for this model",
+                      fix=f"give it like --input-shape 1,3,224,224{per_input}")
 
 
 def run_groups(args) -> int:
@@ -203,14 +247,15 @@ def run_groups(args) -> int:
     from grailc.analysis import analyse
     from grailc.loading import load_model
     from grailc.passmanager import exclude_groups
-    from grailc.recipe import Recipe, parse_shape
-    from grailc.trace import capture
+    from grailc.recipe import Recipe
+    from grailc.trace import capture, input_names
 
     loaded = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
-    recipe = Recipe(input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+    recipe = Recipe(input_shape=_input_shape_field(args.input_shape),
                     targets=_targets(args.targets) if args.targets else list(Recipe().targets)).validate()
-    shape = input_shape_for(recipe, loaded)
-    gm, _ = capture(loaded.exported if loaded.exported is not None else loaded.module, tuple(shape))
+    model = loaded.exported if loaded.exported is not None else loaded.module
+    shapes = input_shapes_for(recipe, loaded, input_names(model))
+    gm, _ = capture(model, [tuple(s) for s in shapes])
     ctx = SimpleNamespace(deps=analyse(gm), recipe=recipe)
     exclude_groups(ctx)
     deps = ctx.deps
@@ -231,24 +276,32 @@ def run_compress(args, argv) -> int:
     from grailc.loading import file_sha256, load_model
     from grailc.outputs import StagedOutput
     from grailc.report import summary
+    from grailc.trace import input_names
 
     start = time.perf_counter()
     recipe = recipe_from_args(args)
     _check_inputs_outside_output(args, recipe)
+    if args.model.startswith("hf:"):
+        from grailc.llm.commands import LLM_LAM
+
+        if args.lam is None and not args.recipe:
+            recipe.lam = LLM_LAM
+        return _run_compress_llm(args, argv, recipe, start)
     with StagedOutput(args.out, force=args.force) as staged:
         model_path = Path(args.model)
         sha_before = file_sha256(model_path) if model_path.is_file() else None
         loaded = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
         t_load = time.perf_counter() - start
-        shape = input_shape_for(recipe, loaded)
+        model = loaded.exported if loaded.exported is not None else loaded.module
+        names = input_names(model)
+        shapes = input_shapes_for(recipe, loaded, names)
         c = recipe.calib
         t0 = time.perf_counter()
-        data = load_calibration(c.source, tuple(shape), num_batches=c.batches, batch_size=c.batch_size,
-                                mean=c.mean, std=c.std, normalize=c.normalize, seed=c.seed)
+        data = load_calibration(c.source, shapes, num_batches=c.batches, batch_size=c.batch_size,
+                                mean=c.mean, std=c.std, normalize=c.normalize, seed=c.seed, names=names)
         t_data = time.perf_counter() - t0
-        model = loaded.exported if loaded.exported is not None else loaded.module
         try:
-            result = compress(model, input_shape=shape, calib=data.batches, recipe=recipe,
+            result = compress(model, input_shape=shapes, calib=data.batches, recipe=recipe,
                               data_free=data.data_free, progress=not args.quiet)
             report = result.report
             _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data)
@@ -271,6 +324,22 @@ def run_compress(args, argv) -> int:
         print(table)
         written = ", ".join(sorted(p.name for p in out.iterdir()))
         print(f"wrote {out}/: {written} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _run_compress_llm(args, argv, recipe, start) -> int:
+    from grailc.llm.commands import llm_summary, run_compress_llm
+    from grailc.outputs import StagedOutput
+
+    with StagedOutput(args.out, force=args.force) as staged:
+        report, _ = run_compress_llm(args, argv, recipe, staged)
+        table = None if args.quiet else llm_summary(report)
+        _stop_if_interrupted()
+        out = staged.commit()
+        _WRITTEN.append(out)
+    if table is not None:
+        print(table)
+        print(f"wrote {out}/ ({time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -25,9 +25,12 @@ class Decision:
 
 @dataclass
 class Fold:
-    """What a compensator decided for one consumer slot: the map B ([size, k]) merged into the consumer."""
+    """What a compensator decided for one consumer slot: the input is approximated as x ~ B z_K + c, so the
+    consumer becomes W' = W B (``B`` [size, k]; None: plain pruning, W[:, K]) and b' = b + W c (``offset`` c
+    [size]; None: no bias change)."""
 
     B: torch.Tensor | None
+    offset: torch.Tensor | None = None
     recon_error_plain: float | None = None
     recon_error_grail: float | None = None
     fallback: str | None = None  # "lstsq" when the ridge system could not be factorised
@@ -35,13 +38,27 @@ class Fold:
 
 
 @dataclass
+class SlotStats:
+    """What a compensator sees of one consumer slot, over ``rows`` positions: the model sees z, the target is the
+    dense input x (z = x unless calibration ran sequentially). ``sz``/``sx`` are None when the consumer cannot
+    take a bias (then no offset is possible)."""
+
+    Gz: torch.Tensor  # sum z z^T
+    C: torch.Tensor  # sum x z^T
+    Gx: torch.Tensor  # sum x x^T
+    sz: torch.Tensor | None  # sum z
+    sx: torch.Tensor | None  # sum x
+    rows: int
+
+
+@dataclass
 class Context:
     gm: fx.GraphModule
     reference: fx.GraphModule  # the original graph, never modified
-    example: torch.Tensor
+    example: tuple[torch.Tensor, ...]  # inputs are always a tuple, one tensor per model input
     recipe: Any
-    calib: list[torch.Tensor] = field(default_factory=list)
-    held_out: list[torch.Tensor] = field(default_factory=list)
+    calib: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    held_out: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     data_free: bool = False
     deps: Dependencies | None = None
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # consumer slot key -> G (float64)
@@ -49,6 +66,10 @@ class Context:
     cross: dict[str, torch.Tensor] = field(default_factory=dict)
     target_grams: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)  # consumer slot key -> positions behind its Gram
+    # consumer slot key -> s = sum x (float64, [size]) of the input the model sees (z in sequential calibration), so
+    # ctx.sums[key] / ctx.rows[key] is the per-channel input mean; target_sums: sequential only, the dense x
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    target_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     decisions: dict[int, Decision] = field(default_factory=dict)  # group id -> decision
     folds: dict[str, Fold] = field(default_factory=dict)  # consumer slot key -> fold
     done: set[int] = field(default_factory=set)  # groups decided and compensated during sequential calibration

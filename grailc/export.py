@@ -17,7 +17,7 @@ from grailc.metrics import flat_output, latency_ms
 from grailc.trace import export
 
 
-def reexport(gm: fx.GraphModule, example: torch.Tensor) -> torch.export.ExportedProgram:
+def reexport(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """A fresh ExportedProgram of the rewritten graph (shapes re-derived from the new weights)."""
     return export(gm, example)
 
@@ -35,12 +35,12 @@ def ort_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def save_onnx(ep: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
+def save_onnx(ep: torch.export.ExportedProgram, example: tuple[torch.Tensor, ...], path: Path) -> None:
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            torch.onnx.export(ep, (example,), str(path), dynamo=True, verbose=False, external_data=False)
+            torch.onnx.export(ep, example, str(path), dynamo=True, verbose=False, external_data=False)
     except Exception as e:  # the exporter's own message, shortened
         raise GrailcError(
             f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
@@ -48,29 +48,33 @@ def save_onnx(ep: torch.export.ExportedProgram, example: torch.Tensor, path: Pat
         ) from e
 
 
-def onnx_parity(path: Path, module, batches: list[torch.Tensor], repeats: int = 5) -> dict:
-    """max |ORT - PyTorch| over the batches, relative to max |PyTorch|, and ORT latency on the first batch."""
+def onnx_parity(path: Path, module, batches: list[tuple[torch.Tensor, ...]], repeats: int = 5) -> dict:
+    """max |ORT - PyTorch| over the batches (one tensor per input each), relative to max |PyTorch|, and ORT latency
+    on the first batch."""
     import onnxruntime as ort
 
     providers = ort_providers()
     session = ort.InferenceSession(str(path), providers=providers)
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(batches[0]):
+        raise GrailcError(f"the ONNX model takes {len(names)} input(s) ({', '.join(names)}) but the model takes "
+                          f"{len(batches[0])}", fix="use the .pt2 output, or --no-onnx")
     max_diff = max_ref = 0.0
     with torch.no_grad():
         for x in batches:
-            ref = flat_output(module(x)).numpy()
-            outs = session.run(None, {name: x.numpy()})
+            ref = flat_output(module(*x)).numpy()
+            outs = session.run(None, {name: t.numpy() for name, t in zip(names, x)})
             got = np.concatenate([o.reshape(o.shape[0] if o.ndim else 1, -1) for o in outs], 1)
             max_diff = max(max_diff, float(np.abs(got - ref).max()))
             max_ref = max(max_ref, float(np.abs(ref).max()))
-    feed = {name: batches[0].numpy()}
-    latency = latency_ms(lambda f: session.run(None, f), feed, repeats)
+    feed = {name: t.numpy() for name, t in zip(names, batches[0])}
+    latency = latency_ms(session.run, (None, feed), repeats)
     return {
         "max_abs_diff": max_diff,
         "relative_diff": max_diff / max_ref if max_ref > 0 else max_diff,
         "provider": session.get_providers()[0],
         "latency_ms": latency,
-        "latency_batch": int(batches[0].shape[0]),
+        "latency_batch": int(batches[0][0].shape[0]),
     }
 
 

@@ -34,12 +34,12 @@ class _MacCounter(fx.Interpreter):
         return out
 
 
-def count_macs(gm: fx.GraphModule, example: torch.Tensor) -> int:
-    """Multiply-accumulates of conv/linear/matmul per sample of ``example``."""
+def count_macs(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> int:
+    """Multiply-accumulates of conv/linear/matmul per sample of ``example`` (one tensor per input)."""
     counter = _MacCounter(gm)
     with torch.no_grad():
-        counter.run(example)
-    return counter.macs // max(1, example.shape[0])
+        counter.run(*example)
+    return counter.macs // max(1, example[0].shape[0])
 
 
 def flat_output(out) -> torch.Tensor:
@@ -48,14 +48,14 @@ def flat_output(out) -> torch.Tensor:
     return torch.cat([t.detach().reshape(t.shape[0] if t.dim() else 1, -1).to(torch.float64) for t in leaves], 1)
 
 
-def output_error(reference, compressed, batches: list[torch.Tensor]) -> dict:
+def output_error(reference, compressed, batches: list[tuple[torch.Tensor, ...]]) -> dict:
     """||y - y_ref|| / ||y_ref|| over the batches, and top-1 agreement when the output is one logits matrix."""
     num = den = 0.0
     agree = total = 0
     single_matrix = True
     with torch.no_grad():
         for x in batches:
-            y_ref, y = reference(x), compressed(x)
+            y_ref, y = reference(*x), compressed(*x)
             a, b = flat_output(y_ref), flat_output(y)
             num += float(((b - a) ** 2).sum())
             den += float((a**2).sum())
@@ -66,19 +66,19 @@ def output_error(reference, compressed, batches: list[torch.Tensor]) -> dict:
             else:
                 single_matrix = False
     rel = (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
-    result = {"relative_l2": rel, "samples": sum(int(x.shape[0]) for x in batches)}
+    result = {"relative_l2": rel, "samples": sum(int(x[0].shape[0]) for x in batches)}
     if single_matrix and total:
         result["top1_agreement"] = agree / total
     return result
 
 
-def latency_ms(fn, x, repeats: int = 5) -> float:
-    """Median wall time of ``fn(x)`` in milliseconds after one warm-up call (autograd off)."""
+def latency_ms(fn, args: tuple, repeats: int = 5) -> float:
+    """Median wall time of ``fn(*args)`` in milliseconds after one warm-up call (autograd off)."""
     with torch.no_grad():
-        fn(x)
+        fn(*args)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            fn(x)
+            fn(*args)
             times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[len(times) // 2]

@@ -5,8 +5,9 @@ A recipe is a TOML file; CLI flags are shorthands that override its fields, and 
 
 ```toml
 ratio = 0.5                 # fraction of channels removed in every prunable group
-selector = "wanda"          # magnitude | wanda
-compensate = "grail"        # grail | none
+selector = "wanda"          # magnitude | wanda | random (seeded by calib.seed)
+compensate = "grail"        # grail | none | bias | grail+bias
+repair = false              # re-estimate BatchNorm statistics after apply (adds the 'repair' pass)
 lam = 1e-3                  # ridge, relative to mean(diag G[K, K])
 exclude = ["layer4.*"]      # module-name patterns whose groups are never pruned
 targets = ["channels", "heads"]  # which groups: channels (alias mlp), heads, embed (alias hidden: lossy)
@@ -70,11 +71,12 @@ class Recipe:
     lam: float = 1e-3
     magnitude_norm: int = 1
     sequential: bool = False  # Grams taken group by group on the already-compressed upstream
+    repair: bool = False  # the 'repair' pass after 'apply': BatchNorm statistics re-estimated on calibration data
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     multiple_of: int = 1  # every kept width (channels, heads * head_dim) a multiple of this
     exclude: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
-    input_shape: list[int] | None = None
+    input_shape: list[int] | list[list[int]] | None = None  # one shape, or one per model input
     max_memory: str = "8GiB"
     keep_all_tol: float = 1e-5
     pipeline: list[str] = field(default_factory=lambda: list(DEFAULT_PIPELINE))
@@ -90,6 +92,9 @@ class Recipe:
         from grailc.registry import COMPENSATORS, SELECTORS, load_builtin
 
         _check_types(self)
+        if self.repair and "repair" not in self.pipeline:
+            at = self.pipeline.index("apply") + 1 if "apply" in self.pipeline else len(self.pipeline) - 1
+            self.pipeline = [*self.pipeline[:at], "repair", *self.pipeline[at:]]
         _check_pipeline(self.pipeline)
         _check_finite_numbers(self)
         load_builtin()
@@ -117,14 +122,18 @@ class Recipe:
                 f"calib.held_out = {c.held_out} must be in [0, batches={c.batches})",
                 fix="keep at least one batch for fitting",
             )
-        if self.input_shape is not None:
-            if len(self.input_shape) < 1 or any(not isinstance(d, int) or d < 1 for d in self.input_shape):
-                raise RecipeError(f"input shape {self.input_shape} must be positive integers, e.g. 1,3,224,224")
+        if self.input_shape is not None:  # one shape, or a list of shapes (one per model input)
+            several = bool(self.input_shape) and all(isinstance(s, list) for s in self.input_shape)
+            for shape in self.input_shape if several else [self.input_shape]:
+                if len(shape) < 1 or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in shape):
+                    raise RecipeError(f"input shape {self.input_shape} must be positive integers, e.g. 1,3,224,224 "
+                                      "(or a list of such shapes, one per model input)")
         self.max_memory_bytes  # noqa: B018 - validates the text
         return self
 
 
-PASS_NEEDS = {"select": "calibrate", "compensate": "select", "apply": "select"}  # pass -> one that must come first
+# pass -> one that must come first
+PASS_NEEDS = {"select": "calibrate", "compensate": "select", "apply": "select", "repair": "apply"}
 
 
 def _check_pipeline(pipeline: list[str]) -> None:

@@ -1,8 +1,9 @@
 """Named selectors and compensators. Recipes refer to them by name; plug-ins register with a decorator.
 
 * selector:    (group, stats, n_keep, recipe) -> kept channel indices (sorted LongTensor) and scores
-* compensator: (G, keep, lam, cross=None) -> (map B [size, k] to merge into a consumer, or None for plain
-  pruning; the solver fallback used or None)
+* compensator: (stats: SlotStats, keep, lam) -> (B, c, fallback): the input is approximated as x ~ B z_K + c;
+  B [size, k] is merged into the consumer (W B; None: plain pruning, W[:, K]), c [size] into its bias (b + W c;
+  None: no offset, and always None when ``stats.sz`` is None); fallback: the solver fallback used or None
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def compensator(name: str):
 
 def load_builtin() -> None:
     """Import the built-in selectors and compensators so that they register."""
+    import grailc.passes.compensate.bias  # noqa: F401
     import grailc.passes.compensate.grail  # noqa: F401
+    import grailc.passes.select.flap  # noqa: F401
     import grailc.passes.select.magnitude  # noqa: F401
+    import grailc.passes.select.random  # noqa: F401
     import grailc.passes.select.wanda  # noqa: F401

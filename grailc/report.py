@@ -87,6 +87,11 @@ def summary(report: dict) -> str:
     if plain is not None:
         text = f"mean reconstruction error: plain {plain:.4f}"
         lines.append(text + (f", compensated {grail:.4f}" if grail is not None else " (no compensation)"))
+    repair = report.get("repair")
+    if repair:
+        lines.append(f"repair: {repair['batch_norms']} BatchNorms re-estimated (means moved "
+                     f"{repair['mean_shift_in_std']:.3f} std, std x {repair['std_ratio']:.3f} on average)"
+                     if repair["batch_norms"] else f"repair: {repair['note']}")
     out = report.get("output_error")
     if out:
         text = f"held-out output error: {out['relative_l2']:.4f} relative L2"

@@ -7,6 +7,9 @@ For kept channels K of a space:
 * consumer merge:  W'[:, k] = sum_c W[:, c] B[c, k] on the input-channel dim, for every kernel tap (conv) or
                    every position of a flattened input (linear after flatten, W viewed as [out, C, inner]);
                    without compensation B = I[:, K] and this is plain column slicing.
+* consumer bias:   b' = b + sum_c Wsum[:, c] c_c for an input offset c, Wsum the columns summed over flattened
+                   positions and kernel taps (each tap weighted by the fraction of positions where it reads the
+                   input, not zero padding: the mean output change); a consumer without a bias gets one.
 
 Indices along a multi-segment axis (after a concat) are the kept indices of each segment, shifted by the
 segment's offset.
@@ -113,6 +116,83 @@ def consumer_columns(weight: torch.Tensor, slot, dtype=torch.float64) -> torch.T
     weight = _columns_first(weight, slot)
     w = weight.detach().reshape(weight.shape[0], layout.length, -1)[:, slot.offset : slot.offset + slot.size]
     return w.permute(0, 2, 1).reshape(-1, slot.size).to(dtype)
+
+
+def takes_bias(gm: fx.GraphModule, consumer) -> bool:
+    """Whether an input offset can move into the consumer's bias: a conv or linear (not transposed) whose bias
+    (argument 2) is absent or a parameter."""
+    node = next((n for n in gm.graph.nodes if n.name == consumer.node), None)
+    if node is None or consumer.dim != 1 or consumer.kind not in ("conv", "linear"):
+        return False
+    bias = node.args[2] if len(node.args) > 2 else None
+    return bias is None or (isinstance(bias, fx.Node) and bias.op == "get_attr")
+
+
+def offset_shift(gm: fx.GraphModule, consumer, weight: torch.Tensor, start: int, size: int,
+                 c: torch.Tensor) -> torch.Tensor:
+    """[O] float64: the mean output change of the consumer when its input channels start .. start + size move by
+    the constant c: W[:, start : start + size] summed over flattened positions and over kernel taps, each tap
+    weighted by the fraction of output positions where it reads the input rather than zero padding."""
+    w = weight.detach().reshape(weight.shape[0], consumer.layout.length, -1)[:, start : start + size]
+    w = w.to(torch.float64)
+    coverage = tap_coverage(gm, consumer) if consumer.kind == "conv" else None
+    if coverage is not None and coverage.numel() == w.shape[-1]:
+        w = w * coverage
+    return w.sum(-1) @ c.to(torch.float64)
+
+
+def tap_coverage(gm: fx.GraphModule, consumer) -> torch.Tensor | None:
+    """[taps] float64: per kernel tap of a zero-padded conv, the fraction of output positions at which the tap
+    reads the input; None when the sizes are not known integers."""
+    node = next(n for n in gm.graph.nodes if n.name == consumer.node)
+    x, y = node.args[0].meta.get("val"), node.meta.get("val")
+    kernel = get_param(gm, consumer.weight).shape[2:]
+    dims = len(kernel)
+
+    def per_dim(i, default):
+        v = node.args[i] if len(node.args) > i else default
+        return list(v) * (dims // len(v)) if isinstance(v, (list, tuple)) else [v] * dims
+
+    stride, padding, dilation = per_dim(3, 1), per_dim(4, 0), per_dim(5, 1)
+    try:
+        sizes = [(int(i), int(o)) for i, o in zip(x.shape[-dims:], y.shape[-dims:])]
+    except (AttributeError, TypeError):
+        return None
+    if not all(isinstance(v, int) for v in stride + padding + dilation):
+        return None
+    coverage = torch.ones((), dtype=torch.float64)
+    for k, (i_len, o_len), s, p, d in zip(kernel, sizes, stride, padding, dilation):
+        pos = torch.arange(o_len)[:, None] * s - p + torch.arange(k)[None, :] * d  # [out, k] input index read
+        coverage = coverage[..., None] * ((pos >= 0) & (pos < i_len)).to(torch.float64).mean(0)
+    return coverage.reshape(-1)
+
+
+def bias_of(gm: fx.GraphModule, node_name: str) -> str | None:
+    """The target of a conv/linear node's bias parameter (argument 2), None without one."""
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    bias = node.args[2] if len(node.args) > 2 else None
+    return bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+
+
+def add_to_bias(gm: fx.GraphModule, consumer, shift: torch.Tensor) -> None:
+    """b += shift on the consumer's conv/linear node (bias = argument 2); without a bias, a new parameter beside
+    the weight (``<module>.bias``) and its get_attr node are added. Call ``gm.recompile()`` after."""
+    node = next(n for n in gm.graph.nodes if n.name == consumer.node)
+    bias = node.args[2] if len(node.args) > 2 else None
+    if bias is not None:
+        b = get_param(gm, bias.target)
+        set_param(gm, bias.target, b + shift.to(b.device, b.dtype))
+        return
+    weight = get_param(gm, consumer.weight)
+    owner_name = consumer.weight.rpartition(".")[0]
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    name = "bias"
+    while hasattr(owner, name):
+        name += "_"
+    owner.register_parameter(name, torch.nn.Parameter(shift.to(weight.device, weight.dtype), requires_grad=False))
+    with gm.graph.inserting_before(node):
+        attr = gm.graph.get_attr(f"{owner_name}.{name}" if owner_name else name)
+    node.args = (*node.args[:2], attr, *node.args[3:])
 
 
 def selection(size: int, keep: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,9 @@
 ``fx.GraphModule`` whose nodes carry shapes (``node.meta["val"]``) and whose parameters are ``get_attr`` nodes
 named after the original modules. The batch axis is exported dynamic when the model allows it (so calibration can
 use any batch size and the ONNX model takes any batch), static otherwise.
+
+A model's inputs are always a tuple of tensors (one per positional input, batch dimension first, the same batch
+size for all); a model with one input gets a 1-tuple.
 """
 
 from __future__ import annotations
@@ -22,25 +25,38 @@ from grailc.errors import RecipeError, TraceError
 
 MAX_BATCH = 1 << 16
 
-
-def example_batch(input_shape: tuple[int, ...], batch: int | None = None) -> torch.Tensor:
-    """A deterministic example input; batch at least 2 by default so that the batch axis can be exported dynamic."""
-    shape = (max(2, input_shape[0]) if batch is None else batch, *input_shape[1:])
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+Inputs = tuple[torch.Tensor, ...]
 
 
-def export(model: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """Export with a dynamic batch axis, falling back to a static one; errors name the failing construct."""
+def example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype, data: Inputs | None = None,
+                   batch: int | None = None) -> Inputs:
+    """Deterministic example inputs: seeded Gaussian ones for floating inputs, the first rows of ``data`` for
+    integer ones (token ids and masks cannot be made up). The batch is at least 2 by default, so that the batch
+    axis can be exported dynamic."""
+    batch = max(2, shapes[0][0]) if batch is None else batch
+    data = data if data is not None else (None,) * len(shapes)
+    if any(d is not None and not d.is_floating_point() for d in data):
+        batch = min(batch, data[0].shape[0])
+    generator = torch.Generator().manual_seed(0)
+    return tuple(
+        d[:batch] if d is not None and not d.is_floating_point()
+        else torch.randn((batch, *shape[1:]), generator=generator).to(dtype)
+        for shape, d in zip(shapes, data)
+    )
+
+
+def export(model: torch.nn.Module, example: Inputs) -> torch.export.ExportedProgram:
+    """Export with a dynamic batch axis (one for all inputs), falling back to a static one; errors name the failing
+    construct."""
     if not isinstance(model, fx.GraphModule):  # an exported graph is already in inference form
         model = model.eval()
+    batch = Dim("batch", min=1, max=MAX_BATCH)
     try:
-        return torch.export.export(
-            model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},), strict=False
-        )
+        return torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in example), strict=False)
     except Exception:  # the model pins its batch size (e.g. view(1, -1)): trace it static below
         pass
     try:
-        return torch.export.export(model, (example,), strict=False)
+        return torch.export.export(model, example, strict=False)
     except Exception as e:  # any tracing failure becomes one clear line
         raise TraceError(
             f"the model could not be traced: {type(e).__name__}: {_first_line(e)}",
@@ -50,7 +66,7 @@ def export(model: torch.nn.Module, example: torch.Tensor) -> torch.export.Export
         ) from e
 
 
-def trace(module: torch.nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, torch.export.ExportedProgram]:
+def trace(module: torch.nn.Module, example: Inputs) -> tuple[fx.GraphModule, torch.export.ExportedProgram]:
     """The graph grailc works on."""
     ep = export(module, example)
     gm = ep.module()
@@ -58,15 +74,14 @@ def trace(module: torch.nn.Module, example: torch.Tensor) -> tuple[fx.GraphModul
     return gm, ep
 
 
-def capture(model, shape: tuple[int, ...], example: torch.Tensor | None = None) -> tuple[fx.GraphModule, torch.Tensor]:
-    """Trace an nn.Module or ExportedProgram for inputs of ``shape``: the graph and its example input. Integer
-    inputs (token ids) cannot be made up: their ``example`` comes from the calibration data."""
-    _check_input_shape(model, shape)
-    _check_single_input(model)
+def capture(model, shapes: list[tuple[int, ...]], data: Inputs | None = None) -> tuple[fx.GraphModule, Inputs]:
+    """Trace an nn.Module or ExportedProgram for inputs of ``shapes`` (one per input): the graph and its example
+    inputs. Integer inputs (token ids, masks) cannot be made up: theirs come from ``data``, a calibration batch."""
+    check_input_count(input_names(model), shapes)
+    _check_input_shapes(model, shapes)
     module = _graph_of(model)
     with _quiet_torch():
-        if example is None:
-            example = _runnable_example(module, shape, model_dtype(model))
+        example = _runnable_example(module, shapes, model_dtype(model), data)
         try:
             gm, _ = trace(module, example)
         except TraceError as e:
@@ -86,13 +101,13 @@ def static_batch(gm: fx.GraphModule) -> int | None:
     return None
 
 
-def _check_runs(gm: fx.GraphModule, example: torch.Tensor) -> None:
+def _check_runs(gm: fx.GraphModule, example: Inputs) -> None:
     try:
         with torch.no_grad():
-            gm(example)
+            gm(*example)
     except Exception as e:  # the traced graph must run on its own example
         raise TraceError(
-            f"the traced graph does not run on the example input {list(example.shape)}: {_first_line(e)}",
+            f"the traced graph does not run on the example inputs {_describe(example)}: {_first_line(e)}",
             fix="check --input-shape",
         ) from e
 
@@ -113,68 +128,69 @@ def _where(e: BaseException) -> str | None:
     return found
 
 
-def program_input(program: torch.export.ExportedProgram) -> torch.Tensor | None:
-    """The (fake) tensor a program's first user input was exported with."""
-    user_inputs = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
-    for node in program.graph.nodes:
-        val = node.meta.get("val")
-        if node.op == "placeholder" and node.name in user_inputs and isinstance(val, torch.Tensor):
-            return val
-    return None
+def program_inputs(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor | None]:
+    """The (fake) tensors a program's user inputs were exported with, by name (None for a non-tensor input)."""
+    names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    return {name: vals.get(name) if isinstance(vals.get(name), torch.Tensor) else None for name in names}
+
+
+def input_names(model) -> list[str]:
+    """The model's inputs: an exported program's user inputs, a graph's placeholders, or the positional parameters
+    of ``forward`` without a default (the first one when all have defaults, or ``x`` when there is no signature)."""
+    import inspect
+
+    if isinstance(model, torch.export.ExportedProgram):
+        return list(program_inputs(model))
+    if isinstance(model, fx.GraphModule):
+        return [n.name for n in model.graph.nodes if n.op == "placeholder"]
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return ["x"]
+    required = [p.name for p in params if p.default is inspect.Parameter.empty]
+    return required or [p.name for p in params[:1]] or ["x"]
 
 
 def model_dtype(model) -> torch.dtype:
-    """The floating type the model computes in: its input's (ExportedProgram) or its first float parameter's."""
+    """The floating type the model computes in: its first float input's (ExportedProgram) or its first float
+    parameter's."""
     if isinstance(model, torch.export.ExportedProgram):
-        val = program_input(model)
-        if val is not None and val.is_floating_point():
-            return val.dtype
+        floats = [v for v in program_inputs(model).values() if v is not None and v.is_floating_point()]
+        if floats:
+            return floats[0].dtype
         tensors = model.state_dict.values()
     else:
         tensors = [*model.parameters(), *model.buffers()]
     return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
-def _check_input_shape(model, shape: tuple[int, ...]) -> None:
+def check_input_count(names: list[str], shapes: list[tuple[int, ...]]) -> None:
+    """One input shape per model input."""
+    if len(shapes) != len(names):
+        raise RecipeError(
+            f"{len(shapes)} input shape(s) given, but the model takes {len(names)} input(s) ({', '.join(names)})",
+            fix="give one input shape per model input, in order (--input-shape repeated, or input_shape=[[...], ...])",
+        )
+
+
+def _check_input_shapes(model, shapes: list[tuple[int, ...]]) -> None:
     """An input shape that does not fit an exported program is a bad flag, not a tracing failure."""
     if not isinstance(model, torch.export.ExportedProgram):
         return
-    val = program_input(model)
-    if val is None:
-        return
-    spec = [d if isinstance(d, int) else None for d in val.shape]
-    fits = len(spec) == len(shape) and all(s is None or s == d for s, d in zip(spec[1:], shape[1:]))
-    if not fits:
-        expected = "[" + ", ".join(["N", *("?" if s is None else str(s) for s in spec[1:])]) + "]"
-        raise RecipeError(
-            f"input shape {list(shape)} does not fit the model, which was exported for inputs {expected}",
-            fix="give --input-shape (or input_shape=) in the model's layout, batch dimension first",
-        )
-
-
-def _check_single_input(model) -> None:
-    """grailc compresses models with one input tensor (float data, or integer ids into an embedding); say so
-    plainly for a model that takes several, rather than blaming the input shape."""
-    import inspect
-
-    if isinstance(model, torch.export.ExportedProgram):
-        names = [s.arg.name for s in model.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    elif isinstance(model, fx.GraphModule):
-        names = [n.name for n in model.graph.nodes if n.op == "placeholder"]
-    else:
-        try:
-            params = inspect.signature(model.forward).parameters.values()
-        except (TypeError, ValueError):
-            return
-        names = [p.name for p in params if p.default is inspect.Parameter.empty
-                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(names) > 1:
-        raise RecipeError(
-            f"the model takes {len(names)} inputs ({', '.join(names)}); grailc compresses models with one input "
-            "tensor (float data, or integer token ids) for now",
-            fix="wrap the model in a module whose forward takes one tensor and builds the others (masks, "
-            "position ids) inside, or give the other inputs default values",
-        )
+    for (name, val), shape in zip(program_inputs(model).items(), shapes):
+        if val is None:
+            continue
+        spec = [d if isinstance(d, int) else None for d in val.shape]
+        fits = len(spec) == len(shape) and all(s is None or s == d for s, d in zip(spec[1:], shape[1:]))
+        if not fits:
+            expected = "[" + ", ".join(["N", *("?" if s is None else str(s) for s in spec[1:])]) + "]"
+            which = f"input {name}" if len(shapes) > 1 else "model"
+            raise RecipeError(
+                f"input shape {list(shape)} does not fit the {which}, which was exported for {expected}",
+                fix="give --input-shape (or input_shape=) in the model's layout, batch dimension first",
+            )
 
 
 def _graph_of(model):
@@ -186,32 +202,38 @@ def _graph_of(model):
     return model.eval() if not isinstance(model, fx.GraphModule) else model
 
 
-def _runnable_example(module, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _runnable_example(module, shapes: list[tuple[int, ...]], dtype: torch.dtype, data: Inputs | None) -> Inputs:
     """Run the model once before tracing, so that a wrong input shape is not reported as a tracing failure.
 
     A batch of at least 2 comes first (it lets the batch axis be exported dynamic); a model that only runs on the
-    batch it was written for (say ``x.view(1, -1)``) gets exactly ``shape``.
+    batch it was written for (say ``x.view(1, -1)``) gets exactly ``shapes[0][0]``.
     """
-    example = example_batch(shape).to(dtype)
+    example = example_inputs(shapes, dtype, data)
     try:
         with torch.no_grad():
-            module(example)
+            module(*example)
         return example
     except Exception as e:  # any failure on the plain model is about its input
-        if example.shape[0] != shape[0]:
+        if example[0].shape[0] != shapes[0][0]:
             try:
-                exact = example_batch(shape, batch=shape[0]).to(dtype)
+                exact = example_inputs(shapes, dtype, data, batch=shapes[0][0])
                 with torch.no_grad():
-                    module(exact)
+                    module(*exact)
                 return exact
             except Exception:  # report the first failure, on the usual example
                 pass
         text = str(e).strip().splitlines()
+        what = "an input" if len(example) == 1 else "inputs"
         raise RecipeError(
-            f"the model does not run on an input of shape {list(example.shape)} ({example.dtype}): "
+            f"the model does not run on {what} of shape {_describe(example)}: "
             f"{type(e).__name__}: {text[0][:300] if text else ''}",
-            fix="check --input-shape (or input_shape=): it must be the model's input, batch dimension first",
+            fix="check --input-shape (or input_shape=): one per model input, in order, batch dimension first",
         ) from e
+
+
+def _describe(inputs: Inputs) -> str:
+    """'[2, 3, 8, 8] (torch.float32)', or one such entry per input, comma-separated."""
+    return ", ".join(f"{list(t.shape)} ({t.dtype})" for t in inputs)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 For every group with a decision (kept units K): producers keep the rows of K, carriers keep K along their
 dimension (a grouped conv's ``groups``, a view's or an expand's size and a LayerNorm's shape follow the new width),
-and each consumer's columns become W B (B from compensation) or W[:, K]. A unit of ``u`` channels seen through a
+and each consumer's columns become W B (B from compensation) or W[:, K], its bias b + W c where compensation
+gives an offset c. A unit of ``u`` channels seen through a
 layout of granule ``g`` covers ``u / g`` indices. Groups without a decision and pinned groups keep everything.
 A parameter shared by several nodes (a module called twice) is narrowed once.
 """
@@ -14,7 +15,16 @@ from dataclasses import replace
 import torch
 
 from grailc.passmanager import Pass, register_pass
-from grailc.surgery import get_param, layout_index, merge_columns, narrow_rows, set_param
+from grailc.surgery import (
+    add_to_bias,
+    bias_of,
+    get_param,
+    layout_index,
+    merge_columns,
+    narrow_rows,
+    offset_shift,
+    set_param,
+)
 
 SPLIT_WITH_SIZES = torch.ops.aten.split_with_sizes.default
 
@@ -29,15 +39,20 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
         if not decided(consumer.layout) or consumer.weight in done["consumer"]:
             continue
         done["consumer"].add(consumer.weight)
-        maps = []
-        for i, seg in enumerate(consumer.layout.segments):
+        maps, shift = [], None
+        w = get_param(gm, consumer.weight)
+        for i, (seg, off) in enumerate(zip(consumer.layout.segments, consumer.layout.offsets())):
             fold = folds.get(f"{consumer.node}[{i}]")
             if fold is not None and fold.B is not None:
                 maps.append(fold.B)
             else:
                 maps.append(layout_index(replace(consumer.layout, segments=(seg,), inner=1), units_of))
-        w = get_param(gm, consumer.weight)
+            if fold is not None and fold.offset is not None:  # b' = b + W c, from the dense columns
+                part = offset_shift(gm, consumer, w, off, consumer.layout.seg_length(seg), fold.offset)
+                shift = part if shift is None else shift + part
         set_param(gm, consumer.weight, merge_columns(w, consumer.layout, maps, consumer.dim))
+        if shift is not None:
+            add_to_bias(gm, consumer, shift)
 
     for p in deps.producers:
         if not decided(p.layout) or p.weight in done["producer"]:
@@ -45,8 +60,9 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
         done["producer"].add(p.weight)
         idx = layout_index(p.layout, units_of)
         set_param(gm, p.weight, narrow_rows(get_param(gm, p.weight), idx, p.dim))
-        if p.bias:
-            set_param(gm, p.bias, narrow_rows(get_param(gm, p.bias), idx))
+        bias = p.bias or (bias_of(gm, p.node) if p.kind in ("conv", "linear") else None)  # or one added above
+        if bias:
+            set_param(gm, bias, narrow_rows(get_param(gm, bias), idx))
 
     nodes = {n.name: n for n in gm.graph.nodes}
     for car in deps.carriers:

@@ -5,8 +5,9 @@
 
 in float64 (one pass for all groups; or, in ``sequential`` mode, group by group in graph order, each Gram taken
 on the model with every earlier group already compressed, which also bounds memory by the largest group).
-Every selector and compensator reads only these Grams (activation norms are sqrt(diag G)), so memory
-is bounded by sum(d^2) over the slots, never by the data. Each consumer's input is read just before the consumer
+Every selector and compensator reads only these Grams (activation norms are sqrt(diag G)) and the first moments
+s = sum x (``ctx.sums``; the per-channel mean is s / rows), so memory is bounded by sum(d^2) over the slots, never by
+the data. Each consumer's input is read just before the consumer
 runs, so in-place ops later in the graph cannot change it. A non-finite activation stops calibration and names
 the node where it first appeared.
 """
@@ -23,7 +24,7 @@ from grailc.analysis import module_of
 from grailc.channels import Layout
 from grailc.errors import CalibrationError, GrailcError
 from grailc.passmanager import Pass, register_pass
-from grailc.surgery import get_param, mask_columns, set_param
+from grailc.surgery import add_to_bias, get_param, mask_columns, offset_shift, set_param
 from grailc.trace import static_batch
 
 
@@ -41,19 +42,20 @@ def gram_bytes(groups) -> int:
     return sum(8 * s.size * s.size for g in groups for s in g.consumers)
 
 
-def batches_for(gm: fx.GraphModule, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Re-split batches to the graph's static batch size when it has one."""
+def batches_for(gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """Re-split batches (one tensor per input each) to the graph's static batch size when it has one."""
     fixed = static_batch(gm)
     if fixed is None:
         return batches
-    rows = torch.cat(batches)
-    usable = (rows.shape[0] // fixed) * fixed
+    inputs = [torch.cat(column) for column in zip(*batches)]
+    usable = (inputs[0].shape[0] // fixed) * fixed
     if usable == 0:
         raise CalibrationError(
-            f"the model was traced with a fixed batch of {fixed} but only {rows.shape[0]} calibration inputs exist",
+            f"the model was traced with a fixed batch of {fixed} but only {inputs[0].shape[0]} calibration inputs "
+            "exist",
             fix="give more calibration inputs",
         )
-    return list(rows[:usable].split(fixed))
+    return list(zip(*(t[:usable].split(fixed) for t in inputs)))
 
 
 class _Done(Exception):
@@ -81,11 +83,12 @@ class InputRecorder(fx.Interpreter):
             raise CalibrationError(f"non-finite values (NaN/Inf) {_where_non_finite(n)}", fix=_non_finite_fix(n))
         return out
 
-    def feed(self, x: torch.Tensor) -> None:
+    def feed(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Run one batch (one tensor per model input); floating inputs are cast to the model's dtype."""
         dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
         with torch.no_grad():
             try:
-                self.run(x.to(dtype) if x.is_floating_point() else x)
+                self.run(*(t.to(dtype) if t.is_floating_point() else t for t in inputs))
             except _Done:
                 pass
 
@@ -149,8 +152,9 @@ def _accumulate(store: dict, key: str, value: torch.Tensor) -> None:
     store[key] = store[key] + value if key in store else value
 
 
-def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progress: bool = False):
-    """G = sum x x^T per consumer slot of ``groups``, streaming over the batches."""
+def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progress: bool = False,
+                 sums: dict | None = None):
+    """G = sum x x^T per consumer slot of ``groups``, streaming over the batches (and s = sum x into ``sums``)."""
     grams, rows = {}, {}
 
     def add(slots, xr):
@@ -158,6 +162,8 @@ def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progre
             part = xr[:, slot.offset : slot.offset + slot.size]
             _accumulate(grams, slot.key, part.T @ part)
             rows[slot.key] = rows.get(slot.key, 0) + part.shape[0]
+            if sums is not None:
+                _accumulate(sums, slot.key, part.sum(0))
 
     recorder = InputRecorder(gm, _slots_by_node(groups), add)
     for x in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
@@ -165,9 +171,10 @@ def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progre
     return grams, rows
 
 
-def record_cross_grams(dense: fx.GraphModule, shadow: fx.GraphModule, group, batches: list[torch.Tensor]):
+def record_cross_grams(dense: fx.GraphModule, shadow: fx.GraphModule, group, batches: list[torch.Tensor],
+                       sums: dict | None = None, target_sums: dict | None = None):
     """For one group: Gz = sum z z^T on the compressed ``shadow``, C = sum x z^T against the dense inputs x, and
-    Gx = sum x x^T (all per consumer slot)."""
+    Gx = sum x x^T (all per consumer slot); sz = sum z into ``sums`` and sx = sum x into ``target_sums``."""
     slots = _slots_by_node([group])
     last = _last_node(dense, list(slots))
     gz, cross, gx, rows = {}, {}, {}, {}
@@ -183,6 +190,9 @@ def record_cross_grams(dense: fx.GraphModule, shadow: fx.GraphModule, group, bat
                 _accumulate(cross, slot.key, a.T @ b)
                 _accumulate(gx, slot.key, a.T @ a)
                 rows[slot.key] = rows.get(slot.key, 0) + a.shape[0]
+                if sums is not None:
+                    _accumulate(sums, slot.key, b.sum(0))
+                    _accumulate(target_sums, slot.key, a.sum(0))
     return gz, cross, gx, rows
 
 
@@ -197,7 +207,8 @@ def calibrate_sequentially(ctx, batches) -> None:
     select and compensate, so that each consumer reconstructs the *dense* input from the compressed channels.
 
     The compressed part is simulated on a full-width shadow copy: each consumer's columns become W B on the kept
-    channels and zero elsewhere, which computes exactly what the narrowed model computes.
+    channels and zero elsewhere and its bias b + W c, which computes exactly what the narrowed model computes.
+    Sums stay in ``ctx.sums`` (z) and ``ctx.target_sums`` (x); the Grams of a finished group are dropped.
     """
     from grailc.passes.compensate import compensate_group
     from grailc.passes.select import select_group
@@ -205,7 +216,7 @@ def calibrate_sequentially(ctx, batches) -> None:
     shadow = copy.deepcopy(ctx.gm)
     groups = graph_order(ctx.gm, ctx.deps.prunable())
     for g in tqdm(groups, desc="sequential", unit="group", disable=not ctx.progress, leave=False):
-        gz, cross, gx, rows = record_cross_grams(ctx.gm, shadow, g, batches)
+        gz, cross, gx, rows = record_cross_grams(ctx.gm, shadow, g, batches, ctx.sums, ctx.target_sums)
         ctx.grams.update(gz)
         ctx.cross.update(cross)
         ctx.target_grams.update(gx)
@@ -218,6 +229,10 @@ def calibrate_sequentially(ctx, batches) -> None:
                 fold = ctx.folds.get(slot.key)
                 weight = get_param(shadow, slot.consumer.weight)
                 B = fold.B if fold is not None else None
+                if fold is not None and fold.offset is not None:
+                    add_to_bias(shadow, slot.consumer,
+                                offset_shift(shadow, slot.consumer, weight, slot.offset, slot.size, fold.offset))
+                    shadow.recompile()
                 set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.keep(decision.keep), B))
         for slot in g.consumers:  # a finished group's statistics are not needed again
             for store in (ctx.grams, ctx.cross, ctx.target_grams):
@@ -247,4 +262,4 @@ class Calibrate(Pass):
         if sequential:
             calibrate_sequentially(ctx, batches)
         else:
-            ctx.grams, ctx.rows = record_grams(ctx.gm, groups, batches, ctx.progress)
+            ctx.grams, ctx.rows = record_grams(ctx.gm, groups, batches, ctx.progress, sums=ctx.sums)

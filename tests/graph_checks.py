@@ -40,7 +40,7 @@ def traced(module: torch.nn.Module, shape):
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
-    gm, _ = trace(module, torch.randn(2, *shape[1:]))
+    gm, _ = trace(module, (torch.randn(2, *shape[1:]),))
     return gm, analyse(gm)
 
 

@@ -131,7 +131,7 @@ def test_module_called_twice_ties_its_uses_and_prunes_once():
     group = group_of(deps, "enc")
     assert group.prunable and len(group.producers) == 2 and group.modules() == ["enc"]
     x = torch.randn(2, 3, 8, 8)
-    assert permutation_error(gm, deps, [x]) <= 1e-5
+    assert permutation_error(gm, deps, [(x,)]) <= 1e-5
     prune_and_compare(gm, deps, group, torch.tensor([0, 3, 5]), x)
 
 

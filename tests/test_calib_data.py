@@ -183,9 +183,47 @@ def test_pt_tensor_file_and_non_tensor_pt(tmp_path):
     assert torch.equal(data.batches[0], tensor)
 
     holder = tmp_path / "dict.pth"
-    torch.save({"x": tensor}, holder)
-    with pytest.raises(CalibrationError, match="holds a dict, expected a single tensor"):
+    torch.save({"x": tensor, "note": "not a tensor"}, holder)
+    with pytest.raises(CalibrationError, match="holds a dict of str, expected a tensor, or a tuple, list or dict"):
         load_calibration(str(holder), (8, 10), num_batches=1, batch_size=8)
+
+
+def test_pt_file_with_one_tensor_per_input(tmp_path):
+    x, ids = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randint(0, 9, (5, 6))
+    path = tmp_path / "inputs.pt"
+    torch.save((x, ids), path)
+    data = load_calibration(str(path), [(1, 3, 4, 4), (1, 6)], num_batches=2, batch_size=2)
+    assert [[tuple(t.shape) for t in b] for b in data.batches] == [[(2, 3, 4, 4), (2, 6)]] * 2
+    assert [t.dtype for t in data.batches[0]] == [torch.float32, torch.int64]  # integer inputs keep their type
+    torch.testing.assert_close(torch.cat([b[1] for b in data.batches]), ids[:4])
+    assert data.source == f"tensor: {path} (4 samples)"
+
+    torch.save({"mask": ids, "x": x}, path)  # a dict is ordered by the model's input names
+    data = load_calibration(str(path), [(1, 3, 4, 4), (1, 6)], num_batches=1, batch_size=5, names=["x", "mask"])
+    assert torch.equal(data.batches[0][1], ids)
+
+
+def test_pt_file_inputs_that_do_not_fit_are_named(tmp_path):
+    path = tmp_path / "inputs.pt"
+    shapes = [(1, 3, 4, 4), (1, 6)]
+    torch.save((torch.randn(5, 3, 4, 4), torch.randint(0, 9, (4, 6))), path)
+    with pytest.raises(CalibrationError, match=r"different numbers of samples per input \(x 5, mask 4\)"):
+        load_calibration(str(path), shapes, num_batches=1, batch_size=2, names=["x", "mask"])
+    torch.save((torch.randn(5, 3, 4, 4), torch.randint(0, 9, (5, 7))), path)
+    with pytest.raises(CalibrationError, match=r"for input mask has shape \[5, 7\], expected \[N, 6\]"):
+        load_calibration(str(path), shapes, num_batches=1, batch_size=2, names=["x", "mask"])
+    with pytest.raises(CalibrationError, match=r"holds 2 tensor\(s\), but the model takes 1 input\(s\) \(x\)"):
+        load_calibration(str(path), (1, 3, 4, 4), num_batches=1, batch_size=2, names=["x"])
+    torch.save({"x": torch.randn(5, 3, 4, 4), "m": torch.ones(5, 6)}, path)
+    with pytest.raises(CalibrationError, match=r"keys \(x, m\), but the model's inputs are \(x, mask\)"):
+        load_calibration(str(path), shapes, num_batches=1, batch_size=2, names=["x", "mask"])
+    with pytest.raises(CalibrationError, match="an image folder gives one input, but the model takes 2"):
+        load_calibration(str(tmp_path), shapes, num_batches=1, batch_size=2)
+
+
+def test_random_data_for_two_inputs_shares_the_batch_size():
+    data = load_calibration("random", [(1, 3, 4, 4), (1, 1)], num_batches=2, batch_size=3)
+    assert [[tuple(t.shape) for t in b] for b in data.batches] == [[(3, 3, 4, 4), (3, 1)]] * 2
 
 
 class WritesMarkerWhenUnpickled:

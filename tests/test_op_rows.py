@@ -63,7 +63,7 @@ def check(gm: fx.GraphModule, example: torch.Tensor) -> None:
     deps = analyse(gm)
     group = next(g for g in deps.groups.values() if any(s.fact.weight == "conv_in.weight" for s in g.producers))
     assert group.understood and group.prunable, group.pinned
-    assert permutation_error(gm, deps, [example]) <= 1e-5
+    assert permutation_error(gm, deps, [(example,)]) <= 1e-5
     prune_and_compare(gm, deps, group, KEEP if group.size == C else torch.arange(0, group.size, 2), example)
 
 
@@ -353,7 +353,7 @@ def test_lossy_row(name):
     deps = analyse(gm)
     group = next(g for g in deps.groups.values() if any(s.fact.weight == "conv_in.weight" for s in g.producers))
     assert group.understood and group.lossy and "normalises over the channels" in group.lossy
-    assert permutation_error(gm, deps, [example]) <= 1e-5
+    assert permutation_error(gm, deps, [(example,)]) <= 1e-5
 
 
 def test_every_row_has_a_case():

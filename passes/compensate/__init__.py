@@ -1,14 +1,15 @@
 """Compensate: for every consumer slot of a pruned group, choose the map B merged into the consumer.
 
-The reconstruction error of a consumer with columns M (one row per output channel and kernel tap) is
+A compensator approximates the input as x ~ B z_K + c (B merged into the weight, c into the bias). The
+reconstruction error of a consumer with columns M (one row per output channel and kernel tap) is
 
-    e(B) = ||M (x - B z_K)||^2 / ||M x||^2
-         = <Gx - C_K B^T - B C_K^T + B Gz[K, K] B^T, H> / <Gx, H>,   H = M^T M,  C_K = C[:, K]
+    e(B, c) = ||M (x - B z_K - c)||^2 / ||M x||^2 = <E, H> / <Gx, H>,   H = M^T M,  C_K = C[:, K]
+    E = Gx - C_K B^T - B C_K^T + B Gz[K, K] B^T - r c^T - c r^T + n c c^T,   r = sx - B sz[K]
 
-summed over all calibration positions (exact for 1x1 convs and linear layers, per tap for wider kernels). Here x
-is the dense input and z the input the compressed model sees: z = x (Gx = C = Gz = G) unless calibration ran
-sequentially.
-Plain pruning is B = I[:, K]. A compensation whose error exceeds plain pruning's is refused for that slot.
+summed over all n calibration positions (exact for 1x1 convs and linear layers, per tap for wider kernels). Here x
+is the dense input and z the input the compressed model sees: z = x (Gx = C = Gz = G, sx = sz = s) unless
+calibration ran sequentially.
+Plain pruning is B = I[:, K], c = 0. A compensation whose error exceeds plain pruning's is refused for that slot.
 """
 
 from __future__ import annotations
@@ -16,24 +17,36 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from grailc.context import Fold
+from grailc.context import Fold, SlotStats
 from grailc.errors import check_choice
 from grailc.passmanager import Pass, register_pass
 from grailc.registry import COMPENSATORS, compensator, load_builtin
-from grailc.surgery import consumer_columns, get_param, selection
+from grailc.surgery import consumer_columns, get_param, selection, takes_bias
 
 
-def recon_error(Gx, C, Gz, H, B: torch.Tensor, keep: torch.Tensor) -> float:
-    """<Gx - C_K B^T - B C_K^T + B Gz[K, K] B^T, H> / <Gx, H>."""
-    ck = C[:, keep]
-    E = Gx - ck @ B.T - B @ ck.T + B @ Gz[keep][:, keep] @ B.T
-    den = (Gx * H).sum()
+def recon_error(stats: SlotStats, H, B: torch.Tensor, keep: torch.Tensor, c: torch.Tensor | None = None) -> float:
+    """<E, H> / <Gx, H> with E = E[(x - B z_K - c)(x - B z_K - c)^T] * n as in the module docstring."""
+    ck = stats.C[:, keep]
+    E = stats.Gx - ck @ B.T - B @ ck.T + B @ stats.Gz[keep][:, keep] @ B.T
+    if c is not None:
+        r = (stats.sx - B @ stats.sz[keep])[:, None]
+        c = c[:, None].to(torch.float64)
+        E = E - r @ c.T - c @ r.T + stats.rows * (c @ c.T)
+    den = (stats.Gx * H).sum()
     return float((E * H).sum() / den) if den > 0 else 0.0
 
 
+def slot_stats(ctx, slot) -> SlotStats:
+    """The slot's statistics; the sums only where the consumer can take a bias."""
+    G = ctx.grams[slot.key]
+    sz = ctx.sums.get(slot.key) if takes_bias(ctx.gm, slot.consumer) else None
+    sx = ctx.target_sums.get(slot.key, sz) if sz is not None else None
+    return SlotStats(G, ctx.cross.get(slot.key, G), ctx.target_grams.get(slot.key, G), sz, sx, ctx.rows[slot.key])
+
+
 @compensator("none")
-def no_compensation(G, keep, lam, cross=None):
-    return None, None
+def no_compensation(stats, keep, lam):
+    return None, None, None
 
 
 def compensate_group(ctx, group) -> None:
@@ -46,18 +59,20 @@ def compensate_group(ctx, group) -> None:
         return
     for slot in group.consumers:
         keep = slot.keep(decision.keep)
-        G = ctx.grams[slot.key]
-        C, Gx = ctx.cross.get(slot.key, G), ctx.target_grams.get(slot.key, G)
+        stats = slot_stats(ctx, slot)
         m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float32)
         H = (m.T @ m).to(torch.float64)
-        fold = Fold(None, recon_error_plain=recon_error(Gx, C, G, H, selection(slot.size, keep), keep))
-        B, fallback = solve(G, keep, ctx.recipe.lam, cross=ctx.cross.get(slot.key))
-        if B is not None:
-            fold.recon_error_grail, fold.fallback = recon_error(Gx, C, G, H, B, keep), fallback
-            if fold.recon_error_grail > fold.recon_error_plain * (1 + 1e-9) + 1e-12 or not torch.isfinite(B).all():
+        plain = selection(slot.size, keep)
+        fold = Fold(None, recon_error_plain=recon_error(stats, H, plain, keep))
+        B, c, fallback = solve(stats, keep, ctx.recipe.lam)
+        if B is not None or c is not None:
+            err = recon_error(stats, H, plain if B is None else B, keep, c)
+            fold.recon_error_grail, fold.fallback = err, fallback
+            finite = all(t is None or bool(torch.isfinite(t).all()) for t in (B, c))
+            if err > fold.recon_error_plain * (1 + 1e-9) + 1e-12 or not finite:
                 fold.refused = True
             else:
-                fold.B = B
+                fold.B, fold.offset = B, c
         ctx.folds[slot.key] = fold
 
 

@@ -1,21 +1,45 @@
 """GRAIL: ridge least squares on the consumer's input Gram.
 
-Approximate every channel (kept or removed) by the kept ones, x ~ B x_K, minimising sum ||x - B x_K||^2 + ridge:
+Approximate every channel (kept or removed) by the kept ones, x ~ B x_K, minimising
+sum ||x - B x_K||^2 + r ||B - I[:, K]||^2 with r = lam * mean(diag G[K, K]): the ridge pulls B towards plain
+pruning (kept channels pass through, removed ones are dropped), not towards zero:
 
-    B = G[:, K] (G[K, K] + lam * mean(diag G[K, K]) I)^-1        (float64)
+    B = (G[:, K] + r I[:, K]) (G[K, K] + r I)^-1        (float64)
 
-With lam = 0 and G[K, K] invertible, B[K] = I: kept channels pass through exactly. After sequential calibration
-the target is the dense input x while the model sees z: B = C[:, K] (Gz[K, K] + lam * mean(diag) I)^-1 with
-C = sum x z^T. The system is solved by
+so B[K] = I for every lam (kept channels pass through exactly) and only the removed channels' reconstruction
+B[R] = G[R, K] (G[K, K] + r I)^-1 is shrunk; a large lam gives plain pruning. (Shrinking B[K] towards zero as well,
+as a plain ridge does, damps the kept channels: on SmolLM2's MLPs with 2k calibration tokens that made GRAIL worse
+than plain pruning at every lam tried, while this form beats it.) After sequential calibration the target is the
+dense input x while the model sees z: B = (C[:, K] + r I[:, K]) (Gz[K, K] + r I)^-1 with C = sum x z^T. The
+system is solved by
 Cholesky; when G[K, K] is singular (dead channels, too few calibration rows) a jitter of 1e-10 * mean diag is
 tried, then a least-squares (minimum-norm) solve, and the fallback is recorded.
+
+``grail+bias`` is the affine version: x ~ B z_K + c, ridge least squares on the augmented input [z_K, 1], whose
+Gram is built from Gz, the sums and the row count n (the constant is not penalised):
+
+    [B c] = [C[:, K] + r I[:, K]  sx] ( [[Gz[K, K], sz[K]], [sz[K]^T, n]] + r diag(1, .., 1, 0) )^-1
+
+Where the consumer cannot take a bias (no sums), it is plain ``grail``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from grailc.context import SlotStats
 from grailc.registry import compensator
+
+
+def ridge_solve(A: torch.Tensor, rhs: torch.Tensor, ridge: torch.Tensor, scale: torch.Tensor):
+    """X = (A + diag(ridge))^-1 rhs and the fallback used (None, "jitter": + 1e-10 * scale I, or "lstsq")."""
+    A = A + torch.diag(ridge)
+    eye = torch.eye(A.shape[0], dtype=torch.float64)
+    for jitter, tag in ((0.0, None), (1e-10, "jitter")):
+        L, info = torch.linalg.cholesky_ex(A + jitter * scale * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, L), tag
+    return torch.linalg.lstsq(A, rhs, driver="gelsd").solution, "lstsq"
 
 
 def ridge_map(G: torch.Tensor, keep: torch.Tensor, lam: float, cross: torch.Tensor | None = None):
@@ -23,17 +47,35 @@ def ridge_map(G: torch.Tensor, keep: torch.Tensor, lam: float, cross: torch.Tens
     G = G.to(torch.float64)
     gkk = G[keep][:, keep]
     scale = torch.diagonal(gkk).mean().clamp_min(1e-300)
-    eye = torch.eye(len(keep), dtype=torch.float64)
-    rhs = (G if cross is None else cross.to(torch.float64))[:, keep].T.contiguous()  # B^T = A^-1 C[:, K]^T
-    for jitter, tag in ((0.0, None), (1e-10, "jitter")):
-        A = gkk + (lam + jitter) * scale * eye
-        L, info = torch.linalg.cholesky_ex(A)
-        if int(info) == 0:
-            return torch.cholesky_solve(rhs, L).T.contiguous(), tag
-    sol = torch.linalg.lstsq(gkk + lam * scale * eye, rhs, driver="gelsd").solution
-    return sol.T.contiguous(), "lstsq"
+    rhs = (G if cross is None else cross.to(torch.float64))[:, keep].T.clone()  # B^T = A^-1 (C[:, K] + r I[:, K])^T
+    rhs[torch.arange(len(keep)), keep] += lam * scale
+    sol, tag = ridge_solve(gkk, rhs, torch.full((len(keep),), lam * scale, dtype=torch.float64), scale)
+    return sol.T.contiguous(), tag
+
+
+def affine_ridge_map(stats: SlotStats, keep: torch.Tensor, lam: float):
+    """B, c and the fallback used, from the augmented Gram of [z_K, 1]."""
+    k = len(keep)
+    gkk = stats.Gz.to(torch.float64)[keep][:, keep]
+    s = stats.sz.to(torch.float64)[keep]
+    A = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+    A[:k, :k], A[:k, k], A[k, :k], A[k, k] = gkk, s, s, float(stats.rows)
+    rhs = torch.cat([stats.C.to(torch.float64)[:, keep], stats.sx.to(torch.float64)[:, None]], dim=1).T.clone()
+    scale = torch.diagonal(gkk).mean().clamp_min(1e-300)
+    rhs[torch.arange(k), keep] += lam * scale  # the ridge pulls B towards I[:, K], as in ridge_map
+    ridge = torch.cat([torch.full((k,), lam * scale, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    sol, tag = ridge_solve(A, rhs, ridge, scale)  # [k + 1, size] = [B^T; c^T]
+    return sol[:k].T.contiguous(), sol[k].contiguous(), tag
 
 
 @compensator("grail")
-def grail(G, keep, lam, cross=None):
-    return ridge_map(G, keep, lam, cross)
+def grail(stats: SlotStats, keep, lam):
+    B, tag = ridge_map(stats.Gz, keep, lam, stats.C)
+    return B, None, tag
+
+
+@compensator("grail+bias")
+def grail_bias(stats: SlotStats, keep, lam):
+    if stats.sz is None:
+        return grail(stats, keep, lam)
+    return affine_ridge_map(stats, keep, lam)

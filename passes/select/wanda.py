@@ -3,6 +3,9 @@
 ``||x_c||_2 = sqrt(G_cc)`` comes from each consumer's own Gram, so a channel that a consumer weighs heavily and
 sees with large activations is kept. Scores are normalised per consumer (divided by their sum) so that wide and
 narrow consumers of a residual group count alike; a unit (a head) scores the sum of its channels.
+
+``wanda_sp`` is the same score under the name of the structured-LLM baseline (Wanda-SP: |W| * ||x|| of the down /
+output projection's columns, summed over its rows and over a head's channels), so LLM recipes read as published.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from grailc.registry import selector
 from grailc.surgery import consumer_columns, get_param
 
 
+@selector("wanda_sp")
 @selector("wanda")
 def wanda(ctx, group) -> torch.Tensor:
     score = torch.zeros(group.size, dtype=torch.float64)

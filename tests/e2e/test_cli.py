@@ -14,6 +14,7 @@ import torch
 import torchvision
 from photos import photos, random_crops
 from PIL import Image
+from two_inputs import ConvWithScale, TokensWithMask, ids_and_mask, image_and_scale
 
 from grailc.cli import main
 from grailc.loading import file_sha256
@@ -139,3 +140,102 @@ def test_a_failure_after_the_outputs_exist_says_so(tmp_path, capsys, monkeypatch
     assert code == 4
     assert f"the outputs in {out} were written before it" in err and "nothing was written" not in err
     assert (out / "report.json").is_file()
+
+
+def check_two_input_outputs(out, batch):
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["permutation_error"] <= 1e-5
+    assert report["params_after"] < report["params_before"]
+    assert report["onnx"]["relative_diff"] < 1e-3
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), batch)})[0]
+    pt2_out = torch.export.load(str(out / "model.pt2")).module()(*batch).detach().numpy()
+    np.testing.assert_allclose(onnx_out, pt2_out, atol=1e-4, rtol=1e-3)
+    return report
+
+
+def test_two_inputs_with_random_calibration(tmp_path, capsys):
+    model_path = tmp_path / "scaled.pt2"
+    torch.export.save(torch.export.export(ConvWithScale().eval(), image_and_scale(batch=2)[0]), str(model_path))
+    shapes = ["--input-shape", "1,3,8,8", "--input-shape", "1,1"]
+    assert main(["groups", str(model_path), *shapes]) == 0
+    out = tmp_path / "out"
+    code = main(["compress", str(model_path), "--calib", "random", *shapes, "--calib-batches", "3", "--batch-size",
+                 "4", "--held-out", "1", "--ratio", "0.5", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = check_two_input_outputs(out, image_and_scale(batch=3, count=1)[0])
+    assert report["recipe"]["input_shape"] == [[1, 3, 8, 8], [1, 1]] and report["data_free"]
+
+
+def test_two_inputs_from_a_pt_file_of_token_ids_and_masks(tmp_path, capsys):
+    model_path = tmp_path / "tokens.pt2"
+    torch.export.save(torch.export.export(TokensWithMask().eval(), ids_and_mask(batch=2)[0]), str(model_path))
+    calib = tmp_path / "calib.pt"
+    torch.save(tuple(torch.cat(column) for column in zip(*ids_and_mask())), calib)  # (ids, mask), 12 samples
+    out = tmp_path / "out"
+    code = main(["compress", str(model_path), "--calib", str(calib), "--calib-batches", "3", "--batch-size", "4",
+                 "--held-out", "1", "--ratio", "0.5", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = check_two_input_outputs(out, ids_and_mask(batch=3, count=1)[0])
+    assert report["recipe"]["input_shape"] == [[1, 6], [1, 6]]
+    assert report["calibration"]["source"] == f"tensor: {calib} (12 samples)"
+
+
+def test_one_input_shape_for_a_two_input_model_is_refused(tmp_path, capsys):
+    model_path = tmp_path / "scaled.pt2"
+    torch.export.save(torch.export.export(ConvWithScale().eval(), image_and_scale(batch=2)[0]), str(model_path))
+    code = main(["compress", str(model_path), "--calib", "random", "--input-shape", "1,3,8,8",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "1 input shape(s) given, but the model takes 2 input(s) (x, scale)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+class BnNet(torch.nn.Module):
+    """conv-BN-ReLU twice without conv biases, then pooling and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda i, o: torch.nn.Conv2d(i, o, 3, padding=1, bias=False)  # noqa: E731
+        self.body = torch.nn.Sequential(conv(1, 8), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), conv(8, 8),
+                                        torch.nn.BatchNorm2d(8), torch.nn.ReLU(), conv(8, 8), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("selector,compensate,extra", [("random", "grail+bias", []),
+                                                        ("wanda", "bias", ["--sequential"])])
+def test_random_selector_bias_compensation_and_repair(selector, compensate, extra, tmp_path, capsys):
+    """A bias is added to consumers that had none, BatchNorm statistics are repaired, ONNX agrees."""
+    model_path = tmp_path / "bn.pt2"
+    torch.export.save(torch.export.export(BnNet().eval(), (torch.randn(2, 1, 12, 12),)), str(model_path))
+    out = tmp_path / "out"
+    code = main(["compress", str(model_path), "--calib", "random", "--calib-batches", "3", "--batch-size", "4",
+                 "--held-out", "1", "--ratio", "0.5", "--selector", selector, "--compensate", compensate, "--repair",
+                 "--seed", "3", "--out", str(out), "--quiet", *extra])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["selector"] == selector and report["recipe"]["compensate"] == compensate
+    assert report["recipe"]["pipeline"] == ["analyse", "calibrate", "select", "compensate", "apply", "repair",
+                                            "verify"]
+    assert report["repair"]["batch_norms"] == 3 and report["onnx"]["max_abs_diff"] < 1e-3
+    pruned = [g for g in report["groups"] if g["kept"] < g["size"]]
+    assert pruned and all(g["recon_error_grail"] <= g["recon_error_plain"] for g in pruned)
+    params = dict(torch.export.load(str(out / "model.pt2")).module().named_parameters())
+    assert params["body.3.bias"].shape == (4,) and params["body.6.bias"].shape == (4,)
+
+
+def test_repair_reports_nothing_to_repair_without_batch_norm(tmp_path, capsys):
+    from grailc.models.fashion_vit import FashionViT
+
+    model_path = tmp_path / "vit.pt2"
+    torch.export.save(torch.export.export(FashionViT(depth=1).eval(), (torch.randn(2, 1, 28, 28),)), str(model_path))
+    out = tmp_path / "out"
+    code = main(["compress", str(model_path), "--calib", "random", "--calib-batches", "3", "--batch-size", "4",
+                 "--held-out", "1", "--ratio", "0.5", "--repair", "--no-onnx", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["repair"]["batch_norms"] == 0 and "nothing to repair" in report["repair"]["note"]

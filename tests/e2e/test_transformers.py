@@ -120,7 +120,7 @@ class BatchNormed(nn.Module):
 
 def test_permutation_check_catches_a_missed_carrier():
     gm, deps = traced(BatchNormed(), (1, 3, 8, 8))
-    x = [torch.randn(2, 3, 8, 8)]
+    x = [(torch.randn(2, 3, 8, 8),)]
     assert permutation_error(gm, deps, x) <= 1e-5
     missed = copy.deepcopy(deps)
     missed.carriers = [c for c in missed.carriers if c.module != "bn"]  # as if the analysis had not seen it

@@ -21,6 +21,15 @@ FAST = ["--calib", "random", "--input-shape", SHAPE_FLAG, "--calib-batches", "3"
 MODEL_FILES = ("model.pt2", "model.onnx")
 
 
+def fast_with(extra: list) -> list:
+    """FAST's flags, then ``extra``; an --input-shape in ``extra`` replaces FAST's (repeated, it would name a
+    second model input)."""
+    base = list(FAST)
+    if "--input-shape" in extra:
+        del base[base.index("--input-shape") : base.index("--input-shape") + 2]
+    return [*base, *extra]
+
+
 class Tiny(nn.Module):
     """conv-BN-ReLU, conv-ReLU, global pool, linear: two prunable groups."""
 

@@ -16,6 +16,7 @@ from .helpers import (
     DataDependentBranch,
     FlipBetweenConvs,
     assert_one_error_line,
+    fast_with,
     leftovers,
     run_cli,
     save_pt2,
@@ -54,7 +55,7 @@ def _recipe(text: str, *needles: str):
     return make
 
 
-# name -> (tmp_path -> (extra flags, needles in the error line)); later flags override FAST's
+# name -> (tmp_path -> (extra flags, needles in the error line)); they override FAST's (see fast_with)
 CASES = {
     "input shape unparseable": lambda t: (["--input-shape", "1,three,32,32"], ["input shape", "1,3,224,224"]),
     "input shape does not fit": lambda t: (["--input-shape", "1,1,32,32"], ["[1, 1, 32, 32]", "[N, 3, 32, 32]"]),
@@ -82,7 +83,7 @@ def test_bad_input_is_one_line(case, model_pt2, tmp_path, capfd):
     digest = sha256(model_pt2)
     out = tmp_path / "out"
 
-    code, lines = run_cli([model_pt2, *FAST, *extra, "--out", out], capfd)
+    code, lines = run_cli([model_pt2, *fast_with(extra), "--out", out], capfd)
 
     assert code == 2
     assert_one_error_line(lines, *needles)
@@ -111,7 +112,8 @@ def test_input_shape_that_does_not_fit_a_module(tmp_path, capfd):
     """A pickled module (no recorded input shape) run on 1 channel: the error says it is the input, not tracing."""
     path = tmp_path / "model.pt"
     torch.save(tiny(), path)
-    code, lines = run_cli([path, "--trust-pickle", *FAST, "--input-shape", "1,1,32,32", "--out", tmp_path / "o"], capfd)
+    code, lines = run_cli([path, "--trust-pickle", *fast_with(["--input-shape", "1,1,32,32"]), "--out", tmp_path / "o"],
+                          capfd)
     assert code == 2
     assert_one_error_line(lines, "[2, 1, 32, 32]", "--input-shape")
 

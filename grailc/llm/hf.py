@@ -1,0 +1,130 @@
+"""Hugging Face causal LMs: load from a local folder (``hf:PATH``), take narrowed weights back from a compressed
+graph, and save a folder that loads again.
+
+A compressed model whose layers all kept the same widths is saved as a plain Hugging Face folder: its config's
+``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim`` are rewritten, so
+``AutoModelForCausalLM.from_pretrained(out)`` loads it with no custom code. Layers with different widths (a global
+budget spreads the cuts unevenly) cannot be described by a config: the original config is kept and
+``grailc_shapes.json`` lists the shape of every parameter that differs from it. ``load_causal_lm`` builds the model
+from the config, gives those parameters their stored shapes, and loads the safetensors weights strictly
+(``trust_remote_code=False`` throughout; nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from grailc.errors import GrailcError
+
+SHAPES_FILE = "grailc_shapes.json"
+
+
+def load_causal_lm(folder, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a local folder, in eval mode, KV cache off."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise GrailcError(f"{folder} is not a Hugging Face model folder (no config.json)",
+                          fix="give hf:PATH with a folder saved by save_pretrained")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    shapes_file = folder / SHAPES_FILE
+    if shapes_file.exists():
+        from safetensors.torch import load_file
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        reshape_parameters(model, {k: tuple(v) for k, v in json.loads(shapes_file.read_text()).items()})
+        state = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(f))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not _tied(model, k)]
+        if missing or unexpected:
+            raise GrailcError(f"the weights in {folder} do not fit the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+        model.tie_weights()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.config.use_cache = False
+    return model.eval(), tokenizer
+
+
+def _tied(model, key: str) -> bool:
+    return key.endswith("lm_head.weight") and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def reshape_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give the named parameters new (empty) tensors of the given shapes, and fix the owning modules' sizes."""
+    for name, shape in shapes.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, attr)
+        setattr(owner, attr, torch.nn.Parameter(torch.empty(shape, dtype=old.dtype), requires_grad=False))
+        _fix_sizes(owner)
+
+
+def _fix_sizes(module: torch.nn.Module) -> None:
+    if isinstance(module, torch.nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, torch.nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+
+
+def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module, prefix: str = "") -> int:
+    """Copy every parameter of ``compressed`` (a graph whose parameters carry ``prefix`` + the names of
+    ``module``'s) into ``module``, taking the new shapes; returns how many changed shape."""
+    changed = 0
+    own = dict(module.named_parameters())
+    for name, value in compressed.named_parameters():
+        if not name.startswith(prefix) or name[len(prefix):] not in own:
+            continue
+        key = name[len(prefix):]
+        owner_name, _, attr = key.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        old = own[key]
+        changed += tuple(old.shape) != tuple(value.shape)
+        setattr(owner, attr, torch.nn.Parameter(value.detach().clone().to(old.dtype), requires_grad=False))
+        _fix_sizes(owner)
+    return changed
+
+
+def layer_widths(layer, head_dim: int) -> dict[str, int]:
+    """The widths of one LLaMA-family decoder layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {
+        "intermediate_size": mlp.down_proj.in_features,
+        "num_attention_heads": attn.q_proj.out_features // head_dim,
+        "num_key_value_heads": attn.k_proj.out_features // head_dim,
+    }
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def save_causal_lm(model, tokenizer, folder, original_shapes: dict[str, tuple[int, ...]]) -> str:
+    """Write the model (safetensors), tokenizer and config into ``folder``; returns "config" when the widths are
+    uniform (plain Hugging Face folder) or "shapes" when ``grailc_shapes.json`` was needed."""
+    folder = Path(folder)
+    config = model.config
+    head_dim = head_dim_of(config)
+    widths = [layer_widths(layer, head_dim) for layer in model.model.layers]
+    hidden = model.model.embed_tokens.weight.shape[1]
+    uniform = all(w == widths[0] for w in widths)
+    if uniform:
+        for key, value in widths[0].items():
+            setattr(config, key, value)
+        config.head_dim, config.hidden_size = head_dim, hidden
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if not uniform:
+        changed = {name: list(p.shape) for name, p in model.named_parameters()
+                   if tuple(p.shape) != tuple(original_shapes.get(name, p.shape))}
+        (folder / SHAPES_FILE).write_text(json.dumps(changed, indent=1))
+    return "config" if uniform else "shapes"

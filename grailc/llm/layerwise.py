@@ -1,0 +1,230 @@
+"""Layer-by-layer compression of a decoder-only LM through the ordinary pipeline.
+
+Each decoder layer is wrapped as a one-input module (hidden states in, hidden states out; rotary embeddings
+computed inside, causal attention without a mask) and compressed by :func:`grailc.compress` exactly like any other
+model: trace, analysis (MLP channels, attention heads with grouped-query units), Grams, selection, compensation,
+rewrite and the permutation self-check. The narrowed weights are copied back into the Hugging Face layer, and
+layer i+1 is calibrated on the outputs of the *compressed* layer i. Memory holds one layer's inputs and Grams:
+
+    calibration activations   N * T * d * 4 bytes        (N samples of T tokens, hidden width d, float32)
+    Grams (float64)           8 * (f^2 + (h * d_h)^2)    (MLP width f, attention width h * d_h)
+
+plus the model's weights. The hidden (residual) width runs through every layer and the embedding, so it cannot be
+cut layer by layer: ``--targets hidden`` is refused here.
+
+``structure="global"`` is FLAP's adaptive structure (AL-AM): a first pass over the dense model scores every unit
+of every layer with the fluctuation metric, standardises the scores within each layer and kind (heads / MLP),
+and keeps the best units across the whole model under one parameter budget; the second pass then compresses
+layer by layer with those per-layer counts, the selector choosing which units on the layer's actual input.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import resource
+import time
+
+import torch
+from tqdm import tqdm
+
+from grailc.errors import RecipeError
+from grailc.llm.hf import adopt_weights, head_dim_of, layer_widths
+from grailc.recipe import Recipe
+
+PREFIX = "layer."
+KIND_PATTERN = {"heads": "layer.self_attn.*", "channels": "layer.mlp.*"}
+
+
+class DecoderBlock(torch.nn.Module):
+    """One decoder layer as a function of its hidden states alone (positions 0..T-1, causal attention)."""
+
+    def __init__(self, layer: torch.nn.Module, rotary: torch.nn.Module):
+        super().__init__()
+        self.layer, self.rotary = layer, rotary
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        cos, sin = self.rotary(hidden, positions)
+        out = self.layer(hidden, position_ids=positions, position_embeddings=(cos, sin))
+        return out[0] if isinstance(out, tuple) else out
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The hidden states entering decoder layer 0 for each batch of token windows."""
+    found: list[torch.Tensor] = []
+
+    def grab(module, args, kwargs):
+        found.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Captured
+
+    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for chunk in windows.split(batch_size):
+            try:
+                model(chunk, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return found
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _layer_recipe(recipe: Recipe, ratios: dict[str, float] | None) -> Recipe:
+    r = copy.deepcopy(recipe)
+    r.calib = dataclasses.replace(r.calib, held_out=0)
+    r.input_shape = None
+    if ratios is not None:
+        r.ratios = dict(ratios)
+    return r
+
+
+def parse_layers(text: str | None, count: int) -> list[int]:
+    """'0-3,8' -> [0, 1, 2, 3, 8]; None -> every layer."""
+    if not text:
+        return list(range(count))
+    chosen = set()
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            chosen.update(range(int(a), int(b or a) + 1))
+    except ValueError:
+        raise RecipeError(f"--layers {text!r} is not a list of layer ranges", fix="e.g. --layers 0-3,8") from None
+    bad = sorted(i for i in chosen if not 0 <= i < count)
+    if bad:
+        raise RecipeError(f"--layers names layer {bad[0]}, but the model has layers 0-{count - 1}")
+    return sorted(chosen)
+
+
+def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: str = "uniform",
+                    only: list[int] | None = None, progress: bool = False) -> dict:
+    """Compress the decoder layers of ``model`` (all, or those listed in ``only``) in place; returns the report
+    (per layer: kept widths, reconstruction errors, timings, peak memory)."""
+    from grailc.api import compress
+    from grailc.recipe import TARGETS
+
+    if "embed" in {TARGETS[t] for t in recipe.targets}:
+        raise RecipeError("the hidden (residual) width cannot be pruned layer by layer",
+                          fix="use --targets mlp,heads for decoder LLMs")
+    if structure not in ("uniform", "global"):
+        raise RecipeError(f"unknown structure {structure!r}", fix="use uniform or global")
+    layers, rotary = model.model.layers, model.model.rotary_emb
+    head_dim = head_dim_of(model.config)
+    batch_size = recipe.calib.batch_size
+    start = time.perf_counter()
+    batches = first_layer_inputs(model, windows, batch_size)
+    chosen = set(range(len(layers)) if only is None else only)
+    plan = global_plan(model, batches, recipe, chosen, progress) if structure == "global" else None
+    report = {"layers": [], "structure": structure, "samples": int(windows.shape[0]),
+              "seq_len": int(windows.shape[1])}
+    if plan is not None:
+        report["global_plan"] = plan
+    for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        block = DecoderBlock(layers[i], rotary)
+        if i not in chosen:
+            with torch.no_grad():
+                batches = [block(x) for x in batches]
+            continue
+        before = layer_widths(layers[i], head_dim)
+        ratios = plan["ratios"][i] if plan is not None else None
+        result = compress(block, calib=batches, recipe=_layer_recipe(recipe, ratios), measure_latency=False)
+        adopt_weights(block, result.module, prefix="")
+        with torch.no_grad():
+            batches = [block(x) for x in batches]
+        groups = [g for g in result.report["groups"] if g["kept"] < g["size"]]
+        report["layers"].append({
+            "layer": i,
+            "before": before,
+            "after": layer_widths(layers[i], head_dim),
+            "groups": [{k: g[k] for k in ("kind", "size", "kept", "recon_error_plain", "recon_error_grail",
+                                           "compensation_refused")} for g in groups],
+            "permutation_error": result.report.get("verification", {}).get("permutation_error"),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "peak_rss_mib": round(_peak_rss_mib(), 1),
+        })
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    return report
+
+
+def layer_statistics(block: torch.nn.Module, batches: list[torch.Tensor], recipe: Recipe):
+    """Trace, analyse and calibrate one block (no selection): the Context holding its groups, Grams and sums."""
+    from grailc.context import Context
+    from grailc.passmanager import run_pipeline
+    from grailc.trace import capture
+
+    gm, example = capture(block, [tuple(batches[0].shape)], data=(batches[0],))
+    ctx = Context(gm=gm, reference=gm, example=example, recipe=_layer_recipe(recipe, None),
+                  calib=[(x,) for x in batches], progress=False)
+    run_pipeline(ctx, ["analyse", "calibrate"])
+    return ctx
+
+
+def unit_cost(ctx, group) -> float:
+    """Parameters removed with one unit: its rows in every producer and its columns in every consumer."""
+    from grailc.surgery import get_param
+
+    total = 0
+    for slot in [*group.producers, *group.consumers]:
+        w = get_param(ctx.gm, slot.fact.weight)
+        total += w.numel() // w.shape[slot.fact.dim] * slot.size
+    return total / group.size
+
+
+def _standardised_unit_scores(ctx, group) -> torch.Tensor:
+    """FLAP's per-layer standardisation: channel scores to zero mean and unit variance, then a unit's mean."""
+    from passes.select.flap import fluctuation
+
+    units = torch.zeros(group.size, dtype=torch.float64)
+    for slot in group.consumers:
+        s = fluctuation(ctx, slot)
+        s = (s - s.mean()) / s.std().clamp_min(1e-300)
+        units += s.reshape(group.size, -1).mean(1)
+    return units / max(1, len(group.consumers))
+
+
+@torch.no_grad()
+def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool = False) -> dict:
+    """FLAP's adaptive structure: per-layer unit counts from standardised fluctuation scores under one budget,
+    the units with the highest scores kept until (1 - ratio) of the prunable parameters is reached (at least one
+    unit per group)."""
+    from grailc.recipe import TARGETS
+
+    targets = {TARGETS[t] for t in recipe.targets}
+    units = []  # (score, cost, layer, kind)
+    sizes: dict[tuple[int, str], int] = {}
+    for i, layer in enumerate(tqdm(model.model.layers, desc="scores", unit="layer", disable=not progress,
+                                   leave=False)):
+        block = DecoderBlock(layer, model.model.rotary_emb)
+        if i not in chosen:
+            batches = [block(x) for x in batches]
+            continue
+        ctx = layer_statistics(block, batches, recipe)
+        for group in ctx.deps.prunable():
+            if group.target not in targets or group.size < 2:
+                continue
+            cost = unit_cost(ctx, group)
+            sizes[(i, group.target)] = group.size
+            units += [(float(s), cost, i, group.target) for s in _standardised_unit_scores(ctx, group)]
+        batches = [block(x) for x in batches]  # the dense model's own outputs feed the next layer's scores
+    budget = (1.0 - recipe.ratio) * sum(u[1] for u in units)
+    kept = {key: 0 for key in sizes}
+    spent = 0.0
+    for _, cost, i, kind in sorted(units, key=lambda u: -u[0]):
+        if kept[(i, kind)] == 0 or spent + cost <= budget:
+            kept[(i, kind)] += 1
+            spent += cost
+    ratios = [{KIND_PATTERN[kind]: 1.0 - kept[(j, kind)] / sizes[(j, kind)] for (j, kind) in sizes if j == i}
+              for i in range(len(model.model.layers))]
+    return {"ratios": ratios, "kept": {f"{i}.{kind}": k for (i, kind), k in kept.items()},
+            "kept_fraction": round(spent / max(1e-300, sum(u[1] for u in units)), 4)}

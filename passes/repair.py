@@ -1,0 +1,105 @@
+"""Repair: re-estimate the statistics of every BatchNorm of the compressed graph on the calibration batches
+(label-free, no backprop). Pruning and compensation shift the distribution each BatchNorm normalises; in eval mode
+it still uses the dense model's running statistics. Each BatchNorm, in graph order (so that it sees the already
+repaired upstream), gets
+
+    running_mean = mean(x),    running_var = mean((x - running_mean)^2)
+
+per channel over every calibration position (N*H*W), accumulated in float64. Cost: one forward pass, up to that
+BatchNorm, per BatchNorm. The report says how far the statistics moved, or that there was nothing to repair.
+"""
+
+from __future__ import annotations
+
+import torch
+from grailc.passes.calibrate import batches_for
+from torch import fx
+
+from grailc.passmanager import Pass, register_pass
+from grailc.surgery import get_param, set_param
+
+aten = torch.ops.aten
+# overload -> (index of the training flag or None, index of eps); args are (x, weight, bias, mean, var, ...)
+BATCH_NORMS = {aten._native_batch_norm_legit_no_training.default: (None, 6), aten.batch_norm.default: (5, 7)}
+
+
+def batch_norms(gm: fx.GraphModule) -> list[fx.Node]:
+    """The eval-mode BatchNorm nodes whose running statistics are buffers, in graph order."""
+    found = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in BATCH_NORMS:
+            continue
+        flag = BATCH_NORMS[n.target][0]
+        stats = n.args[3:5]
+        if (flag is None or not n.args[flag]) and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in stats):
+            found.append(n)
+    return found
+
+
+class _Reached(Exception):
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+
+class _InputOf(fx.Interpreter):
+    """Runs the graph until ``node`` and raises its first input."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node):
+        super().__init__(gm)
+        self.node = node
+
+    def run_node(self, n: fx.Node):
+        if n is self.node:
+            raise _Reached(self.env[n.args[0]])
+        return super().run_node(n)
+
+
+def input_moments(gm: fx.GraphModule, node: fx.Node, batches: list):
+    """Per-channel (dim 1) mean and variance of the input of ``node`` over every batch and position (float64).
+    A batch is a tensor or a tuple with one tensor per model input."""
+    dtype = next((p.dtype for p in gm.parameters()), torch.float32)
+    total, squares, count = 0.0, 0.0, 0
+    for batch in batches:
+        inputs = batch if isinstance(batch, tuple) else (batch,)
+        try:
+            with torch.no_grad():
+                _InputOf(gm, node).run(*(t.to(dtype) if t.is_floating_point() else t for t in inputs))
+        except _Reached as reached:
+            a = reached.x.detach().movedim(1, -1).reshape(-1, reached.x.shape[1]).to(torch.float64)
+            total, squares, count = total + a.sum(0), squares + (a * a).sum(0), count + a.shape[0]
+    mean = total / count
+    return mean, (squares / count - mean * mean).clamp_min(0)
+
+
+def repair_batch_norms(gm: fx.GraphModule, batches: list) -> dict:
+    """Re-estimate every BatchNorm in graph order; what changed, for the report."""
+    norms = batch_norms(gm)
+    if not norms:
+        return {"batch_norms": 0, "note": "nothing to repair: the graph has no BatchNorm with running statistics"}
+    mean_moves, std_ratios = [], []
+    for n in norms:
+        mean_target, var_target, eps = n.args[3].target, n.args[4].target, float(n.args[BATCH_NORMS[n.target][1]])
+        old_mean, old_var = get_param(gm, mean_target), get_param(gm, var_target)
+        mean, var = input_moments(gm, n, batches)
+        old_std = (old_var.to(torch.float64) + eps).sqrt()
+        mean_moves.append(float(((mean - old_mean.to(torch.float64)).abs() / old_std).mean()))
+        std_ratios.append(float(((var + eps).sqrt() / old_std).mean()))
+        set_param(gm, mean_target, mean.to(old_mean.dtype))
+        set_param(gm, var_target, var.to(old_var.dtype))
+    return {
+        "batch_norms": len(norms),
+        "batches": len(batches),
+        # averages over BatchNorms of the per-channel means: |new mean - old mean| / old std, new std / old std
+        "mean_shift_in_std": sum(mean_moves) / len(norms),
+        "std_ratio": sum(std_ratios) / len(norms),
+    }
+
+
+@register_pass
+class Repair(Pass):
+    """Re-estimate BatchNorm statistics of the compressed graph (parameters change, the graph does not)."""
+
+    name = "repair"
+
+    def run(self, ctx) -> None:
+        ctx.report["repair"] = repair_batch_norms(ctx.gm, batches_for(ctx.gm, ctx.calib))

@@ -1,0 +1,217 @@
+"""The formulas behind the random selector, the first moments of calibration, the bias compensators, the affine
+reconstruction error and BatchNorm repair."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from grailc.passes.calibrate import record_cross_grams, record_grams
+from grailc.passes.compensate import recon_error
+from grailc.passes.compensate.bias import mean_shift
+from grailc.passes.compensate.grail import affine_ridge_map, grail_bias, ridge_map
+from grailc.passes.repair import batch_norms, repair_batch_norms
+from grailc.passes.select.random import random_units
+from graph_checks import traced
+from torch import nn
+
+import grailc
+from grailc.context import SlotStats
+from grailc.recipe import Recipe
+from grailc.surgery import get_param, offset_shift, selection, tap_coverage
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+
+
+def batches(shape, count=4, shift=1.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(*shape, generator=g) + shift for _ in range(count)]
+
+
+def hidden_group(deps):
+    return next(g for g in deps.prunable() if g.size == 16)
+
+
+def stats_from(x: torch.Tensor, z: torch.Tensor) -> SlotStats:
+    x, z = x.to(torch.float64), z.to(torch.float64)
+    return SlotStats(z.T @ z, x.T @ z, x.T @ x, z.sum(0), x.sum(0), x.shape[0])
+
+
+def test_random_selector_is_seeded_by_recipe_and_group():
+    def scores(seed, gid):
+        recipe = Recipe()
+        recipe.calib.seed = seed
+        return random_units(SimpleNamespace(recipe=recipe), SimpleNamespace(id=gid, size=10))
+
+    assert torch.equal(scores(0, 3), scores(0, 3))
+    assert not torch.equal(scores(0, 3), scores(0, 4)) and not torch.equal(scores(0, 3), scores(1, 3))
+    assert scores(0, 3).shape == (10,) and scores(0, 3).dtype == torch.float64
+
+
+def test_one_shot_sums_are_first_moments():
+    model = mlp()
+    gm, deps = traced(model, (1, 6))
+    data = batches((8, 6))
+    sums = {}
+    grams, rows = record_grams(gm, [hidden_group(deps)], [(x,) for x in data], sums=sums)
+    (key,) = grams
+    h = torch.cat([F.relu(model[0](x)) for x in data]).detach().to(torch.float64)
+    assert rows[key] == 32
+    torch.testing.assert_close(sums[key] / rows[key], h.mean(0))
+    torch.testing.assert_close(grams[key], h.T @ h)
+
+
+def test_sequential_sums_separate_what_the_model_sees_from_the_dense_target():
+    model = mlp()
+    gm, deps = traced(model, (1, 6))
+    shadow = copy.deepcopy(gm)
+    bias = next(n for n, _ in shadow.named_parameters() if n.endswith("0.bias"))
+    with torch.no_grad():
+        shadow.get_parameter(bias).add_(1.0)
+    data = batches((8, 6))
+    sums, target_sums = {}, {}
+    gz, cross, gx, rows = record_cross_grams(gm, shadow, hidden_group(deps), [(x,) for x in data], sums,
+                                             target_sums)
+    (key,) = gz
+    x = torch.cat([F.relu(model[0](b)) for b in data]).detach().to(torch.float64)
+    z = torch.cat([F.relu(model[0](b) + 1) for b in data]).detach().to(torch.float64)
+    torch.testing.assert_close(sums[key] / rows[key], z.mean(0))
+    torch.testing.assert_close(target_sums[key] / rows[key], x.mean(0))
+    torch.testing.assert_close(cross[key], x.T @ z)
+
+
+def test_affine_recon_error_matches_the_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64) + 2
+    z = x + 0.1 * torch.randn(200, 6, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3])
+    B, c = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    M = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    direct = ((x - z[:, keep] @ B.T - c) @ M.T).square().sum() / (x @ M.T).square().sum()
+    stats = stats_from(x, z)
+    assert recon_error(stats, M.T @ M, B, keep, c) == pytest.approx(float(direct), rel=1e-9)
+    plain = ((x - z[:, keep] @ selection(6, keep).T) @ M.T).square().sum() / (x @ M.T).square().sum()
+    assert recon_error(stats, M.T @ M, selection(6, keep), keep) == pytest.approx(float(plain), rel=1e-9)
+
+
+def test_bias_moves_the_mean_of_the_removed_channels_and_is_the_best_offset():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(100, 5, generator=g, dtype=torch.float64) * torch.arange(1.0, 6.0, dtype=torch.float64)
+    keep = torch.tensor([1, 3])
+    B, c, fallback = mean_shift(stats_from(x, x), keep, 1e-3)
+    expected = x.mean(0)
+    expected[keep] = 0
+    assert B is None and fallback is None
+    torch.testing.assert_close(c, expected)
+    H = torch.eye(5, dtype=torch.float64)
+    best = recon_error(stats_from(x, x), H, selection(5, keep), keep, c)
+    assert best < recon_error(stats_from(x, x), H, selection(5, keep), keep)
+    for d in torch.eye(5, dtype=torch.float64):
+        assert best < recon_error(stats_from(x, x), H, selection(5, keep), keep, c + 0.01 * d)
+    stats = stats_from(x, x)
+    assert mean_shift(SlotStats(stats.Gz, stats.C, stats.Gx, None, None, 100), keep, 1e-3) == (None, None, None)
+
+
+def test_grail_bias_is_affine_least_squares_on_the_kept_channels():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 6, generator=g, dtype=torch.float64) + 1.5
+    x = z @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 3 + 0.1 * torch.randn(300, 6, generator=g,
+                                                                                         dtype=torch.float64)
+    keep = torch.tensor([0, 1, 4])
+    B, c, _ = affine_ridge_map(stats_from(x, z), keep, 0.0)
+    design = torch.cat([z[:, keep], torch.ones(300, 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, x).solution  # [k + 1, size]
+    torch.testing.assert_close(B, solution[:3].T)
+    torch.testing.assert_close(c, solution[3])
+    # the ridge pulls B towards plain pruning but never the constant: with a huge ridge B -> I[:, K] and c -> the
+    # best offset for it, mean(x - I[:, K] z_K)
+    B, c, _ = grail_bias(stats_from(x, z), keep, 1e9)
+    plain = selection(6, keep).to(torch.float64)
+    torch.testing.assert_close(B, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c, (x - z[:, keep] @ plain.T).mean(0), atol=1e-5, rtol=0)
+
+
+def test_grail_ridge_pulls_towards_plain_pruning():
+    """B[K] = I at every lam (kept channels pass through); lam -> inf gives plain pruning; lam = 0 least squares."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3])
+    G = x.T @ x
+    for lam in (0.0, 0.1, 10.0):
+        B, _ = ridge_map(G, keep, lam)
+        torch.testing.assert_close(B[keep], torch.eye(3, dtype=torch.float64))
+    B, _ = ridge_map(G, keep, 1e12)
+    torch.testing.assert_close(B, selection(5, keep).to(torch.float64), atol=1e-8, rtol=0)
+    B, _ = ridge_map(G, keep, 0.0)
+    torch.testing.assert_close(B, torch.linalg.lstsq(x[:, keep], x).solution.T)
+
+
+def test_tap_coverage_gives_the_mean_output_of_a_constant_input():
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).eval()
+    gm, deps = traced(nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(4, 2, 1)), (1, 2, 4, 4))
+    consumer = next(c for c in deps.consumers if c.kind == "conv" and get_param(gm, c.weight).shape[-1] == 3)
+    cov = tap_coverage(gm, consumer).reshape(3, 3)
+    torch.testing.assert_close(cov, torch.outer(torch.tensor([0.75, 1, 0.75]), torch.tensor([0.75, 1, 0.75])).double())
+    c = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    weight = get_param(gm, consumer.weight)
+    mean_out = F.conv2d(c.float()[None, :, None, None].expand(1, 3, 4, 4), weight, padding=1).mean((0, 2, 3))
+    torch.testing.assert_close(offset_shift(gm, consumer, weight, 0, 3, c).float(), mean_out)
+
+
+@pytest.mark.parametrize("compensate", ["bias", "grail+bias"])
+def test_bias_compensation_keeps_the_mean_output_and_adds_a_missing_bias(compensate):
+    model = mlp()
+    data = batches((32, 6))
+    result = grailc.compress(model, calib=data, ratio=0.5, calib_held_out=0, compensate=compensate, onnx=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x).mean(0), model(x).mean(0), atol=1e-5, rtol=0)
+
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1, bias=False)).eval()
+    result = grailc.compress(net, calib=batches((4, 1, 6, 6)), ratio=0.5, calib_held_out=1, compensate=compensate,
+                             onnx=False)
+    params = dict(result.module.named_parameters())
+    assert params["2.bias"].shape == (4,) and params["0.weight"].shape[0] == 4
+    assert result.report["compensation_refused"] == 0
+
+
+class BnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn_b(self.b(F.relu(self.bn_a(self.a(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_repair_sets_each_batch_norm_to_the_statistics_of_its_input():
+    data = batches((8, 1, 6, 6))
+    result = grailc.compress(BnNet().eval(), calib=data, ratio=0.5, calib_held_out=1, repair=True, onnx=False)
+    assert result.recipe.pipeline.index("repair") == result.recipe.pipeline.index("apply") + 1
+    report = result.report["repair"]
+    assert report["batch_norms"] == 2 and report["batches"] == 3
+    gm = result.module
+    norms = batch_norms(gm)
+    before = {n.args[3].target: get_param(gm, n.args[3].target).clone() for n in norms}
+    assert repair_batch_norms(gm, [(x,) for x in data[:3]])["mean_shift_in_std"] < 1e-6  # already repaired
+    for n in norms:  # the input of each BatchNorm, on the repaired model, has the stored statistics
+        torch.testing.assert_close(get_param(gm, n.args[3].target), before[n.args[3].target])
+    a = F.conv2d(torch.cat(data[:3]), get_param(gm, norms[0].args[0].args[1].target), padding=1).double()
+    torch.testing.assert_close(get_param(gm, norms[0].args[3].target).double(), a.mean((0, 2, 3)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(get_param(gm, norms[0].args[4].target).double(), a.var((0, 2, 3), unbiased=False),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_repair_without_batch_norm_says_there_is_nothing_to_repair():
+    result = grailc.compress(mlp(), calib=batches((8, 6)), ratio=0.5, calib_held_out=1, repair=True, onnx=False)
+    assert result.report["repair"]["batch_norms"] == 0
+    assert "nothing to repair" in result.report["repair"]["note"]
