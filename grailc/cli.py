@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mean", type=float, nargs="+", help="per-channel mean for images")
     c.add_argument("--std", type=float, nargs="+", help="per-channel std for images")
     c.add_argument("--ratio", type=float, help="fraction of channels removed in every prunable group (default 0.5)")
-    c.add_argument("--selector", help="magnitude | wanda | random | wanda_sp | flap (default wanda)")
+    c.add_argument("--selector", help="magnitude | wanda | random | gram | wanda_sp | flap | slimgpt (default wanda)")
     c.add_argument("--compensate", help="grail | none | bias | grail+bias (default grail)")
     c.add_argument("--lam", type=float, help="ridge, relative to mean(diag G[K,K]) (default 1e-3; 0.1 for hf: LLMs)")
     c.add_argument("--sequential", action="store_true",
@@ -61,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     llm = c.add_argument_group("decoder LLMs (hf:FOLDER, --calib text:FILE.txt)")
     llm.add_argument("--calib-samples", type=int, default=128, help="calibration windows of text (default 128)")
     llm.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    llm.add_argument("--structure", default="uniform", choices=["uniform", "global"],
+    llm.add_argument("--structure", default="uniform", choices=["uniform", "global", "incremental"],
                      help="uniform: --ratio in every layer; global: FLAP's adaptive structure, one parameter budget "
-                     "spread across layers by standardised fluctuation scores (default uniform)")
+                     "spread across layers by standardised fluctuation scores; incremental: SlimGPT's ratios growing "
+                     "with depth, --ratio on average (default uniform)")
     llm.add_argument("--layers", help="compress only these decoder layers, e.g. 0-3,8 (default all)")
     c.add_argument("--out", default="grailc-out", help="output folder (default grailc-out)")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")

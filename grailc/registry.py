@@ -37,4 +37,5 @@ def load_builtin() -> None:
     import grailc.passes.select.flap  # noqa: F401
     import grailc.passes.select.magnitude  # noqa: F401
     import grailc.passes.select.random  # noqa: F401
+    import grailc.passes.select.slimgpt  # noqa: F401
     import grailc.passes.select.wanda  # noqa: F401

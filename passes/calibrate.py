@@ -66,9 +66,11 @@ class InputRecorder(fx.Interpreter):
     """Runs the graph and hands each watched consumer's input, as [rows, C] float64, to ``on_input`` right
     before the consumer runs; stops after ``stop_after``; names the node where activations stop being finite."""
 
-    def __init__(self, gm: fx.GraphModule, slots_by_node: dict[str, list], on_input, stop_after: str | None = None):
+    def __init__(self, gm: fx.GraphModule, slots_by_node: dict[str, list], on_input, stop_after: str | None = None,
+                 check_nodes: bool = True):
         super().__init__(gm)
         self.slots_by_node, self.on_input, self.stop_after = slots_by_node, on_input, stop_after
+        self.check_nodes = check_nodes  # off: the caller checks its statistics and reruns with it on to locate
 
     def run_node(self, n: fx.Node):
         slots = self.slots_by_node.get(n.name)
@@ -79,7 +81,7 @@ class InputRecorder(fx.Interpreter):
             if n.name == self.stop_after:
                 raise _Done
         out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and out.is_floating_point() and not _finite(out):
+        if self.check_nodes and isinstance(out, torch.Tensor) and out.is_floating_point() and not _finite(out):
             raise CalibrationError(f"non-finite values (NaN/Inf) {_where_non_finite(n)}", fix=_non_finite_fix(n))
         return out
 
@@ -165,10 +167,24 @@ def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progre
             if sums is not None:
                 _accumulate(sums, slot.key, part.sum(0))
 
-    recorder = InputRecorder(gm, _slots_by_node(groups), add)
+    recorder = InputRecorder(gm, _slots_by_node(groups), add, check_nodes=False)
     for x in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
         recorder.feed(x)
+    _check_finite_statistics(gm, grams, batches)
     return grams, rows
+
+
+def _check_finite_statistics(gm: fx.GraphModule, grams: dict, batches) -> None:
+    """Checking every node's output costs a third of calibration; a non-finite activation that reaches a consumer
+    makes its Gram non-finite, so only then are the batches run again, node by node, to say where it appeared."""
+    bad = [key for key, G in grams.items() if not _finite(G)]
+    if not bad:
+        return
+    locator = InputRecorder(gm, {}, lambda slots, xr: None)
+    for x in batches:
+        locator.feed(x)  # raises at the first non-finite node
+    raise CalibrationError(f"the input statistics of {bad[0]} overflowed to Inf (float64)",
+                           fix="check the calibration data's scale and the model's weights")
 
 
 def record_cross_grams(dense: fx.GraphModule, shadow: fx.GraphModule, group, batches: list[torch.Tensor],

@@ -12,6 +12,7 @@ from the config, gives those parameters their stored shapes, and loads the safet
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -22,8 +23,27 @@ from grailc.errors import GrailcError
 SHAPES_FILE = "grailc_shapes.json"
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """No progress bars from transformers while loading or saving (grailc prints its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_causal_lm(folder, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a local folder, in eval mode, KV cache off."""
+    with quiet_transformers():
+        return _load_causal_lm(folder, dtype)
+
+
+def _load_causal_lm(folder, dtype: torch.dtype | None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -121,8 +141,9 @@ def save_causal_lm(model, tokenizer, folder, original_shapes: dict[str, tuple[in
         for key, value in widths[0].items():
             setattr(config, key, value)
         config.head_dim, config.hidden_size = head_dim, hidden
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    with quiet_transformers():
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
     if not uniform:
         changed = {name: list(p.shape) for name, p in model.named_parameters()
                    if tuple(p.shape) != tuple(original_shapes.get(name, p.shape))}

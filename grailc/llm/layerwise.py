@@ -12,6 +12,9 @@ layer i+1 is calibrated on the outputs of the *compressed* layer i. Memory holds
 plus the model's weights. The hidden (residual) width runs through every layer and the embedding, so it cannot be
 cut layer by layer: ``--targets hidden`` is refused here.
 
+``structure="incremental"`` is SlimGPT's incremental pruning ratio: deeper layers lose more, in proportion to
+ln(2 + layer index), the mean over the layers being the recipe's ratio.
+
 ``structure="global"`` is FLAP's adaptive structure (AL-AM): a first pass over the dense model scores every unit
 of every layer with the fluctuation metric, standardises the scores within each layer and kind (heads / MLP),
 and keeps the best units across the whole model under one parameter budget; the second pass then compresses
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import resource
 import time
 
@@ -32,7 +36,8 @@ from grailc.errors import RecipeError
 from grailc.llm.hf import adopt_weights, head_dim_of, layer_widths
 from grailc.recipe import Recipe
 
-PREFIX = "layer."
+STRUCTURES = ("uniform", "global", "incremental")
+MAX_LAYER_RATIO = 0.95
 KIND_PATTERN = {"heads": "layer.self_attn.*", "channels": "layer.mlp.*"}
 
 
@@ -48,6 +53,19 @@ class DecoderBlock(torch.nn.Module):
         cos, sin = self.rotary(hidden, positions)
         out = self.layer(hidden, position_ids=positions, position_embeddings=(cos, sin))
         return out[0] if isinstance(out, tuple) else out
+
+
+def decoder_parts(model) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
+    """The decoder layers and the rotary embedding of a LLaMA-family causal LM, or a clear refusal."""
+    inner = getattr(model, "model", None)
+    layers, rotary = getattr(inner, "layers", None), getattr(inner, "rotary_emb", None)
+    if layers is None or rotary is None or not all(hasattr(l, "self_attn") and hasattr(l, "mlp") for l in layers):
+        raise RecipeError(
+            f"{type(model).__name__} is not a LLaMA-family decoder (model.layers with self_attn and mlp, and "
+            "model.rotary_emb): grailc compresses those layer by layer",
+            fix="use a LLaMA, Mistral, Qwen2 or SmolLM model, or export the model to .pt2 and compress it whole",
+        )
+    return layers, rotary
 
 
 class _Captured(Exception):
@@ -115,15 +133,16 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
     if "embed" in {TARGETS[t] for t in recipe.targets}:
         raise RecipeError("the hidden (residual) width cannot be pruned layer by layer",
                           fix="use --targets mlp,heads for decoder LLMs")
-    if structure not in ("uniform", "global"):
-        raise RecipeError(f"unknown structure {structure!r}", fix="use uniform or global")
-    layers, rotary = model.model.layers, model.model.rotary_emb
+    if structure not in STRUCTURES:
+        raise RecipeError(f"unknown structure {structure!r}", fix=f"use one of {', '.join(STRUCTURES)}")
+    layers, rotary = decoder_parts(model)
     head_dim = head_dim_of(model.config)
     batch_size = recipe.calib.batch_size
     start = time.perf_counter()
     batches = first_layer_inputs(model, windows, batch_size)
     chosen = set(range(len(layers)) if only is None else only)
-    plan = global_plan(model, batches, recipe, chosen, progress) if structure == "global" else None
+    plan = (global_plan(model, batches, recipe, chosen, progress) if structure == "global"
+            else incremental_plan(len(layers), chosen, recipe.ratio) if structure == "incremental" else None)
     report = {"layers": [], "structure": structure, "samples": int(windows.shape[0]),
               "seq_len": int(windows.shape[1])}
     if plan is not None:
@@ -157,6 +176,19 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
     return report
 
 
+def incremental_plan(count: int, chosen: set[int], ratio: float) -> dict:
+    """SlimGPT's incremental pruning ratio: deeper layers lose more, logarithmically in depth, averaging ``ratio``
+    over the chosen layers: r_l = ratio * ln(2 + l) / mean_l ln(2 + l), capped at 0.95."""
+    layers = sorted(chosen)
+    weights = {i: math.log(2 + i) for i in layers}
+    mean = sum(weights.values()) / max(1, len(layers))
+    ratios = [{} for _ in range(count)]
+    for i in layers:
+        r = min(MAX_LAYER_RATIO, ratio * weights[i] / mean)
+        ratios[i] = {pattern: r for pattern in KIND_PATTERN.values()}
+    return {"ratios": ratios, "per_layer": {i: round(ratios[i][KIND_PATTERN["channels"]], 4) for i in layers}}
+
+
 def layer_statistics(block: torch.nn.Module, batches: list[torch.Tensor], recipe: Recipe):
     """Trace, analyse and calibrate one block (no selection): the Context holding its groups, Grams and sums."""
     from grailc.context import Context
@@ -183,7 +215,7 @@ def unit_cost(ctx, group) -> float:
 
 def _standardised_unit_scores(ctx, group) -> torch.Tensor:
     """FLAP's per-layer standardisation: channel scores to zero mean and unit variance, then a unit's mean."""
-    from passes.select.flap import fluctuation
+    from grailc.passes.select.flap import fluctuation
 
     units = torch.zeros(group.size, dtype=torch.float64)
     for slot in group.consumers:

@@ -24,16 +24,21 @@ from grailc.registry import COMPENSATORS, compensator, load_builtin
 from grailc.surgery import consumer_columns, get_param, selection, takes_bias
 
 
-def recon_error(stats: SlotStats, H, B: torch.Tensor, keep: torch.Tensor, c: torch.Tensor | None = None) -> float:
-    """<E, H> / <Gx, H> with E = E[(x - B z_K - c)(x - B z_K - c)^T] * n as in the module docstring."""
-    ck = stats.C[:, keep]
-    E = stats.Gx - ck @ B.T - B @ ck.T + B @ stats.Gz[keep][:, keep] @ B.T
+def recon_error(stats: SlotStats, M: torch.Tensor, B: torch.Tensor, keep: torch.Tensor,
+                c: torch.Tensor | None = None) -> float:
+    """<E, H> / <Gx, H> with E as in the module docstring and H = M^T M, computed through P = M B so that no
+    size x size product is formed: <E, H> = <M Gx, M> - 2 <M C_K, P> + <P Gz[K, K], P> - 2 (M r).(M c) + n |M c|^2.
+    """
+    M = M.to(torch.float64)
+    P = M @ B.to(torch.float64)
+    mc = M @ stats.C[:, keep]
+    num = -2 * (mc * P).sum() + ((P @ stats.Gz[keep][:, keep]) * P).sum()
     if c is not None:
-        r = (stats.sx - B @ stats.sz[keep])[:, None]
-        c = c[:, None].to(torch.float64)
-        E = E - r @ c.T - c @ r.T + stats.rows * (c @ c.T)
-    den = (stats.Gx * H).sum()
-    return float((E * H).sum() / den) if den > 0 else 0.0
+        r = stats.sx - B.to(torch.float64) @ stats.sz[keep]
+        m_c = M @ c.to(torch.float64)
+        num = num - 2 * (M @ r) @ m_c + stats.rows * (m_c @ m_c)
+    den = ((M @ stats.Gx) * M).sum()
+    return float((den + num) / den) if den > 0 else 0.0
 
 
 def slot_stats(ctx, slot) -> SlotStats:
@@ -60,13 +65,12 @@ def compensate_group(ctx, group) -> None:
     for slot in group.consumers:
         keep = slot.keep(decision.keep)
         stats = slot_stats(ctx, slot)
-        m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float32)
-        H = (m.T @ m).to(torch.float64)
+        m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float64)
         plain = selection(slot.size, keep)
-        fold = Fold(None, recon_error_plain=recon_error(stats, H, plain, keep))
+        fold = Fold(None, recon_error_plain=recon_error(stats, m, plain, keep))
         B, c, fallback = solve(stats, keep, ctx.recipe.lam)
         if B is not None or c is not None:
-            err = recon_error(stats, H, plain if B is None else B, keep, c)
+            err = recon_error(stats, m, plain if B is None else B, keep, c)
             fold.recon_error_grail, fold.fallback = err, fallback
             finite = all(t is None or bool(torch.isfinite(t).all()) for t in (B, c))
             if err > fold.recon_error_plain * (1 + 1e-9) + 1e-12 or not finite:

@@ -98,8 +98,15 @@ def test_groups_lists_what_prunes_together_and_what_is_pinned(capsys):
     assert out.strip().splitlines()[-1] == "29 groups, 27 prunable"
 
 
-@pytest.mark.parametrize("selector", ["magnitude", "wanda"])
-@pytest.mark.parametrize("compensate", ["grail", "none"])
+def _registered(table: str) -> list[str]:
+    import grailc.registry as registry
+
+    registry.load_builtin()
+    return sorted(getattr(registry, table))
+
+
+@pytest.mark.parametrize("selector", _registered("SELECTORS"))
+@pytest.mark.parametrize("compensate", _registered("COMPENSATORS"))
 def test_every_selector_and_compensator_prints_its_summary(selector, compensate, tmp_path, capsys):
     """Plain pruning has no compensated error: the summary says so instead of failing after the files exist."""
     from grailc.models.fashion_vit import FashionViT

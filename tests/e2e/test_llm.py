@@ -81,26 +81,37 @@ def test_global_structure_saves_per_layer_widths(tiny_folder, tokenizer, tmp_pat
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
 
 
+def test_incremental_ratios_grow_with_depth_and_average_the_ratio():
+    from grailc.llm.layerwise import incremental_plan
+
+    plan = incremental_plan(30, set(range(30)), 0.5)["per_layer"]
+    ratios = [plan[i] for i in range(30)]
+    assert ratios == sorted(ratios) and ratios[0] < 0.25 and ratios[-1] > 0.6
+    assert sum(ratios) / 30 == pytest.approx(0.5, abs=1e-3)
+
+
 def test_hidden_width_is_refused_layer_by_layer(tiny_folder, tokenizer):
     model, _ = load_causal_lm(tiny_folder)
     with pytest.raises(Exception, match="hidden"):
         compress_layers(model, _windows(tokenizer, MACBETH, 2, 16), make_recipe(targets=["hidden"]))
 
 
-@pytest.mark.parametrize("selector,compensate", [
-    ("wanda_sp", "grail"), ("wanda_sp", "none"), ("flap", "bias"), ("flap", "grail"), ("magnitude", "grail+bias"),
+@pytest.mark.parametrize("selector,compensate,structure", [
+    ("wanda_sp", "grail", "uniform"), ("wanda_sp", "none", "uniform"), ("flap", "bias", "global"),
+    ("flap", "grail", "uniform"), ("magnitude", "grail+bias", "uniform"), ("slimgpt", "grail", "incremental"),
+    ("slimgpt", "none", "uniform"),
 ])
-def test_cli_compress_then_ppl(tiny_folder, tmp_path, capsys, selector, compensate):
+def test_cli_compress_then_ppl(tiny_folder, tmp_path, capsys, selector, compensate, structure):
     text = shakespeare_text(MACBETH)
     out = tmp_path / "out"
     onnx = selector == "wanda_sp" and compensate == "grail"  # one ONNX export: the slow part
     rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "8", "--seq-len",
                "32", "--ratio", "0.5", "--selector", selector, "--compensate", compensate, "--targets",
-               "mlp,heads", "--out", str(out), "--quiet", *([] if onnx else ["--no-onnx"])])
+               "mlp,heads", "--structure", structure, "--out", str(out), "--quiet", *([] if onnx else ["--no-onnx"])])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] < report["params_before"]
-    assert report["recipe"]["selector"] == selector
+    assert report["recipe"]["selector"] == selector and report["structure"] == structure
     if onnx:
         assert (out / "model.onnx").exists() and report["onnx"]["relative_diff"] < 1e-3
     capsys.readouterr()
@@ -133,3 +144,19 @@ def test_smollm2_grail_closes_most_of_the_gap():
     closed = (ppl["none"] - ppl["grail"]) / (ppl["none"] - ppl["dense"])
     assert ppl["none"] > ppl["dense"] * 1.5, ppl  # the cut hurts (measured: dense 19.8, plain 46.0)
     assert closed > 0.15, ppl  # and GRAIL wins part of it back from 2k calibration tokens (measured: 38.9, 27%)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys):
+    text = shakespeare_text(MACBETH)
+    cases = [
+        ([f"hf:{tmp_path / 'missing'}", "--calib", f"text:{text}"], "config.json"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{tmp_path / 'missing.txt'}"], "no text file"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--layers", "0-7"], "model has layers 0-1"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--targets", "hidden"], "layer by layer"),
+    ]
+    for argv, needle in cases:
+        capsys.readouterr()
+        rc = main(["compress", *argv, "--seq-len", "16", "--calib-samples", "2", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0], err
+        assert not (tmp_path / "o").exists()

@@ -1,0 +1,98 @@
+"""Greedy removal by the compensated error (Optimal Brain Surgeon on the consumer's columns), as SlimGPT does.
+
+For a consumer with columns W [rows, size] and input Gram G, removing the columns Q and letting the kept ones
+absorb them (W' = W B, B the least-squares map of GRAIL) raises the output error by
+
+    dE(Q) = tr( W_Q [Hinv_QQ]^-1 W_Q^T ),      Hinv = (G + d I)^-1,  d = damp * mean(diag G)
+
+after which the survivors are updated, W <- W - W_Q [Hinv_QQ]^-1 Hinv_Q,:, and Q is dropped from Hinv by the
+same Schur complement. A unit (a head: its columns together) is scored as one block Q. Units go in batches
+(SlimGPT's batched greedy pruning): each step removes the ``1 / STEPS`` of the units still to go that raise the
+error least, then rescores. The order of removal is the score (removed first = lowest), so the selection pass
+keeps the units removed last. Residual groups sum the normalised errors of their consumers.
+
+The weight update SlimGPT makes is the GRAIL map on the same Gram: run with ``--compensate grail`` (``--lam`` the
+damping) for SlimGPT proper, ``--compensate none`` for its scores alone. ``gram`` names the same selection for
+any model: the channels kept are the ones that best rebuild the removed ones through the consumer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from grailc.registry import selector
+from grailc.surgery import consumer_columns, get_param
+
+STEPS = 8
+DAMP = 0.01
+
+
+def _units_to_remove(ctx, group) -> int:
+    from grailc.passes.select import n_keep, ratio_for, unit_step
+
+    return group.size - n_keep(group.size, ratio_for(group, ctx.recipe), unit_step(group, ctx.recipe.multiple_of))
+
+
+class _SlotState:
+    """One consumer slot: its columns and inverse Gram, both narrowed as units go."""
+
+    def __init__(self, ctx, slot):
+        G = ctx.grams[slot.key].to(torch.float64)
+        d = DAMP * torch.diagonal(G).mean().clamp_min(1e-300)
+        self.per_unit = slot.per_unit
+        self.W = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float64)
+        self.Hinv = torch.cholesky_inverse(torch.linalg.cholesky(G + d * torch.eye(G.shape[0], dtype=G.dtype)))
+        self.total = float(torch.einsum("ij,jk,ik->", self.W, G, self.W)) or 1.0
+        self.units = list(range(slot.size // slot.per_unit))  # alive units, in column-block order
+
+    def _cols(self, positions) -> torch.Tensor:
+        p = self.per_unit
+        return torch.cat([torch.arange(i * p, (i + 1) * p) for i in positions])
+
+    def scores(self) -> torch.Tensor:
+        """dE of removing each alive unit alone, relative to the consumer's output energy."""
+        p = self.per_unit
+        n = len(self.units)
+        blocks = self.Hinv.reshape(n, p, n, p).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [n, p, p]
+        Wb = self.W.reshape(self.W.shape[0], n, p).permute(1, 0, 2)  # [n, rows, p]
+        solved = torch.linalg.solve(blocks, Wb.transpose(1, 2))  # [n, p, rows]
+        return torch.einsum("nrp,npr->n", Wb, solved) / self.total
+
+    def remove(self, positions: list[int]) -> None:
+        """Remove the alive units at these positions and update W and Hinv (OBS)."""
+        q = self._cols(positions)
+        keep = torch.ones(self.W.shape[1], dtype=torch.bool)
+        keep[q] = False
+        hqq = self.Hinv[q][:, q]
+        hq = self.Hinv[q]  # [|q|, size]
+        step = torch.linalg.solve(hqq, hq)  # [Hinv_QQ]^-1 Hinv_Q,:
+        self.W = (self.W - self.W[:, q] @ step)[:, keep]
+        self.Hinv = (self.Hinv - hq.T @ step)[keep][:, keep]
+        gone = set(positions)
+        self.units = [u for i, u in enumerate(self.units) if i not in gone]
+
+
+@selector("gram")
+@selector("slimgpt")
+def slimgpt(ctx, group) -> torch.Tensor:
+    to_remove = _units_to_remove(ctx, group)
+    states = [_SlotState(ctx, slot) for slot in group.consumers]
+    score = torch.zeros(group.size, dtype=torch.float64)
+    alive = list(range(group.size))
+    order = 0
+    while order < to_remove:
+        errors = sum(s.scores() for s in states)
+        batch = max(1, math.ceil(to_remove / STEPS))
+        batch = min(batch, to_remove - order)
+        worst_first = torch.argsort(errors, stable=True)[:batch].tolist()
+        for position in worst_first:
+            score[alive[position]] = -1e6 + order  # removed first = lowest score
+            order += 1
+        for s in states:
+            s.remove(worst_first)
+        alive = [u for i, u in enumerate(alive) if i not in set(worst_first)]
+    for rank, unit in enumerate(alive):  # the survivors keep their last scores' order, above every removed unit
+        score[unit] = float(rank)
+    return score

@@ -1,0 +1,55 @@
+"""Selector formulas on hand-made statistics."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from grailc.passes.select.slimgpt import DAMP, _SlotState
+
+
+def _ctx_and_slot(W: torch.Tensor, G: torch.Tensor, per_unit: int = 1):
+    consumer = SimpleNamespace(weight="w", layout=SimpleNamespace(length=W.shape[1]), dim=1, kind="linear")
+    slot = SimpleNamespace(key="k", consumer=consumer, per_unit=per_unit, size=W.shape[1], offset=0)
+    gm = torch.nn.Module()
+    gm.register_parameter("w", torch.nn.Parameter(W.clone(), requires_grad=False))
+    return SimpleNamespace(grams={"k": G}, gm=gm), slot
+
+
+def _compensated_error(W, H, keep):
+    """min_B tr(W (x - B x_K)(..)^T W^T) summed over data with Gram H: tr(W (H - H[:, K] H[K, K]^-1 H[K, :]) W^T)."""
+    rest = H - H[:, keep] @ torch.linalg.solve(H[keep][:, keep], H[keep])
+    return float(torch.einsum("ij,jk,ik->", W, rest, W))
+
+
+def test_obs_scores_are_the_compensated_error_of_removing_each_unit():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    G, W = x.T @ x, torch.randn(4, 6, generator=g, dtype=torch.float64)
+    H = G + DAMP * torch.diagonal(G).mean() * torch.eye(6, dtype=torch.float64)
+    for per_unit in (1, 2):
+        ctx, slot = _ctx_and_slot(W, G, per_unit)
+        state = _SlotState(ctx, slot)
+        n = 6 // per_unit
+        expected = []
+        for u in range(n):
+            keep = torch.tensor([c for c in range(6) if c // per_unit != u])
+            expected.append(_compensated_error(W, H, keep) / state.total)
+        torch.testing.assert_close(state.scores(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_obs_update_after_a_removal_matches_a_fresh_start():
+    """Removing unit 2 and updating W and Hinv gives the scores of the remaining units computed from scratch on
+    the error left (the greedy step is exact)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+    G, W = x.T @ x, torch.randn(3, 5, generator=g, dtype=torch.float64)
+    H = G + DAMP * torch.diagonal(G).mean() * torch.eye(5, dtype=torch.float64)
+    ctx, slot = _ctx_and_slot(W, G)
+    state = _SlotState(ctx, slot)
+    base = _compensated_error(W, H, torch.tensor([0, 1, 3, 4]))
+    state.remove([2])
+    for position, unit in enumerate([0, 1, 3, 4]):
+        keep = torch.tensor([c for c in (0, 1, 3, 4) if c != unit])
+        torch.testing.assert_close(float(state.scores()[position]) * state.total,
+                                   _compensated_error(W, H, keep) - base)
