@@ -128,7 +128,7 @@ def test_cli_rejects_non_text_calibration(tiny_folder, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_grail_closes_most_of_the_gap():
+def test_smollm2_grail_beats_plain_pruning():
     """Real weights: the MLP of SmolLM2's first 8 layers at 50% with Wanda-SP, plain vs GRAIL, perplexity on a play
     not used for calibration."""
     dense, tok = load_causal_lm(smollm2_folder())
