@@ -26,6 +26,12 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def default_file_mode() -> int:
+    """The mode a new file gets under the user's umask (libraries that write through private temp files leave
+    0600 behind)."""
+    return 0o666 & ~_UMASK
+
+
 class StagedOutput:
     """Outputs written into a hidden staging folder beside ``out_dir``; ``commit()`` renames it into place.
 

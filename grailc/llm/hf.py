@@ -148,4 +148,9 @@ def save_causal_lm(model, tokenizer, folder, original_shapes: dict[str, tuple[in
         changed = {name: list(p.shape) for name, p in model.named_parameters()
                    if tuple(p.shape) != tuple(original_shapes.get(name, p.shape))}
         (folder / SHAPES_FILE).write_text(json.dumps(changed, indent=1))
+    from grailc.outputs import default_file_mode
+
+    for path in folder.iterdir():  # safetensors leaves its file 0600: every output gets the same mode
+        if path.is_file():
+            path.chmod(default_file_mode())
     return "config" if uniform else "shapes"

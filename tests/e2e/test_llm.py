@@ -60,6 +60,7 @@ def test_uniform_widths_save_as_a_plain_hf_folder(tiny_folder, tokenizer, tmp_pa
         assert all(g["recon_error_grail"] <= g["recon_error_plain"] for g in layer["groups"])
     assert save_causal_lm(model, tok, tmp_path, original) == "config"
     assert not (tmp_path / SHAPES_FILE).exists()
+    assert len({p.stat().st_mode for p in tmp_path.iterdir()}) == 1  # safetensors' 0600 is not left behind
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no custom code
     ids = _windows(tokenizer, HAMLET, 2, 24)
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
