@@ -22,6 +22,7 @@ from grailc.llm.hf import load_causal_lm
 from grailc.llm.layerwise import compress_layers
 from grailc.llm.shipped import shakespeare_text, smollm2_folder
 from grailc.llm.text import calibration_windows, eval_windows, perplexity, read_tokens
+from grailc.metrics import count_params
 
 PLAIN = {"flap": "bias"}  # the compensation a selector is published with (FLAP: its bias); else none
 
@@ -65,7 +66,7 @@ def main() -> None:
                     report = compress_layers(model, calib, recipe, structure=args.structure)
                     seconds = time.perf_counter() - start
                     ppl = perplexity(model, evaluation)
-                    params = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in dense.parameters())
+                    params = count_params(model) / count_params(dense)
                     closed = None if plain is None or plain == ppl_dense else (plain - ppl) / (plain - ppl_dense)
                     plain = ppl if plain is None else plain
                     row = {"ratio": ratio, "targets": targets, "selector": sel, "compensate": comp,

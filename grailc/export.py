@@ -35,16 +35,17 @@ def ort_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def save_onnx(ep: torch.export.ExportedProgram, example: tuple[torch.Tensor, ...], path: Path) -> None:
+def save_onnx(ep: torch.export.ExportedProgram, example: tuple[torch.Tensor, ...], path: Path,
+              external_data: bool = False, fix: str = "use the .pt2 output, or --no-onnx") -> None:
+    """Write ONNX quietly; ``external_data`` puts the weights in a file beside it (needed above 2 GB)."""
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            torch.onnx.export(ep, example, str(path), dynamo=True, verbose=False, external_data=False)
+            torch.onnx.export(ep, example, str(path), dynamo=True, verbose=False, external_data=external_data)
     except Exception as e:  # the exporter's own message, shortened
         raise GrailcError(
-            f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
-            fix="use the .pt2 output, or --no-onnx",
+            f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", fix=fix,
         ) from e
 
 

@@ -32,28 +32,24 @@ def text_path(source: str | None) -> Path:
 
 def run_compress_llm(args, argv, recipe, staged) -> tuple[dict, Path]:
     """Compress an HF causal LM layer by layer into the staged output; returns the report and the folder."""
+    from grailc.llm.export import export_decoder_onnx
     from grailc.llm.hf import load_causal_lm, save_causal_lm
     from grailc.llm.layerwise import compress_layers, decoder_parts, parse_layers
-    from grailc.llm.text import calibration_windows, read_tokens
+    from grailc.llm.text import calibration_windows, check_text_file, read_tokens
+    from grailc.metrics import count_params
     from grailc.outputs import atomic_write_text
     from grailc.report import versions
 
     start = time.perf_counter()
-    source = text_path(recipe.calib.source)
-    if not source.is_file():
-        from grailc.errors import CalibrationError
-
-        raise CalibrationError(f"no text file at {source}", fix="give --calib text:FILE.txt with an existing file")
+    source = check_text_file(text_path(recipe.calib.source))  # before the model is loaded
     model, tokenizer = load_causal_lm(model_folder(args.model))
     t_load = time.perf_counter() - start
     tokens = read_tokens(tokenizer, source)
     windows = calibration_windows(tokens, args.calib_samples, args.seq_len, recipe.calib.seed, path=source)
     original = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = count_params(model)
     only = parse_layers(args.layers, len(decoder_parts(model)[0]))
     report = compress_layers(model, windows, recipe, structure=args.structure, only=only, progress=not args.quiet)
-    from grailc.llm.export import export_decoder_onnx
-
     fmt = save_causal_lm(model, tokenizer, staged.staging_dir, original)
     report.update({
         "command": "grailc " + shlex.join(argv),
@@ -63,7 +59,7 @@ def run_compress_llm(args, argv, recipe, staged) -> tuple[dict, Path]:
         "recipe": {k: getattr(recipe, k) for k in ("ratio", "selector", "compensate", "lam", "targets",
                                                    "sequential")},
         "params_before": params_before,
-        "params_after": sum(p.numel() for p in model.parameters()),
+        "params_after": count_params(model),
         "saved_as": {"config": "a plain Hugging Face folder (uniform widths)",
                      "shapes": "config + grailc_shapes.json (per-layer widths): load with grailc"}[fmt],
         "timings": {"load": round(t_load, 3), "compress": report["seconds"]},

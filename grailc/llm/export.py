@@ -4,9 +4,6 @@ file beside the .onnx (``model.onnx.data``)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from pathlib import Path
 
 import torch
@@ -30,32 +27,29 @@ class LogitsOnly(torch.nn.Module):
 
 def export_decoder_onnx(model, ids: torch.Tensor, path, tol: float = 1e-3) -> dict:
     """Write ``path`` and compare ONNX Runtime's logits with PyTorch's on ``ids`` and on a shorter prefix."""
-    from grailc.export import onnx_parity
+    from grailc.errors import VerificationError
+    from grailc.export import onnx_parity, save_onnx
+    from grailc.trace import _quiet_torch
 
     path = Path(path)
     wrapper = LogitsOnly(model).eval()
     ids = ids.to(torch.long)
     if ids.shape[0] < 2:
         ids = ids.repeat(2, 1)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    quiet = io.StringIO()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     try:
-        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), torch.no_grad():
+        with torch.no_grad(), _quiet_torch():
             program = torch.export.export(
                 wrapper, (ids,), dynamic_shapes=({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=2, max=8192)},),
                 strict=False)
-            torch.onnx.export(program, (ids,), str(path), dynamo=True, verbose=False,
-                              external_data=size > EXTERNAL_DATA_BYTES)
-    except Exception as e:  # the exporter's own message, shortened
-        raise GrailcError(f"ONNX export of the decoder failed: {type(e).__name__}: "
+    except Exception as e:  # the tracer's own message, shortened
+        raise GrailcError(f"the decoder could not be traced for ONNX export: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:300]}", fix="rerun with --no-onnx") from e
+    save_onnx(program, (ids,), path, external_data=external, fix="rerun with --no-onnx")
     parity = onnx_parity(path, wrapper, [(ids,), (ids[:1, : max(2, ids.shape[1] // 2)],)])
-    parity["external_data"] = size > EXTERNAL_DATA_BYTES
+    parity["external_data"] = external
     parity["tolerance"] = tol
     if not parity["relative_diff"] <= tol:
-        from grailc.errors import VerificationError
-
         raise VerificationError(f"ONNX Runtime logits differ from PyTorch by {parity['relative_diff']:.3g} "
                                 f"(relative) > {tol:g}", fix="rerun with --no-onnx and report it")
     return parity

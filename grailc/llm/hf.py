@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from grailc.errors import GrailcError
+from grailc.surgery import set_param
 
 SHAPES_FILE = "grailc_shapes.json"
 
@@ -82,36 +83,27 @@ def _tied(model, key: str) -> bool:
 def reshape_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
     """Give the named parameters new (empty) tensors of the given shapes, and fix the owning modules' sizes."""
     for name, shape in shapes.items():
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        old = getattr(owner, attr)
-        setattr(owner, attr, torch.nn.Parameter(torch.empty(shape, dtype=old.dtype), requires_grad=False))
-        _fix_sizes(owner)
+        _replace(model, name, torch.empty(shape, dtype=model.get_parameter(name).dtype))
 
 
-def _fix_sizes(module: torch.nn.Module) -> None:
-    if isinstance(module, torch.nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, torch.nn.Embedding):
-        module.num_embeddings, module.embedding_dim = module.weight.shape
-
-
-def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module, prefix: str = "") -> int:
-    """Copy every parameter of ``compressed`` (a graph whose parameters carry ``prefix`` + the names of
-    ``module``'s) into ``module``, taking the new shapes; returns how many changed shape."""
-    changed = 0
+def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module) -> None:
+    """Copy every parameter of ``compressed`` (a graph traced from ``module``, so its parameters carry the same
+    names) into ``module``, taking the new shapes."""
     own = dict(module.named_parameters())
     for name, value in compressed.named_parameters():
-        if not name.startswith(prefix) or name[len(prefix):] not in own:
-            continue
-        key = name[len(prefix):]
-        owner_name, _, attr = key.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        old = own[key]
-        changed += tuple(old.shape) != tuple(value.shape)
-        setattr(owner, attr, torch.nn.Parameter(value.detach().clone().to(old.dtype), requires_grad=False))
-        _fix_sizes(owner)
-    return changed
+        if name in own:
+            _replace(module, name, value.to(own[name].dtype))
+
+
+def _replace(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set a parameter to ``value`` (any shape) and keep its module's size attributes in step."""
+    set_param(model, name, value)
+    owner_name = name.rpartition(".")[0]
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if isinstance(owner, torch.nn.Linear):
+        owner.out_features, owner.in_features = owner.weight.shape
+    elif isinstance(owner, torch.nn.Embedding):
+        owner.num_embeddings, owner.embedding_dim = owner.weight.shape
 
 
 def layer_widths(layer, head_dim: int) -> dict[str, int]:

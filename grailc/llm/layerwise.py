@@ -157,7 +157,7 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
         before = layer_widths(layers[i], head_dim)
         ratios = plan["ratios"][i] if plan is not None else None
         result = compress(block, calib=batches, recipe=_layer_recipe(recipe, ratios), measure_latency=False)
-        adopt_weights(block, result.module, prefix="")
+        adopt_weights(block, result.module)
         with torch.no_grad():
             batches = [block(x) for x in batches]
         groups = [g for g in result.report["groups"] if g["kept"] < g["size"]]
@@ -249,7 +249,8 @@ def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool
             sizes[(i, group.target)] = group.size
             units += [(float(s), cost, i, group.target) for s in _standardised_unit_scores(ctx, group)]
         batches = [block(x) for x in batches]  # the dense model's own outputs feed the next layer's scores
-    budget = (1.0 - recipe.ratio) * sum(u[1] for u in units)
+    total = sum(u[1] for u in units)
+    budget = (1.0 - recipe.ratio) * total
     kept = {key: 0 for key in sizes}
     spent = 0.0
     for _, cost, i, kind in sorted(units, key=lambda u: -u[0]):
@@ -259,4 +260,4 @@ def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool
     ratios = [{KIND_PATTERN[kind]: 1.0 - kept[(j, kind)] / sizes[(j, kind)] for (j, kind) in sizes if j == i}
               for i in range(len(model.model.layers))]
     return {"ratios": ratios, "kept": {f"{i}.{kind}": k for (i, kind), k in kept.items()},
-            "kept_fraction": round(spent / max(1e-300, sum(u[1] for u in units)), 4)}
+            "kept_fraction": round(spent / max(1e-300, total), 4)}

@@ -18,11 +18,16 @@ import torch
 from grailc.errors import CalibrationError
 
 
-def read_tokens(tokenizer, path) -> torch.Tensor:
-    """The whole file as one 1-D tensor of token ids."""
+def check_text_file(path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"no text file at {path}", fix="give --calib text:FILE.txt with an existing file")
+    return path
+
+
+def read_tokens(tokenizer, path) -> torch.Tensor:
+    """The whole file as one 1-D tensor of token ids."""
+    path = check_text_file(path)
     text = path.read_text(encoding="utf-8", errors="replace")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     return ids.to(torch.long)

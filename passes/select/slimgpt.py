@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from grailc.channels import unit_indices
 from grailc.registry import selector
 from grailc.surgery import consumer_columns, get_param
 
@@ -45,16 +46,11 @@ class _SlotState:
         self.W = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float64)
         self.Hinv = torch.cholesky_inverse(torch.linalg.cholesky(G + d * torch.eye(G.shape[0], dtype=G.dtype)))
         self.total = float(torch.einsum("ij,jk,ik->", self.W, G, self.W)) or 1.0
-        self.units = list(range(slot.size // slot.per_unit))  # alive units, in column-block order
-
-    def _cols(self, positions) -> torch.Tensor:
-        p = self.per_unit
-        return torch.cat([torch.arange(i * p, (i + 1) * p) for i in positions])
 
     def scores(self) -> torch.Tensor:
         """dE of removing each alive unit alone, relative to the consumer's output energy."""
         p = self.per_unit
-        n = len(self.units)
+        n = self.W.shape[1] // p  # alive units, in column-block order
         blocks = self.Hinv.reshape(n, p, n, p).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [n, p, p]
         Wb = self.W.reshape(self.W.shape[0], n, p).permute(1, 0, 2)  # [n, rows, p]
         solved = torch.linalg.solve(blocks, Wb.transpose(1, 2))  # [n, p, rows]
@@ -62,7 +58,7 @@ class _SlotState:
 
     def remove(self, positions: list[int]) -> None:
         """Remove the alive units at these positions and update W and Hinv (OBS)."""
-        q = self._cols(positions)
+        q = unit_indices(torch.tensor(positions), self.per_unit)
         keep = torch.ones(self.W.shape[1], dtype=torch.bool)
         keep[q] = False
         hqq = self.Hinv[q][:, q]
@@ -70,8 +66,6 @@ class _SlotState:
         step = torch.linalg.solve(hqq, hq)  # [Hinv_QQ]^-1 Hinv_Q,:
         self.W = (self.W - self.W[:, q] @ step)[:, keep]
         self.Hinv = (self.Hinv - hq.T @ step)[keep][:, keep]
-        gone = set(positions)
-        self.units = [u for i, u in enumerate(self.units) if i not in gone]
 
 
 @selector("gram")
@@ -82,17 +76,17 @@ def slimgpt(ctx, group) -> torch.Tensor:
     score = torch.zeros(group.size, dtype=torch.float64)
     alive = list(range(group.size))
     order = 0
+    batch = max(1, math.ceil(to_remove / STEPS))
     while order < to_remove:
         errors = sum(s.scores() for s in states)
-        batch = max(1, math.ceil(to_remove / STEPS))
-        batch = min(batch, to_remove - order)
-        worst_first = torch.argsort(errors, stable=True)[:batch].tolist()
-        for position in worst_first:
+        cheapest = torch.argsort(errors, stable=True)[: min(batch, to_remove - order)].tolist()
+        for position in cheapest:
             score[alive[position]] = -1e6 + order  # removed first = lowest score
             order += 1
         for s in states:
-            s.remove(worst_first)
-        alive = [u for i, u in enumerate(alive) if i not in set(worst_first)]
-    for rank, unit in enumerate(alive):  # the survivors keep their last scores' order, above every removed unit
+            s.remove(cheapest)
+        gone = set(cheapest)
+        alive = [u for i, u in enumerate(alive) if i not in gone]
+    for rank, unit in enumerate(alive):  # the survivors rank above every removed unit (in index order)
         score[unit] = float(rank)
     return score

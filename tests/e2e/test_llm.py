@@ -108,8 +108,10 @@ def test_cli_compress_then_ppl(tiny_folder, tmp_path, capsys, selector, compensa
     onnx = selector == "wanda_sp" and compensate == "grail"  # one ONNX export: the slow part
     rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "8", "--seq-len",
                "32", "--ratio", "0.5", "--selector", selector, "--compensate", compensate, "--targets",
-               "mlp,heads", "--structure", structure, "--out", str(out), "--quiet", *([] if onnx else ["--no-onnx"])])
+               "mlp,heads", "--structure", structure, "--out", str(out), *([] if onnx else ["--no-onnx", "--quiet"])])
     assert rc == 0
+    if onnx:  # not quiet: the summary prints
+        assert "kept per layer (MLP width / query heads): 48/2h 48/2h" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] < report["params_before"]
     assert report["recipe"]["selector"] == selector and report["structure"] == structure
