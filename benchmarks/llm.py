@@ -19,7 +19,7 @@ import torch
 
 from grailc.api import make_recipe
 from grailc.llm.hf import load_causal_lm
-from grailc.llm.layerwise import compress_layers
+from grailc.llm.layerwise import compress_layers, parse_layers
 from grailc.llm.shipped import shakespeare_text, smollm2_folder
 from grailc.llm.text import calibration_windows, eval_windows, perplexity, read_tokens
 from grailc.metrics import count_params
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--structure", default="uniform")
     ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument("--layers", help="compress only these decoder layers, e.g. 0-7 (default all)")
     ap.add_argument("--no-plain", action="store_true", help="skip the rows without GRAIL")
     ap.add_argument("--json", default="llm_results.json")
     args = ap.parse_args()
@@ -63,14 +64,16 @@ def main() -> None:
                     recipe = make_recipe(ratio=ratio, selector=sel, compensate=comp, targets=targets.split(","),
                                          lam=args.lam, calib_batch_size=8)
                     start = time.perf_counter()
-                    report = compress_layers(model, calib, recipe, structure=args.structure)
+                    only = parse_layers(args.layers, len(model.model.layers))
+                    report = compress_layers(model, calib, recipe, structure=args.structure, only=only)
                     seconds = time.perf_counter() - start
                     ppl = perplexity(model, evaluation)
                     params = count_params(model) / count_params(dense)
                     closed = None if plain is None or plain == ppl_dense else (plain - ppl) / (plain - ppl_dense)
                     plain = ppl if plain is None else plain
                     row = {"ratio": ratio, "targets": targets, "selector": sel, "compensate": comp,
-                           "structure": args.structure, "lam": args.lam, "params": round(params, 4),
+                           "structure": args.structure, "lam": args.lam, "layers": args.layers,
+                           "params": round(params, 4),
                            "ppl": round(ppl, 3),
                            "ppl_dense": round(ppl_dense, 3), "gap_closed": closed, "seconds": round(seconds, 1),
                            "peak_rss_mib": report["peak_rss_mib"], "samples": args.samples, "seq_len": args.seq_len}
