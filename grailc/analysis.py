@@ -333,7 +333,8 @@ def _gather(st: State) -> Dependencies:
         g.lossy = (lossy[0] + (f" (and {len(lossy) - 1} more normalisations)" if len(lossy) > 1 else "")
                    if lossy else None)
     groups = {k: groups[k] for k in sorted(groups)}
-    return Dependencies(spaces, st.producers, st.consumers, st.carriers, groups, st.unknown_ops)
+    layouts = {n.name: st.layout_of(lay) for n, lay in st.layouts.items() if isinstance(lay, Layout)}
+    return Dependencies(spaces, st.producers, st.consumers, st.carriers, groups, st.unknown_ops, layouts)
 
 
 def _tie_shared_params(st: State) -> None:

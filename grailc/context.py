@@ -11,23 +11,24 @@ from typing import Any
 import torch
 from torch import fx
 
+from grailc.channel_map import ChannelMap
 from grailc.groups import Dependencies
 
 
 @dataclass
 class Decision:
-    """What a selector decided for one group: the kept units (channels, heads, conv groups; sorted, or permuted by
-    the self-check) and the per-unit scores behind them."""
+    """What a selector decided for one group: the channel map of its units (channels, heads, conv groups; kept, or
+    merged by a fold) and the per-unit scores behind it (None for a fold)."""
 
-    keep: torch.Tensor
+    map: ChannelMap
     scores: torch.Tensor | None = None
 
 
 @dataclass
 class Fold:
-    """What a compensator decided for one consumer slot: the input is approximated as x ~ B z_K + c, so the
-    consumer becomes W' = W B (``B`` [size, k]; None: plain pruning, W[:, K]) and b' = b + W c (``offset`` c
-    [size]; None: no bias change)."""
+    """What a compensator decided for one consumer slot: the input is approximated as x ~ B z + c (z the k new
+    channels), so the consumer becomes W' = W B (``B`` [size, k]; None: the map's plain spread W U, which is W[:, K]
+    for a selection) and b' = b + W c (``offset`` c [size]; None: no bias change)."""
 
     B: torch.Tensor | None
     offset: torch.Tensor | None = None

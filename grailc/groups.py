@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grailc.channels import Layout, Spaces, unit_indices
+from grailc.channel_map import ChannelMap
+from grailc.channels import Layout, Spaces
 
 
 @dataclass
@@ -74,9 +75,9 @@ class Slot:
     def key(self) -> str:
         return f"{self.fact.node}[{self.segment}]"
 
-    def keep(self, units: torch.Tensor) -> torch.Tensor:
-        """The slot's kept indices (relative to ``offset``) for kept units."""
-        return unit_indices(units, self.per_unit)
+    def map(self, units: ChannelMap) -> ChannelMap:
+        """The slot's map over its indices (relative to ``offset``) for a map over the group's units."""
+        return units.per_index(self.per_unit)
 
     def to_units(self, per_index: torch.Tensor) -> torch.Tensor:
         """Sum a per-index score over each unit."""
@@ -138,16 +139,19 @@ class Dependencies:
     carriers: list[Carrier]
     groups: dict[int, ChannelGroup]
     unknown_ops: list[dict]
+    layouts: dict[str, Layout] = field(default_factory=dict)  # node name -> layout of its (tensor) output
+
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable]
 
-    def units_of(self, decisions: dict):
-        """``(space) -> (kept units, channels per unit)`` or None when the space's group is not decided."""
+    def maps_of(self, decisions: dict):
+        """``(space) -> (channel map of its group's units, channels per unit)`` or None when the space's group is
+        not decided."""
         find = self.spaces.find
 
         def lookup(space: int):
             d = decisions.get(find(space))
-            return None if d is None else (d.keep, self.spaces.unit(space))
+            return None if d is None else (d.map, self.spaces.unit(space))
 
         return lookup

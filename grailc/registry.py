@@ -1,9 +1,10 @@
 """Named selectors and compensators. Recipes refer to them by name; plug-ins register with a decorator.
 
-* selector:    (group, stats, n_keep, recipe) -> kept channel indices (sorted LongTensor) and scores
-* compensator: (stats: SlotStats, keep, lam) -> (B, c, fallback): the input is approximated as x ~ B z_K + c;
-  B [size, k] is merged into the consumer (W B; None: plain pruning, W[:, K]), c [size] into its bias (b + W c;
-  None: no offset, and always None when ``stats.sz`` is None); fallback: the solver fallback used or None
+* selector:    (ctx, group) -> per-unit scores (the top ones are kept), or a ChannelMap it built itself (a fold)
+* compensator: (stats: SlotStats, cmap: ChannelMap, lam) -> (B, c, fallback): the input is approximated as
+  x ~ B z' + c from the map's new channels z' = R z; B [size, k] is merged into the consumer (W B; None: the map's
+  plain spread W U, W[:, K] for a selection), c [size] into its bias (b + W c; None: no offset, and always None
+  when ``stats.sz`` is None); fallback: the solver fallback used or None
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def load_builtin() -> None:
     import grailc.passes.compensate.bias  # noqa: F401
     import grailc.passes.compensate.grail  # noqa: F401
     import grailc.passes.select.flap  # noqa: F401
+    import grailc.passes.select.fold  # noqa: F401
     import grailc.passes.select.magnitude  # noqa: F401
     import grailc.passes.select.random  # noqa: F401
     import grailc.passes.select.slimgpt  # noqa: F401

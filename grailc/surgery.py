@@ -1,18 +1,18 @@
 """Weight surgery: the handlers that narrow producers and carriers and merge maps into consumers.
 
-For kept channels K of a space:
+For the channel map of a space (kept channels K, or a fold; see :mod:`grailc.channel_map`):
 
-* producer rows:   W' = W[K], b' = b[K]
-* carrier slices:  p' = p[..., K, ...] on the parameter's channel dim (BatchNorm statistics, depthwise filters)
+* producer rows:   W' = R W, b' = R b (W[K], b[K] for a selection; R the channel map's merge)
+* carrier slices:  p' = R p on the parameter's channel dim (BatchNorm statistics, depthwise filters; averaged
+                   within a cluster for a fold, which is exact for the means and approximate for variances)
 * consumer merge:  W'[:, k] = sum_c W[:, c] B[c, k] on the input-channel dim, for every kernel tap (conv) or
                    every position of a flattened input (linear after flatten, W viewed as [out, C, inner]);
-                   without compensation B = I[:, K] and this is plain column slicing.
+                   without compensation B = U (I[:, K] for a selection: plain column slicing).
 * consumer bias:   b' = b + sum_c Wsum[:, c] c_c for an input offset c, Wsum the columns summed over flattened
                    positions and kernel taps (each tap weighted by the fraction of positions where it reads the
                    input, not zero padding: the mean output change); a consumer without a bias gets one.
 
-Indices along a multi-segment axis (after a concat) are the kept indices of each segment, shifted by the
-segment's offset.
+Along a multi-segment axis (after a concat) the maps of the segments stack block-diagonally.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from grailc.channels import Layout, unit_indices
+from grailc.channel_map import ChannelMap
+from grailc.channels import Layout
 
 
 def get_param(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -45,25 +46,30 @@ def _is_param(gm: fx.GraphModule, target: str) -> bool:
         return False
 
 
-def layout_index(layout: Layout, units_of) -> torch.Tensor:
-    """Indices kept along ``layout.axis``. ``units_of(space)`` gives (kept units, channels per unit) for a decided
-    space, None otherwise; a unit of ``u`` channels covers ``u / granule`` indices. Segments stacked on a segment
-    axis share their indices (they are tied), so the first one says which."""
+def layout_map(layout: Layout, maps_of) -> ChannelMap:
+    """The channel map along ``layout.axis``. ``maps_of(space)`` gives (map of the group's units, channels per unit)
+    for a decided space, None otherwise; a unit of ``u`` channels covers ``u / granule`` indices. Segments stacked on
+    a segment axis share their indices (they are tied), so the first one says which."""
     parts = []
     segments = layout.segments[:1] if layout.seg_axis is not None else layout.segments
-    for seg, off in zip(segments, layout.offsets()):
-        found = units_of(seg.space)
-        count = layout.seg_length(seg)
+    for seg in segments:
+        found = maps_of(seg.space)
         if found is None or found[1] < layout.granule:
-            parts.append(torch.arange(count) + off)
+            parts.append(ChannelMap.identity(layout.seg_length(seg)))
         else:
-            units, unit = found
-            parts.append(unit_indices(units, unit // layout.granule) + off)
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            parts.append(found[0].per_index(found[1] // layout.granule))
+    return ChannelMap.stack(parts)
 
 
-def narrow_rows(weight: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return weight.index_select(dim, index.to(weight.device))
+def map_tensor(x: torch.Tensor, layout: Layout, maps_of) -> torch.Tensor:
+    """A tensor of the dense model as the compressed model holds it: its channels along ``layout.axis`` kept or
+    merged by the channel map (a flattened axis of ``inner`` positions per channel is mapped per position)."""
+    axis = x.dim() + layout.axis
+    cmap = layout_map(layout, maps_of)
+    if layout.inner == 1:
+        return cmap.rows(x, axis)
+    y = cmap.rows(x.unflatten(axis, (layout.length, layout.inner)), axis)
+    return y.flatten(axis, axis + 1)
 
 
 def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
@@ -93,15 +99,19 @@ def map_columns(cols: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ocit,ck->okit", cols.to(torch.float64), m.to(torch.float64)).to(cols.dtype)
 
 
-def mask_columns(weight: torch.Tensor, slot, keep: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
-    """Full-width twin of a merge: the slot's columns become W B on the kept channels and 0 elsewhere."""
+def mask_columns(weight: torch.Tensor, slot, cmap: ChannelMap, B: torch.Tensor | None) -> torch.Tensor:
+    """Full-width twin of a merge: the consumer reads the old channels x, the compressed one z = R x, so the slot's
+    columns become W B R (W[:, K] B on K and 0 elsewhere for a selection; B None: the map's plain spread U)."""
     layout = slot.consumer.layout
     w = _columns_first(weight, slot).detach().clone(memory_format=torch.contiguous_format)
     view = w.view(w.shape[0], layout.length, layout.inner, -1)
     cols = view[:, slot.offset : slot.offset + slot.size]
-    kept = map_columns(cols, B if B is not None else keep)
-    cols.zero_()
-    cols[:, keep] = kept
+    narrowed = map_columns(cols, B if B is not None else cmap.columns())  # [O, k, inner, taps]
+    if cmap.is_selection:
+        cols.zero_()
+        cols[:, cmap.keep] = narrowed
+    else:
+        cols.copy_(map_columns(narrowed, cmap.merge))
     return _columns_first(w, slot).contiguous()
 
 
@@ -193,9 +203,3 @@ def add_to_bias(gm: fx.GraphModule, consumer, shift: torch.Tensor) -> None:
     with gm.graph.inserting_before(node):
         attr = gm.graph.get_attr(f"{owner_name}.{name}" if owner_name else name)
     node.args = (*node.args[:2], attr, *node.args[3:])
-
-
-def selection(size: int, keep: torch.Tensor) -> torch.Tensor:
-    """I[:, K]: the map of plain pruning."""
-    eye = torch.eye(size, dtype=torch.float64)
-    return eye[:, keep]

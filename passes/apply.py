@@ -1,10 +1,11 @@
 """Apply: the only pass that changes weights.
 
-For every group with a decision (kept units K): producers keep the rows of K, carriers keep K along their
-dimension (a grouped conv's ``groups``, a view's or an expand's size and a LayerNorm's shape follow the new width),
-and each consumer's columns become W B (B from compensation) or W[:, K], its bias b + W c where compensation
-gives an offset c. A unit of ``u`` channels seen through a
-layout of granule ``g`` covers ``u / g`` indices. Groups without a decision and pinned groups keep everything.
+For every group with a decision (a channel map: kept units K, or a fold R, U): producers' rows become R W (W[K]),
+carriers map their parameters the same way along their dimension (a grouped conv's ``groups``, a view's or an
+expand's size and a LayerNorm's shape follow the new width), and each consumer's columns become W B (B from
+compensation) or W U (W[:, K]), its bias b + W c where compensation gives an offset c. A unit of ``u`` channels
+seen through a layout of granule ``g`` covers ``u / g`` indices. Groups without a decision and pinned groups keep
+everything.
 A parameter shared by several nodes (a module called twice) is narrowed once.
 """
 
@@ -19,9 +20,8 @@ from grailc.surgery import (
     add_to_bias,
     bias_of,
     get_param,
-    layout_index,
+    layout_map,
     merge_columns,
-    narrow_rows,
     offset_shift,
     set_param,
 )
@@ -31,8 +31,8 @@ SPLIT_WITH_SIZES = torch.ops.aten.split_with_sizes.default
 
 def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
     """Narrow and merge ``gm`` in place according to ``decisions`` (group id -> Decision) and ``folds``."""
-    units_of = deps.units_of(decisions)
-    decided = lambda layout: any(units_of(s.space) is not None for s in layout.segments)  # noqa: E731
+    maps_of = deps.maps_of(decisions)
+    decided = lambda layout: any(maps_of(s.space) is not None for s in layout.segments)  # noqa: E731
     done: dict[str, set[str]] = {"consumer": set(), "producer": set(), "carrier": set()}  # per role
 
     for consumer in deps.consumers:
@@ -46,7 +46,7 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
             if fold is not None and fold.B is not None:
                 maps.append(fold.B)
             else:
-                maps.append(layout_index(replace(consumer.layout, segments=(seg,), inner=1), units_of))
+                maps.append(layout_map(replace(consumer.layout, segments=(seg,), inner=1), maps_of).columns())
             if fold is not None and fold.offset is not None:  # b' = b + W c, from the dense columns
                 part = offset_shift(gm, consumer, w, off, consumer.layout.seg_length(seg), fold.offset)
                 shift = part if shift is None else shift + part
@@ -58,29 +58,29 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
         if not decided(p.layout) or p.weight in done["producer"]:
             continue
         done["producer"].add(p.weight)
-        idx = layout_index(p.layout, units_of)
-        set_param(gm, p.weight, narrow_rows(get_param(gm, p.weight), idx, p.dim))
+        cmap = layout_map(p.layout, maps_of)
+        set_param(gm, p.weight, cmap.rows(get_param(gm, p.weight), p.dim))
         bias = p.bias or (bias_of(gm, p.node) if p.kind in ("conv", "linear") else None)  # or one added above
         if bias:
-            set_param(gm, bias, narrow_rows(get_param(gm, bias), idx))
+            set_param(gm, bias, cmap.rows(get_param(gm, bias)))
 
     nodes = {n.name: n for n in gm.graph.nodes}
     for car in deps.carriers:
         if not decided(car.layout):
             continue
-        idx = layout_index(car.layout, units_of)
+        cmap = layout_map(car.layout, maps_of)
         for target, dim in car.params:
             if target not in done["carrier"]:
                 done["carrier"].add(target)
-                set_param(gm, target, narrow_rows(get_param(gm, target), idx, dim))
+                set_param(gm, target, cmap.rows(get_param(gm, target), dim))
         if car.size_args:
             node = nodes[car.node]
             args = list(node.args)
             for arg, pos, div, *segments in car.size_args:
-                value = len(idx) * car.layout.inner
+                value = cmap.k * car.layout.inner
                 if segments:  # the width of some segments only (the outputs of a split)
                     part = [car.layout.segments[i] for i in _as_tuple(segments[0])]
-                    value = len(layout_index(replace(car.layout, segments=tuple(part)), units_of)) * car.layout.inner
+                    value = layout_map(replace(car.layout, segments=tuple(part)), maps_of).k * car.layout.inner
                 if pos is None:
                     args[arg] = value // div
                 else:

@@ -249,7 +249,7 @@ def calibrate_sequentially(ctx, batches) -> None:
                     add_to_bias(shadow, slot.consumer,
                                 offset_shift(shadow, slot.consumer, weight, slot.offset, slot.size, fold.offset))
                     shadow.recompile()
-                set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.keep(decision.keep), B))
+                set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.map(decision.map), B))
         for slot in g.consumers:  # a finished group's statistics are not needed again
             for store in (ctx.grams, ctx.cross, ctx.target_grams):
                 store.pop(slot.key, None)

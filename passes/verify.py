@@ -17,6 +17,7 @@ import copy
 import torch
 from grailc.passes.apply import rewrite
 
+from grailc.channel_map import ChannelMap
 from grailc.context import Decision
 from grailc.errors import VerificationError
 from grailc.metrics import output_error
@@ -27,8 +28,8 @@ def permuted_decisions(deps, seed: int = 0) -> dict:
     """A random permutation of the units of every group the analysis follows completely (pinned by the recipe or
     not); groups of one unit are left alone."""
     g = torch.Generator().manual_seed(seed)
-    return {grp.id: Decision(torch.randperm(grp.size, generator=g)) for grp in deps.groups.values()
-            if grp.understood and grp.size > 1}
+    return {grp.id: Decision(ChannelMap.select(torch.randperm(grp.size, generator=g), grp.size))
+            for grp in deps.groups.values() if grp.understood and grp.size > 1}
 
 
 def permutation_error(reference, deps, batches, seed: int = 0) -> float:

@@ -10,9 +10,10 @@ from grailc.passes.calibrate import channel_rows
 from torch import fx
 
 from grailc.analysis import analyse
+from grailc.channel_map import ChannelMap
 from grailc.channels import Layout, Segment
 from grailc.context import Decision
-from grailc.surgery import get_param, layout_index, set_param
+from grailc.surgery import get_param, layout_map, set_param
 from grailc.trace import trace
 
 
@@ -62,7 +63,7 @@ def masked_reference(gm, group, keep: torch.Tensor):
         w = get_param(masked, slot.consumer.weight).detach().clone()
         cols = w.transpose(0, 1) if slot.consumer.dim == 0 else w
         view = cols.reshape(cols.shape[0], slot.consumer.layout.length, -1)
-        view[:, slot.offset + slot.keep(drop)] = 0
+        view[:, slot.offset + slot.map(ChannelMap.select(drop, group.size)).keep] = 0
         cols.copy_(view.reshape(cols.shape))
         set_param(masked, slot.consumer.weight, w)
     return masked
@@ -73,11 +74,12 @@ def prune_and_compare(gm, deps, group, keep: torch.Tensor, x: torch.Tensor, atol
     (the original's kept channels)."""
     reference = masked_reference(gm, group, keep)
     pruned = copy.deepcopy(gm)
-    rewrite(pruned, deps, {group.id: Decision(keep)}, {})
+    decisions = {group.id: Decision(ChannelMap.select(keep, group.size))}
+    rewrite(pruned, deps, decisions, {})
     pruned.recompile()
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), reference(x), atol=atol, rtol=1e-4)
-    units_of = deps.units_of({group.id: Decision(keep)})
+    maps_of = deps.maps_of(decisions)
     for slot in group.consumers:
         node = next(n for n in gm.graph.nodes if n.name == slot.consumer.node)
         arg = node.args[slot.consumer.arg]
@@ -87,9 +89,9 @@ def prune_and_compare(gm, deps, group, keep: torch.Tensor, x: torch.Tensor, atol
             before.run(x)
             after.run(x)
         layout = slot.consumer.layout
-        idx = layout_index(layout, units_of)
+        idx = layout_map(layout, maps_of).keep
         new_layout = Layout(layout.axis, tuple(
-            Segment(s.space, len(layout_index(Layout(layout.axis, (s,), 1, layout.granule), units_of)) * layout.granule)
+            Segment(s.space, layout_map(Layout(layout.axis, (s,), 1, layout.granule), maps_of).k * layout.granule)
             for s in layout.segments), layout.inner, layout.granule)
         expected = channel_rows(before.values[arg.name], layout)[:, idx]
         got = channel_rows(after.values[arg.name], new_layout)

@@ -19,9 +19,10 @@ from graph_checks import traced
 from torch import nn
 
 import grailc
+from grailc.channel_map import ChannelMap
 from grailc.context import SlotStats
 from grailc.recipe import Recipe
-from grailc.surgery import get_param, offset_shift, selection, tap_coverage
+from grailc.surgery import get_param, offset_shift, tap_coverage
 
 
 def mlp() -> nn.Module:
@@ -95,27 +96,29 @@ def test_affine_recon_error_matches_the_data():
     M = torch.randn(4, 6, generator=g, dtype=torch.float64)
     direct = ((x - z[:, keep] @ B.T - c) @ M.T).square().sum() / (x @ M.T).square().sum()
     stats = stats_from(x, z)
-    assert recon_error(stats, M, B, keep, c) == pytest.approx(float(direct), rel=1e-9)
-    plain = ((x - z[:, keep] @ selection(6, keep).T) @ M.T).square().sum() / (x @ M.T).square().sum()
-    assert recon_error(stats, M, selection(6, keep), keep) == pytest.approx(float(plain), rel=1e-9)
+    sel = ChannelMap.select(keep, 6)
+    assert recon_error(stats, M, B, sel, c) == pytest.approx(float(direct), rel=1e-9)
+    plain = ((x - z[:, keep] @ sel.U().T) @ M.T).square().sum() / (x @ M.T).square().sum()
+    assert recon_error(stats, M, sel.U(), sel) == pytest.approx(float(plain), rel=1e-9)
 
 
 def test_bias_moves_the_mean_of_the_removed_channels_and_is_the_best_offset():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(100, 5, generator=g, dtype=torch.float64) * torch.arange(1.0, 6.0, dtype=torch.float64)
     keep = torch.tensor([1, 3])
-    B, c, fallback = mean_shift(stats_from(x, x), keep, 1e-3)
+    sel = ChannelMap.select(keep, 5)
+    B, c, fallback = mean_shift(stats_from(x, x), sel, 1e-3)
     expected = x.mean(0)
     expected[keep] = 0
     assert B is None and fallback is None
     torch.testing.assert_close(c, expected)
     H = torch.eye(5, dtype=torch.float64)
-    best = recon_error(stats_from(x, x), H, selection(5, keep), keep, c)
-    assert best < recon_error(stats_from(x, x), H, selection(5, keep), keep)
+    best = recon_error(stats_from(x, x), H, sel.U(), sel, c)
+    assert best < recon_error(stats_from(x, x), H, sel.U(), sel)
     for d in torch.eye(5, dtype=torch.float64):
-        assert best < recon_error(stats_from(x, x), H, selection(5, keep), keep, c + 0.01 * d)
+        assert best < recon_error(stats_from(x, x), H, sel.U(), sel, c + 0.01 * d)
     stats = stats_from(x, x)
-    assert mean_shift(SlotStats(stats.Gz, stats.C, stats.Gx, None, None, 100), keep, 1e-3) == (None, None, None)
+    assert mean_shift(SlotStats(stats.Gz, stats.C, stats.Gx, None, None, 100), sel, 1e-3) == (None, None, None)
 
 
 def test_grail_bias_is_affine_least_squares_on_the_kept_channels():
@@ -124,15 +127,15 @@ def test_grail_bias_is_affine_least_squares_on_the_kept_channels():
     x = z @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 3 + 0.1 * torch.randn(300, 6, generator=g,
                                                                                          dtype=torch.float64)
     keep = torch.tensor([0, 1, 4])
-    B, c, _ = affine_ridge_map(stats_from(x, z), keep, 0.0)
+    B, c, _ = affine_ridge_map(stats_from(x, z), ChannelMap.select(keep, 6), 0.0)
     design = torch.cat([z[:, keep], torch.ones(300, 1, dtype=torch.float64)], dim=1)
     solution = torch.linalg.lstsq(design, x).solution  # [k + 1, size]
     torch.testing.assert_close(B, solution[:3].T)
     torch.testing.assert_close(c, solution[3])
     # the ridge pulls B towards plain pruning but never the constant: with a huge ridge B -> I[:, K] and c -> the
     # best offset for it, mean(x - I[:, K] z_K)
-    B, c, _ = grail_bias(stats_from(x, z), keep, 1e9)
-    plain = selection(6, keep).to(torch.float64)
+    B, c, _ = grail_bias(stats_from(x, z), ChannelMap.select(keep, 6), 1e9)
+    plain = ChannelMap.select(keep, 6).U().to(torch.float64)
     torch.testing.assert_close(B, plain, atol=1e-6, rtol=0)
     torch.testing.assert_close(c, (x - z[:, keep] @ plain.T).mean(0), atol=1e-5, rtol=0)
 
@@ -144,11 +147,11 @@ def test_grail_ridge_pulls_towards_plain_pruning():
     keep = torch.tensor([0, 2, 3])
     G = x.T @ x
     for lam in (0.0, 0.1, 10.0):
-        B, _ = ridge_map(G, keep, lam)
+        B, _ = ridge_map(G, ChannelMap.select(keep, 5), lam)
         torch.testing.assert_close(B[keep], torch.eye(3, dtype=torch.float64))
-    B, _ = ridge_map(G, keep, 1e12)
-    torch.testing.assert_close(B, selection(5, keep).to(torch.float64), atol=1e-8, rtol=0)
-    B, _ = ridge_map(G, keep, 0.0)
+    B, _ = ridge_map(G, ChannelMap.select(keep, 5), 1e12)
+    torch.testing.assert_close(B, ChannelMap.select(keep, 5).U().to(torch.float64), atol=1e-8, rtol=0)
+    B, _ = ridge_map(G, ChannelMap.select(keep, 5), 0.0)
     torch.testing.assert_close(B, torch.linalg.lstsq(x[:, keep], x).solution.T)
 
 

@@ -1,15 +1,17 @@
 """Compensate: for every consumer slot of a pruned group, choose the map B merged into the consumer.
 
-A compensator approximates the input as x ~ B z_K + c (B merged into the weight, c into the bias). The
-reconstruction error of a consumer with columns M (one row per output channel and kernel tap) is
+A compensator approximates the input as x ~ B z' + c from the k new channels z' = R z of the group's channel map
+(z_K for a selection; B merged into the weight, c into the bias). The reconstruction error of a consumer with
+columns M (one row per output channel and kernel tap) is
 
-    e(B, c) = ||M (x - B z_K - c)||^2 / ||M x||^2 = <E, H> / <Gx, H>,   H = M^T M,  C_K = C[:, K]
-    E = Gx - C_K B^T - B C_K^T + B Gz[K, K] B^T - r c^T - c r^T + n c c^T,   r = sx - B sz[K]
+    e(B, c) = ||M (x - B z' - c)||^2 / ||M x||^2 = <E, H> / <Gx, H>,   H = M^T M,  C_K = C R^T
+    E = Gx - C_K B^T - B C_K^T + B (R Gz R^T) B^T - r c^T - c r^T + n c c^T,   r = sx - B R sz
 
 summed over all n calibration positions (exact for 1x1 convs and linear layers, per tap for wider kernels). Here x
 is the dense input and z the input the compressed model sees: z = x (Gx = C = Gz = G, sx = sz = s) unless
 calibration ran sequentially.
-Plain pruning is B = I[:, K], c = 0. A compensation whose error exceeds plain pruning's is refused for that slot.
+Plain pruning is B = U (I[:, K] for a selection), c = 0. A compensation whose error exceeds plain pruning's is
+refused for that slot.
 """
 
 from __future__ import annotations
@@ -17,24 +19,25 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from grailc.channel_map import ChannelMap
 from grailc.context import Fold, SlotStats
 from grailc.errors import check_choice
 from grailc.passmanager import Pass, register_pass
 from grailc.registry import COMPENSATORS, compensator, load_builtin
-from grailc.surgery import consumer_columns, get_param, selection, takes_bias
+from grailc.surgery import consumer_columns, get_param, takes_bias
 
 
-def recon_error(stats: SlotStats, M: torch.Tensor, B: torch.Tensor, keep: torch.Tensor,
+def recon_error(stats: SlotStats, M: torch.Tensor, B: torch.Tensor, cmap: ChannelMap,
                 c: torch.Tensor | None = None) -> float:
     """<E, H> / <Gx, H> with E as in the module docstring and H = M^T M, computed through P = M B so that no
-    size x size product is formed: <E, H> = <M Gx, M> - 2 <M C_K, P> + <P Gz[K, K], P> - 2 (M r).(M c) + n |M c|^2.
+    size x size product is formed: <E, H> = <M Gx, M> - 2 <M C_K, P> + <P R Gz R^T, P> - 2 (M r).(M c) + n |M c|^2.
     """
     M = M.to(torch.float64)
     P = M @ B.to(torch.float64)
-    mc = M @ stats.C[:, keep]
-    num = -2 * (mc * P).sum() + ((P @ stats.Gz[keep][:, keep]) * P).sum()
+    mc = M @ cmap.cols(stats.C)
+    num = -2 * (mc * P).sum() + ((P @ cmap.gram(stats.Gz)) * P).sum()
     if c is not None:
-        r = stats.sx - B.to(torch.float64) @ stats.sz[keep]
+        r = stats.sx - B.to(torch.float64) @ cmap.vec(stats.sz)
         m_c = M @ c.to(torch.float64)
         num = num - 2 * (M @ r) @ m_c + stats.rows * (m_c @ m_c)
     den = ((M @ stats.Gx) * M).sum()
@@ -50,7 +53,7 @@ def slot_stats(ctx, slot) -> SlotStats:
 
 
 @compensator("none")
-def no_compensation(stats, keep, lam):
+def no_compensation(stats, cmap, lam):
     return None, None, None
 
 
@@ -63,14 +66,14 @@ def compensate_group(ctx, group) -> None:
     if decision is None:
         return
     for slot in group.consumers:
-        keep = slot.keep(decision.keep)
+        cmap = slot.map(decision.map)
         stats = slot_stats(ctx, slot)
         m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float64)
-        plain = selection(slot.size, keep)
-        fold = Fold(None, recon_error_plain=recon_error(stats, m, plain, keep))
-        B, c, fallback = solve(stats, keep, ctx.recipe.lam)
+        plain = cmap.U()
+        fold = Fold(None, recon_error_plain=recon_error(stats, m, plain, cmap))
+        B, c, fallback = solve(stats, cmap, ctx.recipe.lam)
         if B is not None or c is not None:
-            err = recon_error(stats, m, plain if B is None else B, keep, c)
+            err = recon_error(stats, m, plain if B is None else B, cmap, c)
             fold.recon_error_grail, fold.fallback = err, fallback
             finite = all(t is None or bool(torch.isfinite(t).all()) for t in (B, c))
             if err > fold.recon_error_plain * (1 + 1e-9) + 1e-12 or not finite:

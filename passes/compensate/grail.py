@@ -6,6 +6,12 @@ pruning (kept channels pass through, removed ones are dropped), not towards zero
 
     B = (G[:, K] + r I[:, K]) (G[K, K] + r I)^-1        (float64)
 
+Through a fold's channel map (z = R x, plain spread U; see :mod:`grailc.channel_map`) the same solve reads
+
+    B = (G R^T + r U) (R G R^T + r I)^-1
+
+of which a selection is the case R = I[K], U = I[:, K]; ``grail_fold`` names it for recipes that fold.
+
 so B[K] = I for every lam (kept channels pass through exactly) and only the removed channels' reconstruction
 B[R] = G[R, K] (G[K, K] + r I)^-1 is shrunk; a large lam gives plain pruning. (Shrinking B[K] towards zero as well,
 as a plain ridge does, damps the kept channels: on SmolLM2's MLPs with 2k calibration tokens that made GRAIL worse
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from grailc.channel_map import ChannelMap
 from grailc.context import SlotStats
 from grailc.registry import compensator
 
@@ -42,40 +49,40 @@ def ridge_solve(A: torch.Tensor, rhs: torch.Tensor, ridge: torch.Tensor, scale: 
     return torch.linalg.lstsq(A, rhs, driver="gelsd").solution, "lstsq"
 
 
-def ridge_map(G: torch.Tensor, keep: torch.Tensor, lam: float, cross: torch.Tensor | None = None):
+def ridge_map(G: torch.Tensor, cmap: ChannelMap, lam: float, cross: torch.Tensor | None = None):
     """B and the fallback used (None, "jitter" or "lstsq")."""
     G = G.to(torch.float64)
-    gkk = G[keep][:, keep]
+    gkk = cmap.gram(G)
     scale = torch.diagonal(gkk).mean().clamp_min(1e-300)
-    rhs = (G if cross is None else cross.to(torch.float64))[:, keep].T.clone()  # B^T = A^-1 (C[:, K] + r I[:, K])^T
-    rhs[torch.arange(len(keep)), keep] += lam * scale
-    sol, tag = ridge_solve(gkk, rhs, torch.full((len(keep),), lam * scale, dtype=torch.float64), scale)
+    rhs = (cmap.cols(G if cross is None else cross.to(torch.float64)) + lam * scale * cmap.U()).T.contiguous()
+    sol, tag = ridge_solve(gkk, rhs, torch.full((cmap.k,), lam * scale, dtype=torch.float64), scale)
     return sol.T.contiguous(), tag
 
 
-def affine_ridge_map(stats: SlotStats, keep: torch.Tensor, lam: float):
+def affine_ridge_map(stats: SlotStats, cmap: ChannelMap, lam: float):
     """B, c and the fallback used, from the augmented Gram of [z_K, 1]."""
-    k = len(keep)
-    gkk = stats.Gz.to(torch.float64)[keep][:, keep]
-    s = stats.sz.to(torch.float64)[keep]
+    k = cmap.k
+    gkk = cmap.gram(stats.Gz.to(torch.float64))
+    s = cmap.vec(stats.sz.to(torch.float64))
     A = torch.zeros(k + 1, k + 1, dtype=torch.float64)
     A[:k, :k], A[:k, k], A[k, :k], A[k, k] = gkk, s, s, float(stats.rows)
-    rhs = torch.cat([stats.C.to(torch.float64)[:, keep], stats.sx.to(torch.float64)[:, None]], dim=1).T.clone()
     scale = torch.diagonal(gkk).mean().clamp_min(1e-300)
-    rhs[torch.arange(k), keep] += lam * scale  # the ridge pulls B towards I[:, K], as in ridge_map
+    cols = cmap.cols(stats.C.to(torch.float64)) + lam * scale * cmap.U()  # the ridge pulls B towards U, as above
+    rhs = torch.cat([cols, stats.sx.to(torch.float64)[:, None]], dim=1).T.contiguous()
     ridge = torch.cat([torch.full((k,), lam * scale, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     sol, tag = ridge_solve(A, rhs, ridge, scale)  # [k + 1, size] = [B^T; c^T]
     return sol[:k].T.contiguous(), sol[k].contiguous(), tag
 
 
+@compensator("grail_fold")
 @compensator("grail")
-def grail(stats: SlotStats, keep, lam):
-    B, tag = ridge_map(stats.Gz, keep, lam, stats.C)
+def grail(stats: SlotStats, cmap: ChannelMap, lam):
+    B, tag = ridge_map(stats.Gz, cmap, lam, stats.C)
     return B, None, tag
 
 
 @compensator("grail+bias")
-def grail_bias(stats: SlotStats, keep, lam):
+def grail_bias(stats: SlotStats, cmap: ChannelMap, lam):
     if stats.sz is None:
-        return grail(stats, keep, lam)
-    return affine_ridge_map(stats, keep, lam)
+        return grail(stats, cmap, lam)
+    return affine_ridge_map(stats, cmap, lam)

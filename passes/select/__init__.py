@@ -1,8 +1,9 @@
-"""Select: decide, per prunable group, which channels to keep.
+"""Select: decide, per prunable group, its channel map (which units to keep, or how to fold them).
 
 The budget of a group of C units (channels, heads, conv groups) at ratio r is ``max(1, round(C * (1 - r)))``
 kept units, rounded so that every kept width is a multiple of ``multiple_of``; a recipe can set the
-ratio per module pattern. The selector named in the recipe scores channels; the top scores are kept.
+ratio per module pattern. The selector named in the recipe scores units and the top scores are kept, or it builds
+the map itself (``fold``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fnmatch import fnmatchcase
 
 import torch
 
+from grailc.channel_map import ChannelMap
 from grailc.context import Decision
 from grailc.errors import check_choice
 from grailc.passmanager import Pass, register_pass
@@ -44,14 +46,22 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[:k]).values
 
 
+def budget(ctx, group) -> int:
+    """Units the group keeps under the recipe."""
+    return n_keep(group.size, ratio_for(group, ctx.recipe), unit_step(group, ctx.recipe.multiple_of))
+
+
 def select_group(ctx, group) -> None:
     """Record the decision for one group (none when its budget keeps every channel)."""
     load_builtin()
     check_choice("selector", ctx.recipe.selector, SELECTORS)
-    k = n_keep(group.size, ratio_for(group, ctx.recipe), unit_step(group, ctx.recipe.multiple_of))
+    k = budget(ctx, group)
     if k < group.size:
-        scores = SELECTORS[ctx.recipe.selector](ctx, group)
-        ctx.decisions[group.id] = Decision(top_k(scores, k), scores)
+        found = SELECTORS[ctx.recipe.selector](ctx, group)
+        if isinstance(found, ChannelMap):
+            ctx.decisions[group.id] = Decision(found)
+        else:
+            ctx.decisions[group.id] = Decision(ChannelMap.select(top_k(found, k), group.size), found)
 
 
 @register_pass

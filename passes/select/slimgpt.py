@@ -31,9 +31,9 @@ DAMP = 0.01
 
 
 def _units_to_remove(ctx, group) -> int:
-    from grailc.passes.select import n_keep, ratio_for, unit_step
+    from grailc.passes.select import budget
 
-    return group.size - n_keep(group.size, ratio_for(group, ctx.recipe), unit_step(group, ctx.recipe.multiple_of))
+    return group.size - budget(ctx, group)
 
 
 class _SlotState:

@@ -88,10 +88,8 @@ def test_compensation_worse_than_pruning_is_refused(tmp_path, capfd, monkeypatch
     """GRAIL's ridge pulls towards plain pruning, so it is never worse on the calibration data; the guard holds
     for any compensator, here a plug-in that flips the sign of the kept channels."""
     from grailc.registry import COMPENSATORS, load_builtin
-    from grailc.surgery import selection
-
-    def flipped(stats, keep, lam):
-        return -selection(stats.Gz.shape[0], keep).to(torch.float64), None, None
+    def flipped(stats, cmap, lam):
+        return -cmap.U(), None, None
 
     load_builtin()
     monkeypatch.setitem(COMPENSATORS, "flipped", flipped)
