@@ -71,6 +71,7 @@ class Context:
     # ctx.sums[key] / ctx.rows[key] is the per-channel input mean; target_sums: sequential only, the dense x
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     target_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    planned: dict[int, int] = field(default_factory=dict)  # group id -> units kept, under a global budget
     decisions: dict[int, Decision] = field(default_factory=dict)  # group id -> decision
     folds: dict[str, Fold] = field(default_factory=dict)  # consumer slot key -> fold
     done: set[int] = field(default_factory=set)  # groups decided and compensated during sequential calibration

@@ -174,6 +174,21 @@ def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progre
     return grams, rows
 
 
+def record_sq_norms(gm: fx.GraphModule, groups, batches) -> dict[str, torch.Tensor]:
+    """sum x^2 per channel (the diagonal of G) per consumer slot of ``groups``: what a global budget ranks by, at
+    the memory of one vector per slot."""
+    found: dict[str, torch.Tensor] = {}
+
+    def add(slots, xr):
+        for slot in slots:
+            _accumulate(found, slot.key, xr[:, slot.offset : slot.offset + slot.size].square().sum(0))
+
+    recorder = InputRecorder(gm, _slots_by_node(groups), add, check_nodes=False)
+    for x in batches:
+        recorder.feed(x)
+    return found
+
+
 def _check_finite_statistics(gm: fx.GraphModule, grams: dict, batches) -> None:
     """Checking every node's output costs a third of calibration; a non-finite activation that reaches a consumer
     makes its Gram non-finite, so only then are the batches run again, node by node, to say where it appeared."""
@@ -231,6 +246,10 @@ def calibrate_sequentially(ctx, batches) -> None:
 
     shadow = copy.deepcopy(ctx.gm)
     groups = graph_order(ctx.gm, ctx.deps.prunable())
+    if ctx.recipe.budget:  # the counts are planned on the dense model before anything is compressed
+        from grailc.passes.select.global_budget import plan
+
+        ctx.planned = plan(ctx, record_sq_norms(ctx.gm, groups, batches))
     for g in tqdm(groups, desc="sequential", unit="group", disable=not ctx.progress, leave=False):
         gz, cross, gx, rows = record_cross_grams(ctx.gm, shadow, g, batches, ctx.sums, ctx.target_sums)
         ctx.grams.update(gz)

@@ -2,8 +2,8 @@
 
 The budget of a group of C units (channels, heads, conv groups) at ratio r is ``max(1, round(C * (1 - r)))``
 kept units, rounded so that every kept width is a multiple of ``multiple_of``; a recipe can set the
-ratio per module pattern. The selector named in the recipe scores units and the top scores are kept, or it builds
-the map itself (``fold``).
+ratio per module pattern. A global ``budget`` plans the counts instead (see :mod:`.global_budget`). The selector
+named in the recipe scores units and the top scores are kept, or it builds the map itself (``fold``).
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[:k]).values
 
 
-def budget(ctx, group) -> int:
-    """Units the group keeps under the recipe."""
+def units_kept(ctx, group) -> int:
+    """Units the group keeps: planned by the global budget, or by the group's ratio."""
+    if group.id in ctx.planned:
+        return ctx.planned[group.id]
     return n_keep(group.size, ratio_for(group, ctx.recipe), unit_step(group, ctx.recipe.multiple_of))
 
 
@@ -55,7 +57,7 @@ def select_group(ctx, group) -> None:
     """Record the decision for one group (none when its budget keeps every channel)."""
     load_builtin()
     check_choice("selector", ctx.recipe.selector, SELECTORS)
-    k = budget(ctx, group)
+    k = units_kept(ctx, group)
     if k < group.size:
         found = SELECTORS[ctx.recipe.selector](ctx, group)
         if isinstance(found, ChannelMap):
@@ -72,6 +74,10 @@ class Select(Pass):
     requires = ("deps",)
 
     def run(self, ctx) -> None:
+        if ctx.recipe.budget and not ctx.planned:
+            from grailc.passes.select.global_budget import plan
+
+            ctx.planned = plan(ctx, {key: torch.diagonal(G) for key, G in ctx.grams.items()})
         for g in ctx.deps.prunable():
             if g.id not in ctx.done:
                 select_group(ctx, g)

@@ -46,7 +46,7 @@ def cluster(features: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 @selector("fold")
 def fold(ctx, group) -> ChannelMap:
-    from grailc.passes.select import budget
+    from grailc.passes.select import units_kept
 
-    k = budget(ctx, group)
+    k = units_kept(ctx, group)
     return ChannelMap.fold(cluster(unit_features(ctx, group), k, ctx.recipe.calib.seed), k)

@@ -31,9 +31,9 @@ DAMP = 0.01
 
 
 def _units_to_remove(ctx, group) -> int:
-    from grailc.passes.select import budget
+    from grailc.passes.select import units_kept
 
-    return group.size - budget(ctx, group)
+    return group.size - units_kept(ctx, group)
 
 
 class _SlotState:

@@ -19,10 +19,15 @@ from grailc.surgery import consumer_columns, get_param
 @selector("wanda_sp")
 @selector("wanda")
 def wanda(ctx, group) -> torch.Tensor:
+    return wanda_scores(ctx, group, lambda slot: torch.diagonal(ctx.grams[slot.key]))
+
+
+def wanda_scores(ctx, group, sq_norms) -> torch.Tensor:
+    """The scores from ``sq_norms(slot)``, the per-channel sum x^2 of the slot's input."""
     score = torch.zeros(group.size, dtype=torch.float64)
     for slot in group.consumers:
         w = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float32)
-        norms = torch.diagonal(ctx.grams[slot.key]).clamp_min(0).sqrt()
+        norms = sq_norms(slot).clamp_min(0).sqrt()
         s = slot.to_units(w.abs().sum(0, dtype=torch.float64) * norms)
         score += s / s.sum().clamp_min(1e-300)
     return score
