@@ -5,8 +5,11 @@ repaired upstream), gets
 
     running_mean = mean(x),    running_var = mean((x - running_mean)^2)
 
-per channel over every calibration position (N*H*W), accumulated in float64. Cost: one forward pass, up to that
-BatchNorm, per BatchNorm. The report says how far the statistics moved, or that there was nothing to repair.
+per channel over every calibration position (N*H*W), accumulated in float64. Cost: one forward pass over the
+calibration batches, which advance through the graph node by node together (so each BatchNorm's statistics are set
+from every batch before any batch goes past it); memory: the live activations of all batches at once, as for one
+forward pass of their total size. The report says how far the statistics moved, or that there was nothing to
+repair.
 """
 
 from __future__ import annotations
@@ -36,56 +39,71 @@ def batch_norms(gm: fx.GraphModule) -> list[fx.Node]:
     return found
 
 
-class _Reached(Exception):
-    def __init__(self, x: torch.Tensor):
-        self.x = x
+class _Lockstep:
+    """The batches run through the graph node by node together; before each node of ``watched`` runs,
+    ``visit(node, inputs)`` gets its first input in every batch."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list, watched: set, visit):
+        dtype = next((p.dtype for p in gm.parameters()), torch.float32)
+        self.gm, self.watched, self.visit = gm, watched, visit
+        self.runners = []
+        for batch in batches:
+            inputs = batch if isinstance(batch, tuple) else (batch,)
+            runner = fx.Interpreter(gm)
+            runner.args_iter = iter([t.to(dtype) if t.is_floating_point() else t for t in inputs])
+            self.runners.append(runner)
+
+    def run(self) -> None:
+        last_use: dict[fx.Node, list[fx.Node]] = {}  # node -> the values no later node reads
+        seen: set[fx.Node] = set()
+        for n in reversed(self.gm.graph.nodes):
+            for arg in n.all_input_nodes:
+                if arg not in seen:
+                    seen.add(arg)
+                    last_use.setdefault(n, []).append(arg)
+        with torch.no_grad():
+            for n in self.gm.graph.nodes:
+                if n.op == "output":
+                    break
+                if n in self.watched:
+                    self.visit(n, [r.env[n.args[0]] for r in self.runners])
+                for r in self.runners:
+                    r.env[n] = r.run_node(n)
+                    for dead in last_use.get(n, []):
+                        r.env.pop(dead, None)
 
 
-class _InputOf(fx.Interpreter):
-    """Runs the graph until ``node`` and raises its first input."""
-
-    def __init__(self, gm: fx.GraphModule, node: fx.Node):
-        super().__init__(gm)
-        self.node = node
-
-    def run_node(self, n: fx.Node):
-        if n is self.node:
-            raise _Reached(self.env[n.args[0]])
-        return super().run_node(n)
-
-
-def input_moments(gm: fx.GraphModule, node: fx.Node, batches: list):
-    """Per-channel (dim 1) mean and variance of the input of ``node`` over every batch and position (float64).
-    A batch is a tensor or a tuple with one tensor per model input."""
-    dtype = next((p.dtype for p in gm.parameters()), torch.float32)
+def moments(inputs: list[torch.Tensor]):
+    """Per-channel (dim 1) mean and variance over every batch and position (float64)."""
     total, squares, count = 0.0, 0.0, 0
-    for batch in batches:
-        inputs = batch if isinstance(batch, tuple) else (batch,)
-        try:
-            with torch.no_grad():
-                _InputOf(gm, node).run(*(t.to(dtype) if t.is_floating_point() else t for t in inputs))
-        except _Reached as reached:
-            a = reached.x.detach().movedim(1, -1).reshape(-1, reached.x.shape[1]).to(torch.float64)
-            total, squares, count = total + a.sum(0), squares + (a * a).sum(0), count + a.shape[0]
+    for x in inputs:
+        a = x.detach().movedim(1, -1).reshape(-1, x.shape[1]).to(torch.float64)
+        total, squares, count = total + a.sum(0), squares + (a * a).sum(0), count + a.shape[0]
     mean = total / count
     return mean, (squares / count - mean * mean).clamp_min(0)
 
 
 def repair_batch_norms(gm: fx.GraphModule, batches: list) -> dict:
-    """Re-estimate every BatchNorm in graph order; what changed, for the report."""
-    norms = batch_norms(gm)
+    """Re-estimate every BatchNorm in graph order, in one pass; what changed, for the report."""
+    norms = set(batch_norms(gm))
     if not norms:
         return {"batch_norms": 0, "note": "nothing to repair: the graph has no BatchNorm with running statistics"}
     mean_moves, std_ratios = [], []
-    for n in norms:
-        mean_target, var_target, eps = n.args[3].target, n.args[4].target, float(n.args[BATCH_NORMS[n.target][1]])
-        old_mean, old_var = get_param(gm, mean_target), get_param(gm, var_target)
-        mean, var = input_moments(gm, n, batches)
+
+    def visit(n: fx.Node, inputs: list[torch.Tensor]) -> None:
+        mean_node, var_node, eps = n.args[3], n.args[4], float(n.args[BATCH_NORMS[n.target][1]])
+        old_mean, old_var = get_param(gm, mean_node.target), get_param(gm, var_node.target)
+        mean, var = moments(inputs)
         old_std = (old_var.to(torch.float64) + eps).sqrt()
         mean_moves.append(float(((mean - old_mean.to(torch.float64)).abs() / old_std).mean()))
         std_ratios.append(float(((var + eps).sqrt() / old_std).mean()))
-        set_param(gm, mean_target, mean.to(old_mean.dtype))
-        set_param(gm, var_target, var.to(old_var.dtype))
+        set_param(gm, mean_node.target, mean.to(old_mean.dtype))
+        set_param(gm, var_node.target, var.to(old_var.dtype))
+        for r in lockstep.runners:  # the statistics were fetched before this node: hand it the new ones
+            r.env[mean_node], r.env[var_node] = get_param(gm, mean_node.target), get_param(gm, var_node.target)
+
+    lockstep = _Lockstep(gm, batches, norms, visit)
+    lockstep.run()
     return {
         "batch_norms": len(norms),
         "batches": len(batches),
