@@ -97,9 +97,9 @@ def test_affine_recon_error_matches_the_data():
     direct = ((x - z[:, keep] @ B.T - c) @ M.T).square().sum() / (x @ M.T).square().sum()
     stats = stats_from(x, z)
     sel = ChannelMap.select(keep, 6)
-    assert recon_error(stats, M, B, sel, c) == pytest.approx(float(direct), rel=1e-9)
+    assert recon_error(stats, M.T @ M, B, sel, c) == pytest.approx(float(direct), rel=1e-9)
     plain = ((x - z[:, keep] @ sel.U().T) @ M.T).square().sum() / (x @ M.T).square().sum()
-    assert recon_error(stats, M, sel.U(), sel) == pytest.approx(float(plain), rel=1e-9)
+    assert recon_error(stats, M.T @ M, sel.U(), sel) == pytest.approx(float(plain), rel=1e-9)
 
 
 def test_bias_moves_the_mean_of_the_removed_channels_and_is_the_best_offset():
