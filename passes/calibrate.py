@@ -202,18 +202,95 @@ def _check_finite_statistics(gm: fx.GraphModule, grams: dict, batches) -> None:
                            fix="check the calibration data's scale and the model's weights")
 
 
-def record_cross_grams(dense: fx.GraphModule, shadow: fx.GraphModule, group, batches: list[torch.Tensor],
-                       sums: dict | None = None, target_sums: dict | None = None):
-    """For one group: Gz = sum z z^T on the compressed ``shadow``, C = sum x z^T against the dense inputs x, and
-    Gx = sum x x^T (all per consumer slot); sz = sum z into ``sums`` and sx = sum x into ``target_sums``."""
+class Resumable:
+    """One graph run on one batch node by node, able to go back to a saved point: sequential calibration resumes
+    each group where the previous group's consumers begin instead of at the model input.
+
+    A saved point keeps the live values (not the parameters: get_attr values are fetched again on resume, since
+    the shadow's weights change between groups). ``refresh`` re-reads the graph after nodes were inserted."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]):
+        dtype = next((p.dtype for p in gm.parameters()), torch.float32)
+        self.gm, self.runner = gm, fx.Interpreter(gm)
+        self.runner.args_iter = iter([t.to(dtype) if t.is_floating_point() else t for t in inputs])
+        self.pos, self.saved, self.saved_env = 0, None, {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.nodes = list(self.gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = {n: max((self.index[u] for u in n.users), default=self.index[n]) for n in self.nodes}
+        self.written_at: dict[fx.Node, list[int]] = {}  # value -> positions of the in-place ops that write it
+        for i, n in enumerate(self.nodes):
+            for arg in _written_args(n):
+                self.written_at.setdefault(arg, []).append(i)
+
+    def save(self) -> None:
+        """Save the point before the current node; a value that an in-place op after it writes is copied."""
+        self.saved = self.nodes[self.pos]
+        self.saved_env = {n: v.clone() if any(i >= self.pos for i in self.written_at.get(n, ())) else v
+                          for n, v in self.runner.env.items() if n.op != "get_attr"}
+
+    def restore(self) -> None:
+        if self.saved is None:
+            return
+        self.pos = self.index[self.saved]
+        env = dict(self.saved_env)
+        for n in self.nodes[: self.pos]:  # parameters read from here on, fetched as they are now
+            if n.op == "get_attr" and self.last_use[n] >= self.pos:
+                env[n] = self.runner.run_node(n)
+        self.runner.env = env
+
+    def run_until(self, stop: fx.Node, watch: dict[str, list], on_input, save_at: fx.Node | None = None) -> None:
+        """Run up to and including ``stop``, handing each watched consumer's input to ``on_input`` (as
+        InputRecorder does) and saving the point just before ``save_at``."""
+        env = self.runner.env
+        with torch.no_grad():
+            while self.pos <= self.index[stop]:
+                n = self.nodes[self.pos]
+                if n is save_at:
+                    self.save()
+                slots = watch.get(n.name)
+                if slots:
+                    consumer = slots[0].consumer
+                    on_input(slots, channel_rows(env[n.args[consumer.arg]].detach(), consumer.layout)
+                             .to(torch.float64))
+                env[n] = self.runner.run_node(n)
+                for arg in n.all_input_nodes:
+                    if self.last_use[arg] <= self.pos and arg.op != "placeholder":
+                        env.pop(arg, None)
+                self.pos += 1
+
+
+def _written_args(n: fx.Node) -> list[fx.Node]:
+    """The arguments an in-place op (relu_, add_) writes, from its schema's alias annotations."""
+    schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+    if schema is None:
+        return []
+    return [a for a, spec in zip(n.args, schema.arguments)
+            if isinstance(a, fx.Node) and spec.alias_info is not None and spec.alias_info.is_write]
+
+
+def record_cross_grams(runs: list[tuple[Resumable, Resumable]], group, sums: dict | None = None,
+                       target_sums: dict | None = None):
+    """For one group: Gz = sum z z^T on the compressed shadow, C = sum x z^T against the dense inputs x, and
+    Gx = sum x x^T (all per consumer slot); sz = sum z into ``sums`` and sx = sum x into ``target_sums``. ``runs``
+    holds a (dense, shadow) pair per batch, resumed from their saved points; each saves the point where this
+    group's consumers begin, for the next group."""
     slots = _slots_by_node([group])
-    last = _last_node(dense, list(slots))
+    dense_gm = runs[0][0].gm
+    order = _node_order(dense_gm)
+    first = min(slots, key=order.__getitem__)
+    last = max(slots, key=order.__getitem__)
     gz, cross, gx, rows = {}, {}, {}, {}
-    for x in batches:
-        dense_inputs, shadow_inputs = [], []
-        InputRecorder(dense, slots, lambda s, xr, out=dense_inputs: out.append((s, xr)), last).feed(x)
-        InputRecorder(shadow, slots, lambda s, xr, out=shadow_inputs: out.append((s, xr)), last).feed(x)
-        for (slots_d, xd), (_, xs) in zip(dense_inputs, shadow_inputs):
+    for dense, shadow in runs:
+        found = {"x": [], "z": []}
+        for which, run in (("x", dense), ("z", shadow)):
+            named = {n.name: n for n in run.nodes}
+            run.restore()
+            run.run_until(named[last], slots, lambda s, xr, out=found[which]: out.append((s, xr)),
+                          save_at=named[first])
+        for (slots_d, xd), (_, xs) in zip(found["x"], found["z"]):
             for slot in slots_d:
                 a = xd[:, slot.offset : slot.offset + slot.size]
                 b = xs[:, slot.offset : slot.offset + slot.size]
@@ -240,6 +317,12 @@ def calibrate_sequentially(ctx, batches) -> None:
     The compressed part is simulated on a full-width shadow copy: each consumer's columns become W B on the kept
     channels and zero elsewhere and its bias b + W c, which computes exactly what the narrowed model computes.
     Sums stay in ``ctx.sums`` (z) and ``ctx.target_sums`` (x); the Grams of a finished group are dropped.
+
+    Each group's pass resumes, per batch, from the point where the previous group's consumers begin (nothing
+    before it changed), so the cost is the sum over groups of the span from the previous group's first consumer
+    to this group's last, not groups x depth. Memory: per batch, the live activations of the dense and the
+    shadow run and one saved point of each, i.e. about four times the activations of all calibration batches at
+    the widest point of the graph.
     """
     from grailc.passes.compensate import compensate_group
     from grailc.passes.select import select_group
@@ -250,8 +333,10 @@ def calibrate_sequentially(ctx, batches) -> None:
         from grailc.passes.select.global_budget import plan
 
         ctx.planned = plan(ctx, record_sq_norms(ctx.gm, groups, batches))
+    runs = [(Resumable(ctx.gm, x), Resumable(shadow, x)) for x in batches]
     for g in tqdm(groups, desc="sequential", unit="group", disable=not ctx.progress, leave=False):
-        gz, cross, gx, rows = record_cross_grams(ctx.gm, shadow, g, batches, ctx.sums, ctx.target_sums)
+        gz, cross, gx, rows = record_cross_grams(runs, g, ctx.sums, ctx.target_sums)
+        _check_finite_statistics(ctx.gm, gz, batches)
         ctx.grams.update(gz)
         ctx.cross.update(cross)
         ctx.target_grams.update(gx)
@@ -269,6 +354,8 @@ def calibrate_sequentially(ctx, batches) -> None:
                                 offset_shift(shadow, slot.consumer, weight, slot.offset, slot.size, fold.offset))
                     shadow.recompile()
                 set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.map(decision.map), B))
+            for _, run in runs:  # a bias may have been added: new nodes
+                run.refresh()
         for slot in g.consumers:  # a finished group's statistics are not needed again
             for store in (ctx.grams, ctx.cross, ctx.target_grams):
                 store.pop(slot.key, None)
