@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
@@ -73,12 +71,10 @@ def output_error(reference, compressed, batches: list[tuple[torch.Tensor, ...]])
 
 
 def latency_ms(fn, args: tuple, repeats: int = 5) -> float:
-    """Median wall time of ``fn(*args)`` in milliseconds after one warm-up call (autograd off)."""
+    """Median wall time of ``fn(*args)`` in milliseconds after one warm-up call (autograd off); the timing loop is
+    :func:`grailc.bench.interleaved_ms`."""
+    from grailc.bench import interleaved_ms
+
     with torch.no_grad():
-        fn(*args)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+        times = interleaved_ms([lambda: fn(*args)], repeats, warmup=1)[0]
+    return sorted(times)[len(times) // 2]

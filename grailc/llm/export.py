@@ -12,6 +12,7 @@ from torch.export import Dim
 from grailc.errors import GrailcError
 
 EXTERNAL_DATA_BYTES = 2 * 1024**3
+LLM_ONNX_OPSET = 20  # see export_decoder_onnx
 
 
 class LogitsOnly(torch.nn.Module):
@@ -45,7 +46,9 @@ def export_decoder_onnx(model, ids: torch.Tensor, path, tol: float = 1e-3) -> di
     except Exception as e:  # the tracer's own message, shortened
         raise GrailcError(f"the decoder could not be traced for ONNX export: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:300]}", fix="rerun with --no-onnx") from e
-    save_onnx(program, (ids,), path, external_data=external, fix="rerun with --no-onnx")
+    # opset 20: at 23 the exporter fuses rotary embeddings into a RotaryEmbedding node that ONNX Runtime 1.31
+    # rejects for these shapes ("cos_cache and sin_cache are expected to have the same shape as input x")
+    save_onnx(program, (ids,), path, external_data=external, fix="rerun with --no-onnx", opset=LLM_ONNX_OPSET)
     parity = onnx_parity(path, wrapper, [(ids,), (ids[:1, : max(2, ids.shape[1] // 2)],)])
     parity["external_data"] = external
     parity["tolerance"] = tol

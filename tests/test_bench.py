@@ -1,0 +1,78 @@
+"""The speed measurement (grailc/bench.py): interleaving, statistics, inputs, and a dense/compressed comparison."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grailc.bench import Settings, compare, interleaved_ms, quartiles, random_feed, session, table
+from grailc.errors import GrailcError
+from grailc.export import save_onnx
+from grailc.trace import capture, export
+
+
+def test_calls_are_interleaved_in_alternating_order():
+    order = []
+    times = interleaved_ms([lambda: order.append("d"), lambda: order.append("c")], repeats=4, warmup=1)
+    assert order == ["d", "c"] + ["d", "c", "c", "d", "d", "c", "c", "d"]
+    assert [len(t) for t in times] == [4, 4] and all(v >= 0 for t in times for v in t)
+
+
+def test_a_time_budget_stops_after_the_minimum_repeats():
+    times = interleaved_ms([lambda: sum(range(1000))], repeats=1000, warmup=0, max_seconds=0.0, min_repeats=3)
+    assert len(times[0]) == 3
+
+
+def test_quartiles():
+    assert quartiles([4.0, 1.0, 3.0, 2.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0}
+    assert quartiles([7.0]) == {"median": 7.0, "q1": 7.0, "q3": 7.0}
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, width)
+        self.proj = torch.nn.Linear(width, 4)
+
+    def forward(self, ids, mask):
+        return self.proj(self.embed(ids) * mask.unsqueeze(-1))
+
+
+def onnx_file(model, shapes, path, data=None):
+    gm, example = capture(model.eval(), shapes, data=data)
+    save_onnx(export(gm, example), example, path)
+    return path
+
+
+def test_feed_has_the_batch_and_the_report_shapes(tmp_path):
+    ids, mask = torch.ones(2, 6, dtype=torch.int64), torch.ones(2, 6)
+    path = onnx_file(TwoInputs(8), [(1, 6), (1, 6)], tmp_path / "m.onnx", data=(ids, mask))
+    feed = random_feed(session(path, "CPUExecutionProvider"), 3, [[1, 6], [1, 6]])
+    assert [v.shape for v in feed.values()] == [(3, 6), (3, 6)]
+    ids_feed = next(v for v in feed.values() if v.dtype.kind == "i")
+    assert (ids_feed == 1).all()  # a valid token id whatever the vocabulary
+
+
+def test_compare_measures_both_models_at_every_batch(tmp_path):
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 3))
+    small = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
+    d = onnx_file(dense, [(1, 3, 16, 16)], tmp_path / "dense.onnx")
+    c = onnx_file(small, [(1, 3, 16, 16)], tmp_path / "model.onnx")
+    bench = compare(d, c, Settings(batches=(1, 4), repeats=3, warmup=1, threads=1), ideal=4.0)
+    assert [(r["batch"], r["precision"], r["provider"]) for r in bench["runs"]] == [
+        (1, "fp32", "CPUExecutionProvider"), (4, "fp32", "CPUExecutionProvider")]
+    for r in bench["runs"]:
+        figures = [r["dense_ms"]["median"], r["compressed_ms"]["median"], r["speedup"], *r["speedup_iqr"],
+                   r["dense_samples_per_s"], r["realised_fraction_of_ideal"]]
+        assert all(math.isfinite(v) and v > 0 for v in figures) and r["repeats"] == 3
+        assert r["dense_ms"]["q1"] <= r["dense_ms"]["median"] <= r["dense_ms"]["q3"]
+    text = table(bench)
+    assert "4.00x" in text and len(text.splitlines()) == 4
+
+
+def test_an_unknown_or_missing_provider_is_refused(tmp_path):
+    with pytest.raises(GrailcError, match="unknown provider"):
+        compare(tmp_path / "a.onnx", tmp_path / "b.onnx", Settings(provider="metal"))
