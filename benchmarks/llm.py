@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/llm.py                          # the full table (hours on 2 CPU cores)
     .venv/bin/python benchmarks/llm.py --ratios 0.5 --targets mlp --selectors wanda_sp,flap
+    .venv/bin/python benchmarks/llm.py ... --reconstruct layer   # adds "+rc" rows: each layer also trained (Adam)
 
 Calibration: random windows of Macbeth; evaluation: the first windows of Hamlet (a different play). Each row is one
 compression of the dense model; "gap closed" is (ppl_plain - ppl_grail) / (ppl_plain - ppl_dense). Rows are
@@ -40,7 +41,13 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.1)
     ap.add_argument("--layers", help="compress only these decoder layers, e.g. 0-7 (default all)")
     ap.add_argument("--no-plain", action="store_true", help="skip the rows without GRAIL")
+    ap.add_argument("--one-shot", action="store_true", help="calibrate each layer's groups on its dense inputs in one "
+                    "pass (the default is sequential within each layer)")
     ap.add_argument("--json", default="llm_results.json")
+    ap.add_argument("--reconstruct", help="also each compensation followed by the reconstruct pass of this kind "
+                    "(layer: the decoder layer is the window; block: its attention and MLP halves)")
+    ap.add_argument("--reconstruct-steps", type=int, default=300)
+    ap.add_argument("--reconstruct-lr", type=float, default=3e-3)
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -59,10 +66,15 @@ def main() -> None:
         for targets in args.targets.split(";"):
             for sel in args.selectors.split(","):
                 plain = None
-                for comp in (() if args.no_plain else (PLAIN.get(sel, "none"),)) + ("grail",):
+                comps = (() if args.no_plain else (PLAIN.get(sel, "none"),)) + ("grail",)
+                for comp, rc in [(c, rc) for c in comps for rc in ("off", *([args.reconstruct] if
+                                                                            args.reconstruct else []))]:
                     model = copy.deepcopy(dense)
                     recipe = make_recipe(ratio=ratio, selector=sel, compensate=comp, targets=targets.split(","),
-                                         lam=args.lam, calib_batch_size=8)
+                                         lam=args.lam, calib_batch_size=8, reconstruct=rc,
+                                         sequential=not args.one_shot,
+                                         reconstruct_steps=args.reconstruct_steps,
+                                         reconstruct_lr=args.reconstruct_lr)
                     start = time.perf_counter()
                     only = parse_layers(args.layers, len(model.model.layers))
                     report = compress_layers(model, calib, recipe, structure=args.structure, only=only)
@@ -72,6 +84,7 @@ def main() -> None:
                     closed = None if plain is None or plain == ppl_dense else (plain - ppl) / (plain - ppl_dense)
                     plain = ppl if plain is None else plain
                     row = {"ratio": ratio, "targets": targets, "selector": sel, "compensate": comp,
+                           "reconstruct": rc,
                            "structure": args.structure, "lam": args.lam, "layers": args.layers,
                            "params": round(params, 4),
                            "ppl": round(ppl, 3),
@@ -80,7 +93,8 @@ def main() -> None:
                     rows.append(row)
                     with open(args.json, "w") as f:
                         json.dump(rows, f, indent=1)
-                    print(f"{ratio:>5} {targets:10} {sel:9} {comp:10} {params:>7.3f} {ppl:>9.2f} "
+                    name = comp if rc == "off" else f"{comp}+rc"
+                    print(f"{ratio:>5} {targets:10} {sel:9} {name:10} {params:>7.3f} {ppl:>9.2f} "
                           f"{'' if closed is None else f'{closed:.0%}':>7} {seconds:>7.0f} "
                           f"{report['peak_rss_mib']:>8.0f}", flush=True)
 

@@ -99,6 +99,7 @@ def _load_passes() -> None:
     import grailc.passes.apply  # noqa: F401
     import grailc.passes.calibrate  # noqa: F401
     import grailc.passes.compensate  # noqa: F401
+    import grailc.passes.reconstruct  # noqa: F401
     import grailc.passes.repair  # noqa: F401
     import grailc.passes.select  # noqa: F401
     import grailc.passes.verify  # noqa: F401

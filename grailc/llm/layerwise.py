@@ -168,12 +168,26 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
             "groups": [{k: g[k] for k in ("kind", "size", "kept", "recon_error_plain", "recon_error_grail",
                                            "compensation_refused")} for g in groups],
             "permutation_error": result.report.get("verification", {}).get("permutation_error"),
+            **_reconstruct_record(result.report),
             "seconds": round(time.perf_counter() - t0, 3),
             "peak_rss_mib": round(_peak_rss_mib(), 1),
         })
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     return report
+
+
+def _reconstruct_record(report: dict) -> dict:
+    """The layer's reconstruction (windows inside the layer, error before -> after, seconds), when it ran."""
+    rc = report.get("reconstruct")
+    if not rc or rc.get("kind", "off") == "off":
+        return {}
+    return {"reconstruct": {
+        "windows": [{k: w[k] for k in ("window", "loss_before", "loss_after", "skipped", "kept_weights") if k in w}
+                    for w in rc["windows"]],
+        "seconds": rc["seconds"],
+        "cached_activations_mib": rc["cached_activations_mib"],
+    }}
 
 
 def incremental_plan(count: int, chosen: set[int], ratio: float) -> dict:

@@ -163,3 +163,19 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0], err
         assert not (tmp_path / "o").exists()
+
+
+def test_cli_reconstruct_layer_trains_each_decoder_layer(tiny_folder, tmp_path):
+    text = shakespeare_text(MACBETH)
+    out = tmp_path / "out"
+    rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "8", "--seq-len",
+               "32", "--batch-size", "4", "--ratio", "0.5", "--selector", "wanda_sp", "--targets", "mlp,heads",
+               "--reconstruct", "layer", "--reconstruct-steps", "20", "--reconstruct-lr", "1e-3", "--no-onnx",
+               "--quiet", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["reconstruct"] == "layer"
+    for layer in report["layers"]:
+        (window,) = layer["reconstruct"]["windows"]  # the decoder layer is the window
+        assert window["loss_after"] < window["loss_before"]
+        assert layer["permutation_error"] < 1e-5
