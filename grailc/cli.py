@@ -43,14 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mean", type=float, nargs="+", help="per-channel mean for images")
     c.add_argument("--std", type=float, nargs="+", help="per-channel std for images")
     c.add_argument("--ratio", type=float, help="fraction of channels removed in every prunable group (default 0.5)")
-    c.add_argument("--selector", help="magnitude | wanda | random | gram | wanda_sp | flap | slimgpt (default wanda)")
-    c.add_argument("--compensate", help="grail | none | bias | grail+bias (default grail)")
+    c.add_argument("--budget", help="instead of --ratio: params=F or macs=F removes that fraction of the model's "
+                   "parameters or MACs, spread across groups by score (each keeps at least --budget-floor)")
+    c.add_argument("--budget-floor", type=float, help="under --budget, the fraction of units every group keeps at "
+                   "least (default 0.1)")
+    c.add_argument("--selector",
+                   help="magnitude | wanda | random | gram | fold | wanda_sp | flap | slimgpt (default wanda)")
+    c.add_argument("--compensate", help="grail (alias grail_fold) | none | bias | grail+bias (default grail)")
     c.add_argument("--lam", type=float, help="ridge, relative to mean(diag G[K,K]) (default 1e-3; 0.1 for hf: LLMs)")
-    c.add_argument("--sequential", action="store_true",
-                   help="calibrate group by group on the already-compressed upstream (slower, usually more accurate, "
-                   "memory of one group at a time)")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--sequential", action="store_true",
+                      help="calibrate group by group on the already-compressed upstream, against the dense model "
+                      "(the default: the most accurate, memory of one group at a time)")
+    mode.add_argument("--one-shot", action="store_true",
+                      help="calibrate every group on the dense model in one pass (faster, less accurate)")
     c.add_argument("--repair", action="store_true",
                    help="after pruning, re-estimate BatchNorm statistics on the calibration batches")
+    c.add_argument("--reconstruct", metavar="KIND",
+                   help="after pruning, train windows of the compressed model with Adam (backprop, no labels) to "
+                   "match the dense model's outputs: block (residual blocks), layer (the whole graph; one decoder "
+                   "layer for hf:), group (each pruned consumer alone), off (default)")
+    c.add_argument("--reconstruct-steps", type=int, help="Adam steps per window (default 300)")
+    c.add_argument("--reconstruct-lr", type=float, help="Adam learning rate (default 3e-3; 1e-4 for hf: LLMs)")
+    c.add_argument("--reconstruct-batch", type=int,
+                   help="minibatch size of the reconstruction (default: the calibration batches as they are)")
+    c.add_argument("--reconstruct-params", help="what is trained: all (default), norms+biases, lowrank")
+    c.add_argument("--reconstruct-rank", type=int, help="rank of the update with --reconstruct-params lowrank (8)")
+    c.add_argument("--reconstruct-fed", help="window inputs: compressed (the reconstructed upstream, default) or "
+                   "dense (the dense model's, through the channel map)")
     c.add_argument("--targets", help="which groups to prune, comma-separated: channels (alias mlp), heads, embed "
                    "(alias hidden; through LayerNorm/RMSNorm, approximate) (default channels,heads)")
     c.add_argument("--multiple-of", type=int, help="round every kept width (channels, heads*head_dim) to a multiple")
@@ -58,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-memory", help="budget for the Gram matrices, e.g. 4GiB (default 8GiB)")
     c.add_argument("--seed", type=int, help="seed for random calibration data and the random selector")
     c.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    c.add_argument("--bench", action="store_true", help="also write dense.onnx and measure it against model.onnx "
+                   "with ONNX Runtime (batch 1 and 32; see grailc bench); the speed-ups go into report.json")
     llm = c.add_argument_group("decoder LLMs (hf:FOLDER, --calib text:FILE.txt)")
     llm.add_argument("--calib-samples", type=int, default=128, help="calibration windows of text (default 128)")
     llm.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
@@ -90,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    from grailc.bench_command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+
     d = sub.add_parser("demo", help="compress the embedded Fashion-MNIST ResNet and measure its test accuracy")
     d.add_argument("--ratio", type=float, default=0.5)
     d.add_argument("--selector", default="wanda")
@@ -113,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "groups":
             return run_groups(args)
+        if args.command == "bench":
+            from grailc.bench_command import run_bench
+
+            return run_bench(args)
         if args.command == "ppl":
             from grailc.llm.commands import run_ppl
 
@@ -184,11 +214,20 @@ def recipe_from_args(args):
     return make_recipe(
         base,
         ratio=args.ratio,
+        budget=args.budget,
+        budget_floor=args.budget_floor,
         selector=args.selector,
         compensate=args.compensate,
         lam=args.lam,
-        sequential=True if args.sequential else None,
+        sequential=True if args.sequential else False if args.one_shot else None,
         repair=True if args.repair else None,
+        reconstruct=getattr(args, "reconstruct", None),
+        reconstruct_steps=getattr(args, "reconstruct_steps", None),
+        reconstruct_lr=getattr(args, "reconstruct_lr", None),
+        reconstruct_batch=getattr(args, "reconstruct_batch", None),
+        reconstruct_params=getattr(args, "reconstruct_params", None),
+        reconstruct_rank=getattr(args, "reconstruct_rank", None),
+        reconstruct_fed=getattr(args, "reconstruct_fed", None),
         targets=_targets(args.targets) if args.targets else None,
         multiple_of=args.multiple_of,
         max_memory=args.max_memory,
@@ -282,11 +321,17 @@ def run_compress(args, argv) -> int:
     start = time.perf_counter()
     recipe = recipe_from_args(args)
     _check_inputs_outside_output(args, recipe)
+    if args.bench:
+        from grailc.bench_command import check_compress_flags
+
+        check_compress_flags(args, recipe)
     if args.model.startswith("hf:"):
-        from grailc.llm.commands import LLM_LAM
+        from grailc.llm.commands import LLM_LAM, LLM_RECONSTRUCT_LR
 
         if args.lam is None and not args.recipe:
             recipe.lam = LLM_LAM
+        if getattr(args, "reconstruct_lr", None) is None and not args.recipe:
+            recipe.reconstruct_lr = LLM_RECONSTRUCT_LR
         return _run_compress_llm(args, argv, recipe, start)
     with StagedOutput(args.out, force=args.force) as staged:
         model_path = Path(args.model)
@@ -307,6 +352,10 @@ def run_compress(args, argv) -> int:
             report = result.report
             _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data)
             result.write_into(staged, onnx=recipe.export.onnx, pt2=recipe.export.pt2)
+            if args.bench:
+                from grailc.bench_command import bench_into, settings_from
+
+                bench_into(result, staged, settings_from(args))
         except VerificationError as e:
             report = getattr(e, "report", None) or {}
             _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data)
@@ -323,6 +372,10 @@ def run_compress(args, argv) -> int:
         _WRITTEN.append(out)
     if table is not None:
         print(table)
+        if "bench" in report:
+            from grailc.bench import table as bench_table
+
+            print(bench_table(report["bench"]))
         written = ", ".join(sorted(p.name for p in out.iterdir()))
         print(f"wrote {out}/: {written} ({time.perf_counter() - start:.1f} s)")
     return 0

@@ -5,13 +5,16 @@ A recipe is a TOML file; CLI flags are shorthands that override its fields, and 
 
 ```toml
 ratio = 0.5                 # fraction of channels removed in every prunable group
-selector = "wanda"          # magnitude | wanda | random (seeded by calib.seed)
-compensate = "grail"        # grail | none | bias | grail+bias
+selector = "wanda"          # magnitude | wanda | random | gram | fold (k-means, seeded by calib.seed) | ...
+compensate = "grail"        # grail (grail_fold) | none | bias | grail+bias
 repair = false              # re-estimate BatchNorm statistics after apply (adds the 'repair' pass)
+reconstruct = "off"         # block | layer | group: train windows against the dense model (the 'reconstruct' pass)
 lam = 1e-3                  # ridge, relative to mean(diag G[K, K])
 exclude = ["layer4.*"]      # module-name patterns whose groups are never pruned
 targets = ["channels", "heads"]  # which groups: channels (alias mlp), heads, embed (alias hidden: lossy)
 multiple_of = 8             # every kept width a multiple of 8
+budget = "params=0.5"       # instead of one ratio everywhere: remove half the parameters (or macs=...), spread
+budget_floor = 0.1          # across groups by score, every group keeping at least 10% of its units
 [ratios]                    # per module pattern (first match wins)
 "layer1.*" = 0.25
 [calib]
@@ -21,9 +24,13 @@ batch_size = 16
 held_out = 2                # batches kept aside to measure the output error
 ```
 
-Top-level keys also include ``sequential`` (Grams on the already-compressed upstream, group by group),
+Top-level keys also include ``sequential`` (true, the default: Grams on the already-compressed upstream, group by
+group; false: one pass on the dense model),
 ``magnitude_norm`` (1 or 2), ``max_memory`` ("8GiB"), ``keep_all_tol`` and ``pipeline``; ``[export]`` has ``onnx``,
 ``pt2`` and ``parity_tol``.
+With ``reconstruct`` set, ``reconstruct_steps`` (Adam steps per window), ``reconstruct_lr``, ``reconstruct_batch``
+(minibatch; 0: the calibration batches), ``reconstruct_params`` (all | norms+biases | lowrank),
+``reconstruct_rank`` and ``reconstruct_fed`` (compressed | dense) tune the 'reconstruct' pass.
 """
 
 from __future__ import annotations
@@ -70,12 +77,22 @@ class Recipe:
     compensate: str = "grail"
     lam: float = 1e-3
     magnitude_norm: int = 1
-    sequential: bool = False  # Grams taken group by group on the already-compressed upstream
+    sequential: bool = True  # Grams group by group on the already-compressed upstream (False: one-shot, dense)
     repair: bool = False  # the 'repair' pass after 'apply': BatchNorm statistics re-estimated on calibration data
+    # the 'reconstruct' pass after 'apply' (and 'repair'): windows trained with Adam against the dense model
+    reconstruct: str = "off"  # off | block | layer | group
+    reconstruct_steps: int = 300  # Adam steps per window, one minibatch each
+    reconstruct_lr: float = 3e-3
+    reconstruct_batch: int = 0  # minibatch size (0: the calibration batches as they are)
+    reconstruct_params: str = "all"  # all | norms+biases | lowrank
+    reconstruct_rank: int = 8  # rank of the update with reconstruct_params = "lowrank"
+    reconstruct_fed: str = "compressed"  # window inputs: compressed (reconstructed upstream) | dense (mapped)
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     multiple_of: int = 1  # every kept width (channels, heads * head_dim) a multiple of this
     exclude: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
+    budget: str = ""  # "params=0.5" / "macs=0.5": one target for the model, spread across groups by score
+    budget_floor: float = 0.1  # under a budget, every group keeps at least this fraction of its units
     input_shape: list[int] | list[list[int]] | None = None  # one shape, or one per model input
     max_memory: str = "8GiB"
     keep_all_tol: float = 1e-5
@@ -95,6 +112,7 @@ class Recipe:
         if self.repair and "repair" not in self.pipeline:
             at = self.pipeline.index("apply") + 1 if "apply" in self.pipeline else len(self.pipeline) - 1
             self.pipeline = [*self.pipeline[:at], "repair", *self.pipeline[at:]]
+        self._insert_reconstruct()
         _check_pipeline(self.pipeline)
         _check_finite_numbers(self)
         load_builtin()
@@ -109,6 +127,13 @@ class Recipe:
             raise RecipeError(f"lam {self.lam} is negative", fix="the ridge must be >= 0")
         for t in self.targets:
             check_choice("target", t, TARGETS)
+        if self.budget:
+            from grailc.passes.select.global_budget import parse_budget
+
+            parse_budget(self.budget)
+        if not 0.0 < self.budget_floor <= 1.0:
+            raise RecipeError(f"budget_floor {self.budget_floor} is outside (0, 1]",
+                              fix="give the fraction of each group's units kept at least, e.g. 0.1")
         if self.multiple_of < 1:
             raise RecipeError(f"multiple_of {self.multiple_of} must be at least 1")
         if self.magnitude_norm not in (1, 2):
@@ -128,12 +153,39 @@ class Recipe:
                 if len(shape) < 1 or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in shape):
                     raise RecipeError(f"input shape {self.input_shape} must be positive integers, e.g. 1,3,224,224 "
                                       "(or a list of such shapes, one per model input)")
+        self._check_reconstruct()
         self.max_memory_bytes  # noqa: B018 - validates the text
         return self
 
+    def _insert_reconstruct(self) -> None:
+        """reconstruct != "off" runs the 'reconstruct' pass after 'apply' and 'repair' (inserted when absent)."""
+        if self.reconstruct != "off" and "reconstruct" not in self.pipeline:
+            after = [i + 1 for i, name in enumerate(self.pipeline) if name in ("apply", "repair")]
+            at = max(after) if after else len(self.pipeline) - 1
+            self.pipeline = [*self.pipeline[:at], "reconstruct", *self.pipeline[at:]]
+
+    def _check_reconstruct(self) -> None:
+        from grailc.errors import check_choice
+        from grailc.passes.reconstruct import FED, KINDS, PARAMS
+
+        check_choice("reconstruct kind", self.reconstruct, KINDS)
+        check_choice("reconstruct_params", self.reconstruct_params, PARAMS)
+        check_choice("reconstruct_fed", self.reconstruct_fed, FED)
+        if "reconstruct" in self.pipeline and self.reconstruct == "off":
+            raise RecipeError("the pipeline names 'reconstruct' but reconstruct = \"off\"",
+                              fix='set reconstruct = "block" (or layer, group), or drop it from the pipeline')
+        for name in ("reconstruct_steps", "reconstruct_batch"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"{name} {getattr(self, name)} is negative", fix=f"give {name} >= 0")
+        if self.reconstruct_rank < 1:
+            raise RecipeError(f"reconstruct_rank {self.reconstruct_rank} must be at least 1")
+        if not self.reconstruct_lr > 0:
+            raise RecipeError(f"reconstruct_lr {self.reconstruct_lr} must be positive", fix="e.g. 3e-3")
+
 
 # pass -> one that must come first
-PASS_NEEDS = {"select": "calibrate", "compensate": "select", "apply": "select", "repair": "apply"}
+PASS_NEEDS = {"select": "calibrate", "compensate": "select", "apply": "select", "repair": "apply",
+              "reconstruct": "apply"}
 
 
 def _check_pipeline(pipeline: list[str]) -> None:
@@ -188,7 +240,8 @@ def _is_a(value, expected: type) -> bool:
 
 def _check_finite_numbers(recipe: Recipe) -> Recipe:
     """NaN passes every range check (all comparisons are false): refuse non-finite numbers by name."""
-    numbers = {"lam": recipe.lam, "keep_all_tol": recipe.keep_all_tol, "parity_tol": recipe.export.parity_tol}
+    numbers = {"lam": recipe.lam, "keep_all_tol": recipe.keep_all_tol, "parity_tol": recipe.export.parity_tol,
+               "reconstruct_lr": recipe.reconstruct_lr}
     for name, value in numbers.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise RecipeError(f"{name} {value} is not a finite number", fix=f"give {name} as a number like 1e-3")

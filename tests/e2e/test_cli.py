@@ -246,3 +246,14 @@ def test_repair_reports_nothing_to_repair_without_batch_norm(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["repair"]["batch_norms"] == 0 and "nothing to repair" in report["repair"]["note"]
+
+
+def test_demo_compresses_the_embedded_model_and_reports_accuracy(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--ratio", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "GRAIL --one-shot" in printed and "sequential, the default" in printed
+    accuracy = json.loads((out / "report.json").read_text())["accuracy"]
+    assert accuracy["dense"] > 0.9
+    assert accuracy["grail"] > accuracy["grail_one_shot"] > accuracy["plain"] + 0.3
+    assert {"model.onnx", "model.pt2", "report.json"} <= {p.name for p in out.iterdir()}
