@@ -376,8 +376,9 @@ class Calibrate(Pass):
             raise GrailcError(
                 f"calibration needs {format_bytes(need)} ({need} bytes) for its Gram matrices, over the memory "
                 f"budget of {format_bytes(budget)} ({budget} bytes); nothing was calibrated",
-                fix=f"raise --max-memory to at least {format_bytes(need)}, use --sequential (memory of one group at "
-                "a time), or exclude the widest layers with a recipe 'exclude' pattern",
+                fix=f"raise --max-memory to at least {format_bytes(need)}, "
+                + ("" if sequential else "drop --one-shot (sequential calibration: memory of one group at a time), ")
+                + "or exclude the widest layers with a recipe 'exclude' pattern",
             )
         ctx.report["gram_memory_bytes"] = need
         batches = batches_for(ctx.gm, ctx.calib)

@@ -210,8 +210,8 @@ def layer_statistics(block: torch.nn.Module, batches: list[torch.Tensor], recipe
     from grailc.trace import capture
 
     gm, example = capture(block, [tuple(batches[0].shape)], data=(batches[0],))
-    ctx = Context(gm=gm, reference=gm, example=example, recipe=_layer_recipe(recipe, None),
-                  calib=[(x,) for x in batches], progress=False)
+    dense = dataclasses.replace(_layer_recipe(recipe, None), sequential=False)  # scores of the dense layer
+    ctx = Context(gm=gm, reference=gm, example=example, recipe=dense, calib=[(x,) for x in batches], progress=False)
     run_pipeline(ctx, ["analyse", "calibrate"])
     return ctx
 

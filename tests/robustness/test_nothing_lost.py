@@ -136,7 +136,7 @@ def test_interrupt_during_calibration_leaves_nothing(tmp_path, signum):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "grailc.cli", "compress", str(model), "--calib", "random",
             "--input-shape", SHAPE_FLAG, "--calib-batches", "600", "--batch-size", "8", "--held-out", "1",
-            "--no-onnx", "--out", str(out)]
+            "--one-shot", "--no-onnx", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:

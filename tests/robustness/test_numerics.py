@@ -111,14 +111,20 @@ def test_compensation_worse_than_pruning_is_refused(tmp_path, capfd, monkeypatch
 def gram_dtypes(monkeypatch):
     """The dtypes of every Gram matrix calibration records."""
     seen = set()
-    real = calibrate.record_grams
+    one_shot, sequential = calibrate.record_grams, calibrate.record_cross_grams
 
     def recording(*args, **kwargs):
-        grams, rows = real(*args, **kwargs)
+        grams, rows = one_shot(*args, **kwargs)
         seen.update(g.dtype for g in grams.values())
         return grams, rows
 
+    def recording_cross(*args, **kwargs):
+        found = sequential(*args, **kwargs)
+        seen.update(g.dtype for store in found[:3] for g in store.values())
+        return found
+
     monkeypatch.setattr(calibrate, "record_grams", recording)
+    monkeypatch.setattr(calibrate, "record_cross_grams", recording_cross)
     return seen
 
 
