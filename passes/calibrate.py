@@ -58,18 +58,13 @@ def batches_for(gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]]) -> 
     return list(zip(*(t[:usable].split(fixed) for t in inputs)))
 
 
-class _Done(Exception):
-    """Raised to stop a calibration run once the last watched consumer has been read."""
-
-
 class InputRecorder(fx.Interpreter):
     """Runs the graph and hands each watched consumer's input, as [rows, C] float64, to ``on_input`` right
-    before the consumer runs; stops after ``stop_after``; names the node where activations stop being finite."""
+    before the consumer runs; names the node where activations stop being finite."""
 
-    def __init__(self, gm: fx.GraphModule, slots_by_node: dict[str, list], on_input, stop_after: str | None = None,
-                 check_nodes: bool = True):
+    def __init__(self, gm: fx.GraphModule, slots_by_node: dict[str, list], on_input, check_nodes: bool = True):
         super().__init__(gm)
-        self.slots_by_node, self.on_input, self.stop_after = slots_by_node, on_input, stop_after
+        self.slots_by_node, self.on_input = slots_by_node, on_input
         self.check_nodes = check_nodes  # off: the caller checks its statistics and reruns with it on to locate
 
     def run_node(self, n: fx.Node):
@@ -78,8 +73,6 @@ class InputRecorder(fx.Interpreter):
             consumer = slots[0].consumer
             x = self.env[n.args[consumer.arg]]
             self.on_input(slots, channel_rows(x.detach(), consumer.layout).to(torch.float64))
-            if n.name == self.stop_after:
-                raise _Done
         out = super().run_node(n)
         if self.check_nodes and isinstance(out, torch.Tensor) and out.is_floating_point() and not _finite(out):
             raise CalibrationError(f"non-finite values (NaN/Inf) {_where_non_finite(n)}", fix=_non_finite_fix(n))
@@ -89,10 +82,7 @@ class InputRecorder(fx.Interpreter):
         """Run one batch (one tensor per model input); floating inputs are cast to the model's dtype."""
         dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
         with torch.no_grad():
-            try:
-                self.run(*(t.to(dtype) if t.is_floating_point() else t for t in inputs))
-            except _Done:
-                pass
+            self.run(*(t.to(dtype) if t.is_floating_point() else t for t in inputs))
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -144,10 +134,6 @@ def _slots_by_node(groups) -> dict[str, list]:
 
 def _node_order(gm: fx.GraphModule) -> dict[str, int]:
     return {n.name: i for i, n in enumerate(gm.graph.nodes)}
-
-
-def _last_node(gm: fx.GraphModule, names) -> str | None:
-    return max(names, key=_node_order(gm).__getitem__) if names else None
 
 
 def _accumulate(store: dict, key: str, value: torch.Tensor) -> None:
@@ -202,62 +188,75 @@ def _check_finite_statistics(gm: fx.GraphModule, grams: dict, batches) -> None:
                            fix="check the calibration data's scale and the model's weights")
 
 
-class Resumable:
-    """One graph run on one batch node by node, able to go back to a saved point: sequential calibration resumes
-    each group where the previous group's consumers begin instead of at the model input.
+class GraphOrder:
+    """What stepping through a graph node by node needs, computed once for all the batches that step through it:
+    the nodes in order, each node's position, the position of its last user, and the positions of the in-place ops
+    that write it. ``update`` re-reads the graph after nodes were inserted."""
 
-    A saved point keeps the live values (not the parameters: get_attr values are fetched again on resume, since
-    the shadow's weights change between groups). ``refresh`` re-reads the graph after nodes were inserted."""
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.update()
 
-    def __init__(self, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]):
-        dtype = next((p.dtype for p in gm.parameters()), torch.float32)
-        self.gm, self.runner = gm, fx.Interpreter(gm)
-        self.runner.args_iter = iter([t.to(dtype) if t.is_floating_point() else t for t in inputs])
-        self.pos, self.saved, self.saved_env = 0, None, {}
-        self.refresh()
-
-    def refresh(self) -> None:
+    def update(self) -> None:
         self.nodes = list(self.gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.named = {n.name: n for n in self.nodes}
         self.last_use = {n: max((self.index[u] for u in n.users), default=self.index[n]) for n in self.nodes}
         self.written_at: dict[fx.Node, list[int]] = {}  # value -> positions of the in-place ops that write it
         for i, n in enumerate(self.nodes):
             for arg in _written_args(n):
                 self.written_at.setdefault(arg, []).append(i)
 
+
+class Resumable:
+    """One graph run on one batch node by node, able to go back to a saved point: sequential calibration resumes
+    each group where the previous group's consumers begin instead of at the model input.
+
+    A saved point keeps the live values (not the parameters: get_attr values are fetched again on resume, since
+    the shadow's weights change between groups)."""
+
+    def __init__(self, order: GraphOrder, inputs: tuple[torch.Tensor, ...]):
+        dtype = next((p.dtype for p in order.gm.parameters()), torch.float32)
+        self.order, self.runner = order, fx.Interpreter(order.gm)
+        self.runner.args_iter = iter([t.to(dtype) if t.is_floating_point() else t for t in inputs])
+        self.pos, self.saved, self.saved_env = 0, None, {}
+
     def save(self) -> None:
         """Save the point before the current node; a value that an in-place op after it writes is copied."""
-        self.saved = self.nodes[self.pos]
-        self.saved_env = {n: v.clone() if any(i >= self.pos for i in self.written_at.get(n, ())) else v
+        self.saved = self.order.nodes[self.pos]
+        written = self.order.written_at
+        self.saved_env = {n: v.clone() if any(i >= self.pos for i in written.get(n, ())) else v
                           for n, v in self.runner.env.items() if n.op != "get_attr"}
 
     def restore(self) -> None:
         if self.saved is None:
             return
-        self.pos = self.index[self.saved]
+        order = self.order
+        self.pos = order.index[self.saved]
         env = dict(self.saved_env)
-        for n in self.nodes[: self.pos]:  # parameters read from here on, fetched as they are now
-            if n.op == "get_attr" and self.last_use[n] >= self.pos:
+        for n in order.nodes[: self.pos]:  # parameters read from here on, fetched as they are now
+            if n.op == "get_attr" and order.last_use[n] >= self.pos:
                 env[n] = self.runner.run_node(n)
         self.runner.env = env
 
-    def run_until(self, stop: fx.Node, watch: dict[str, list], on_input, save_at: fx.Node | None = None) -> None:
+    def run_until(self, stop: fx.Node, watch: dict[str, list] | None = None, on_input=None,
+                  save_at: fx.Node | None = None) -> None:
         """Run up to and including ``stop``, handing each watched consumer's input to ``on_input`` (as
         InputRecorder does) and saving the point just before ``save_at``."""
-        env = self.runner.env
+        env, order = self.runner.env, self.order
         with torch.no_grad():
-            while self.pos <= self.index[stop]:
-                n = self.nodes[self.pos]
+            while self.pos <= order.index[stop]:
+                n = order.nodes[self.pos]
                 if n is save_at:
                     self.save()
-                slots = watch.get(n.name)
+                slots = (watch or {}).get(n.name)
                 if slots:
                     consumer = slots[0].consumer
                     on_input(slots, channel_rows(env[n.args[consumer.arg]].detach(), consumer.layout)
                              .to(torch.float64))
                 env[n] = self.runner.run_node(n)
                 for arg in n.all_input_nodes:
-                    if self.last_use[arg] <= self.pos and arg.op != "placeholder":
+                    if order.last_use[arg] <= self.pos and arg.op != "placeholder":
                         env.pop(arg, None)
                 self.pos += 1
 
@@ -278,15 +277,14 @@ def record_cross_grams(runs: list[tuple[Resumable, Resumable]], group, sums: dic
     holds a (dense, shadow) pair per batch, resumed from their saved points; each saves the point where this
     group's consumers begin, for the next group."""
     slots = _slots_by_node([group])
-    dense_gm = runs[0][0].gm
-    order = _node_order(dense_gm)
-    first = min(slots, key=order.__getitem__)
-    last = max(slots, key=order.__getitem__)
+    order = runs[0][0].order  # the dense graph's, whose nodes the shadow's share by name
+    first = min(slots, key=lambda name: order.index[order.named[name]])
+    last = max(slots, key=lambda name: order.index[order.named[name]])
     gz, cross, gx, rows = {}, {}, {}, {}
     for dense, shadow in runs:
         found = {"x": [], "z": []}
         for which, run in (("x", dense), ("z", shadow)):
-            named = {n.name: n for n in run.nodes}
+            named = run.order.named
             run.restore()
             run.run_until(named[last], slots, lambda s, xr, out=found[which]: out.append((s, xr)),
                           save_at=named[first])
@@ -333,7 +331,8 @@ def calibrate_sequentially(ctx, batches) -> None:
         from grailc.passes.select.global_budget import plan
 
         ctx.planned = plan(ctx, record_sq_norms(ctx.gm, groups, batches))
-    runs = [(Resumable(ctx.gm, x), Resumable(shadow, x)) for x in batches]
+    dense_order, shadow_order = GraphOrder(ctx.gm), GraphOrder(shadow)
+    runs = [(Resumable(dense_order, x), Resumable(shadow_order, x)) for x in batches]
     for g in tqdm(groups, desc="sequential", unit="group", disable=not ctx.progress, leave=False):
         gz, cross, gx, rows = record_cross_grams(runs, g, ctx.sums, ctx.target_sums)
         _check_finite_statistics(ctx.gm, gz, batches)
@@ -353,9 +352,8 @@ def calibrate_sequentially(ctx, batches) -> None:
                     add_to_bias(shadow, slot.consumer,
                                 offset_shift(shadow, slot.consumer, weight, slot.offset, slot.size, fold.offset))
                     shadow.recompile()
+                    shadow_order.update()  # a bias may have been added: new nodes
                 set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.map(decision.map), B))
-            for _, run in runs:  # a bias may have been added: new nodes
-                run.refresh()
         for slot in g.consumers:  # a finished group's statistics are not needed again
             for store in (ctx.grams, ctx.cross, ctx.target_grams):
                 store.pop(slot.key, None)

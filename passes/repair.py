@@ -6,16 +6,16 @@ repaired upstream), gets
     running_mean = mean(x),    running_var = mean((x - running_mean)^2)
 
 per channel over every calibration position (N*H*W), accumulated in float64. Cost: one forward pass over the
-calibration batches, which advance through the graph node by node together (so each BatchNorm's statistics are set
-from every batch before any batch goes past it); memory: the live activations of all batches at once, as for one
-forward pass of their total size. The report says how far the statistics moved, or that there was nothing to
-repair.
+calibration batches up to the last BatchNorm, which advance through the graph together (each batch is run up to a
+BatchNorm, its statistics are set from every batch, then all go on: ``calibrate.Resumable``); memory: the live
+activations of all batches at once, as for one forward pass of their total size. The report says how far the
+statistics moved, or that there was nothing to repair.
 """
 
 from __future__ import annotations
 
 import torch
-from grailc.passes.calibrate import batches_for
+from grailc.passes.calibrate import GraphOrder, Resumable, batches_for
 from torch import fx
 
 from grailc.passmanager import Pass, register_pass
@@ -39,40 +39,6 @@ def batch_norms(gm: fx.GraphModule) -> list[fx.Node]:
     return found
 
 
-class _Lockstep:
-    """The batches run through the graph node by node together; before each node of ``watched`` runs,
-    ``visit(node, inputs)`` gets its first input in every batch."""
-
-    def __init__(self, gm: fx.GraphModule, batches: list, watched: set, visit):
-        dtype = next((p.dtype for p in gm.parameters()), torch.float32)
-        self.gm, self.watched, self.visit = gm, watched, visit
-        self.runners = []
-        for batch in batches:
-            inputs = batch if isinstance(batch, tuple) else (batch,)
-            runner = fx.Interpreter(gm)
-            runner.args_iter = iter([t.to(dtype) if t.is_floating_point() else t for t in inputs])
-            self.runners.append(runner)
-
-    def run(self) -> None:
-        last_use: dict[fx.Node, list[fx.Node]] = {}  # node -> the values no later node reads
-        seen: set[fx.Node] = set()
-        for n in reversed(self.gm.graph.nodes):
-            for arg in n.all_input_nodes:
-                if arg not in seen:
-                    seen.add(arg)
-                    last_use.setdefault(n, []).append(arg)
-        with torch.no_grad():
-            for n in self.gm.graph.nodes:
-                if n.op == "output":
-                    break
-                if n in self.watched:
-                    self.visit(n, [r.env[n.args[0]] for r in self.runners])
-                for r in self.runners:
-                    r.env[n] = r.run_node(n)
-                    for dead in last_use.get(n, []):
-                        r.env.pop(dead, None)
-
-
 def moments(inputs: list[torch.Tensor]):
     """Per-channel (dim 1) mean and variance over every batch and position (float64)."""
     total, squares, count = 0.0, 0.0, 0
@@ -85,25 +51,26 @@ def moments(inputs: list[torch.Tensor]):
 
 def repair_batch_norms(gm: fx.GraphModule, batches: list) -> dict:
     """Re-estimate every BatchNorm in graph order, in one pass; what changed, for the report."""
-    norms = set(batch_norms(gm))
+    norms = batch_norms(gm)
     if not norms:
         return {"batch_norms": 0, "note": "nothing to repair: the graph has no BatchNorm with running statistics"}
+    order = GraphOrder(gm)
+    runs = [Resumable(order, batch if isinstance(batch, tuple) else (batch,)) for batch in batches]
     mean_moves, std_ratios = [], []
-
-    def visit(n: fx.Node, inputs: list[torch.Tensor]) -> None:
+    for n in norms:  # graph order: each sees the repaired upstream
+        for run in runs:  # every batch up to this BatchNorm
+            run.run_until(order.nodes[order.index[n] - 1])
         mean_node, var_node, eps = n.args[3], n.args[4], float(n.args[BATCH_NORMS[n.target][1]])
         old_mean, old_var = get_param(gm, mean_node.target), get_param(gm, var_node.target)
-        mean, var = moments(inputs)
+        mean, var = moments([run.runner.env[n.args[0]] for run in runs])
         old_std = (old_var.to(torch.float64) + eps).sqrt()
         mean_moves.append(float(((mean - old_mean.to(torch.float64)).abs() / old_std).mean()))
         std_ratios.append(float(((var + eps).sqrt() / old_std).mean()))
         set_param(gm, mean_node.target, mean.to(old_mean.dtype))
         set_param(gm, var_node.target, var.to(old_var.dtype))
-        for r in lockstep.runners:  # the statistics were fetched before this node: hand it the new ones
-            r.env[mean_node], r.env[var_node] = get_param(gm, mean_node.target), get_param(gm, var_node.target)
-
-    lockstep = _Lockstep(gm, batches, norms, visit)
-    lockstep.run()
+        for run in runs:  # the statistics were fetched before this node: hand it the new ones
+            run.runner.env[mean_node] = get_param(gm, mean_node.target)
+            run.runner.env[var_node] = get_param(gm, var_node.target)
     return {
         "batch_norms": len(norms),
         "batches": len(batches),
