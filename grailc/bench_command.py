@@ -19,6 +19,7 @@ from pathlib import Path
 from grailc.bench import Settings, compare, table
 from grailc.errors import GrailcError
 from grailc.outputs import atomic_write_text
+from grailc.recipe import ExportSpec
 
 DENSE = "dense.onnx"
 COMPRESSED = "model.onnx"
@@ -185,7 +186,7 @@ def _export_dense(folder: Path, report: dict, args) -> Path:
         raise GrailcError(f"--dense {args.dense} has {macs:,} MACs per sample but the compressed model's source had "
                           f"{report['macs_before']:,}: it is not the model that was compressed",
                           fix="give the MODEL (and --weights) that grailc compress was given")
-    tol = (report.get("onnx") or {}).get("tolerance") or 1e-3
+    tol = (report.get("onnx") or {}).get("tolerance") or ExportSpec().parity_tol
     tmp = folder / f".{DENSE}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         write_dense(gm, example, tmp, [example], tol)

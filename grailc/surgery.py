@@ -25,20 +25,20 @@ from grailc.channels import Layout
 
 
 def get_param(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    return gm.get_parameter(target) if _is_param(gm, target) else gm.get_buffer(target)
+    return gm.get_parameter(target) if is_parameter(gm, target) else gm.get_buffer(target)
 
 
 def set_param(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     """Replace a parameter or buffer, keeping its kind."""
     owner_name, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
-    if _is_param(gm, target):
+    if is_parameter(gm, target):
         setattr(owner, name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
     else:
         owner.register_buffer(name, value.detach().clone())
 
 
-def _is_param(gm: fx.GraphModule, target: str) -> bool:
+def is_parameter(gm: fx.GraphModule, target: str) -> bool:
     try:
         gm.get_parameter(target)
         return True

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from grailc.errors import RecipeError
 from grailc.passmanager import Pass, register_pass
-from grailc.surgery import get_param, map_tensor, set_param
+from grailc.surgery import get_param, is_parameter, map_tensor, set_param
 
 KINDS = ("off", "block", "layer", "group")
 PARAMS = ("all", "norms+biases", "lowrank")
@@ -146,14 +146,7 @@ def cut_points(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _has_params(gm: fx.GraphModule, n: fx.Node) -> bool:
-    return any(a.op == "get_attr" and _is_parameter(gm, a.target) for a in n.all_input_nodes)
-
-
-def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
-    try:
-        return isinstance(gm.get_parameter(target), torch.nn.Parameter)
-    except AttributeError:
-        return False
+    return any(a.op == "get_attr" and is_parameter(gm, a.target) for a in n.all_input_nodes)
 
 
 def find_windows(gm: fx.GraphModule, kind: str, consumers: list[str] | None = None) -> list[Window]:
@@ -196,7 +189,7 @@ def find_windows(gm: fx.GraphModule, kind: str, consumers: list[str] | None = No
             if n.name in wanted:
                 ends.append(order[n])
                 trainable[order[n]] = [a.target for a in n.all_input_nodes
-                                       if a.op == "get_attr" and _is_parameter(gm, a.target)]
+                                       if a.op == "get_attr" and is_parameter(gm, a.target)]
     elif kind == "layer":
         pass
     else:
@@ -256,7 +249,7 @@ class _Sub:
         g.output(tuple(env[names[s]] for s in self.outputs))
         self.module = fx.GraphModule(gm, g)
         self.params = sorted({a.target for a in [*inside, *consts] if a.op == "get_attr"
-                              and _is_parameter(gm, a.target)})
+                              and is_parameter(gm, a.target)})
 
     def __call__(self, values: dict, params: dict | None = None) -> dict:
         args = [values[s] for s in self.inputs]

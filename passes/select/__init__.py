@@ -74,7 +74,7 @@ class Select(Pass):
     requires = ("deps",)
 
     def run(self, ctx) -> None:
-        if ctx.recipe.budget and not ctx.planned:
+        if ctx.recipe.budget and not ctx.recipe.sequential:  # sequential calibration plans before it starts
             from grailc.passes.select.global_budget import plan
 
             ctx.planned = plan(ctx, {key: torch.diagonal(G) for key, G in ctx.grams.items()})

@@ -24,9 +24,10 @@ import torch
 from grailc.channel_map import ChannelMap
 from grailc.context import Decision
 from grailc.errors import RecipeError
+from grailc.metrics import CONVS
 from grailc.surgery import get_param, layout_map
 
-CONV_OR_LINEAR = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default"}
+CONV_OR_LINEAR = CONVS | {torch.ops.aten.linear.default}  # the ops grailc's MAC counter counts by their weight
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -78,7 +79,7 @@ def _positions(gm) -> dict[str, float]:
     """Weight target -> output positions per sample of the conv/linear node that reads it (MACs = numel * that)."""
     found = {}
     for n in gm.graph.nodes:
-        if n.op != "call_function" or str(n.target) not in CONV_OR_LINEAR or len(n.args) < 2:
+        if n.op != "call_function" or n.target not in CONV_OR_LINEAR or len(n.args) < 2:
             continue
         weight, out = n.args[1], n.meta.get("val")
         if getattr(weight, "op", None) != "get_attr" or not isinstance(out, torch.Tensor) or out.dim() < 1:
