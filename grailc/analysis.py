@@ -74,8 +74,9 @@ def _same_dim_of_view(out: tuple, src: tuple, pos: int) -> int | None:
 class State:
     """What rules see: layouts of values, shapes, and the calls that record facts."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, value_dims: bool = False):
         self.gm = gm
+        self.value_dims = value_dims  # an attention's value is split into its within-head channels (not heads)
         self.spaces = Spaces()
         self.layouts: dict[fx.Node, Layout | tuple | None] = {}
         self.producers: list[Producer] = []
@@ -252,12 +253,13 @@ def _tracked_inputs(st: State, node: fx.Node) -> bool:
     return False
 
 
-def analyse(gm: fx.GraphModule, table=None) -> Dependencies:
-    """Find every channel group of ``gm`` (an exported ATen graph)."""
+def analyse(gm: fx.GraphModule, table=None, value_dims: bool = False) -> Dependencies:
+    """Find every channel group of ``gm`` (an exported ATen graph). With ``value_dims`` the attention values are
+    grouped by their within-head channels (value dims, the same kept in every head) instead of by heads."""
     from grailc.ops import OP_TABLE, SOURCES, is_shape_only
 
     table = OP_TABLE if table is None else table
-    st = State(gm)
+    st = State(gm, value_dims)
     for node in gm.graph.nodes:
         st.node = node
         if node.op == "placeholder":

@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reconstruct-rank", type=int, help="rank of the update with --reconstruct-params lowrank (8)")
     c.add_argument("--reconstruct-fed", help="window inputs: compressed (the reconstructed upstream, default) or "
                    "dense (the dense model's, through the channel map)")
-    c.add_argument("--targets", help="which groups to prune, comma-separated: channels (alias mlp), heads, embed "
-                   "(alias hidden; through LayerNorm/RMSNorm, approximate) (default channels,heads)")
+    c.add_argument("--targets", help="which groups to prune, comma-separated: channels (alias mlp), heads, vdims "
+                   "(the value dims inside every head, instead of whole heads), embed (alias hidden; through "
+                   "LayerNorm/RMSNorm, approximate) (default channels,heads)")
     c.add_argument("--multiple-of", type=int, help="round every kept width (channels, heads*head_dim) to a multiple")
     c.add_argument("--recipe", help="a TOML recipe; flags override its fields")
     c.add_argument("--max-memory", help="budget for the Gram matrices, e.g. 4GiB (default 8GiB)")
@@ -284,9 +285,8 @@ def run_groups(args) -> int:
     """Print the channel groups of a model: what would be pruned together, and what is pinned and why."""
     from types import SimpleNamespace
 
-    from grailc.analysis import analyse
     from grailc.loading import load_model
-    from grailc.passmanager import exclude_groups
+    from grailc.passmanager import ANALYSES
     from grailc.recipe import Recipe
     from grailc.trace import capture, input_names
 
@@ -296,8 +296,8 @@ def run_groups(args) -> int:
     model = loaded.exported if loaded.exported is not None else loaded.module
     shapes = input_shapes_for(recipe, loaded, input_names(model))
     gm, _ = capture(model, [tuple(s) for s in shapes])
-    ctx = SimpleNamespace(deps=analyse(gm), recipe=recipe)
-    exclude_groups(ctx)
+    ctx = SimpleNamespace(gm=gm, recipe=recipe)
+    ANALYSES["deps"](ctx)
     deps = ctx.deps
     print(f"{'id':>5} {'kind':9} {'units':>6} {'x ch':>5} {'prod':>4} {'cons':>4}  producers / pinned because")
     for g in deps.groups.values():

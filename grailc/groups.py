@@ -53,7 +53,8 @@ class Carrier:
     # the new value is (kept indices along layout.axis, of the given segments only if named) * layout.inner // divisor,
     # e.g. a view's size, a conv's groups, the sizes of a split
     size_args: list[tuple[int, int | None, int]] = field(default_factory=list)
-    tag: str | None = None  # "attention" for the ops that make a group a group of heads
+    tag: str | None = None  # "attention" for the ops that make a group a group of heads, "value_dims" for the
+    # attention that reads value dims inside heads
     lossy: bool = False  # normalisation over the channels: sliced, statistics approximated
 
 
@@ -102,6 +103,8 @@ class ChannelGroup:
     def kind(self) -> str:
         if any(c.tag == "attention" for c in self.carriers):
             return "heads"
+        if any(c.tag == "value_dims" for c in self.carriers):
+            return "value_dims"
         if len({p.fact.node for p in self.producers}) > 1:
             return "residual"
         if self.producers:
@@ -110,10 +113,11 @@ class ChannelGroup:
 
     @property
     def target(self) -> str:
-        """Which ``targets`` entry selects this group: heads, embed (lossy) or channels."""
+        """Which ``targets`` entry selects this group: heads, vdims (value dims inside heads), embed (lossy) or
+        channels."""
         if self.lossy:
             return "embed"
-        return "heads" if self.kind == "heads" else "channels"
+        return {"heads": "heads", "value_dims": "vdims"}.get(self.kind, "channels")
 
     @property
     def granule(self) -> int:

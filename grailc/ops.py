@@ -26,7 +26,8 @@ channels sit on axis ``a``:
 * ``Concat``        cat on the channel axis                 segments back to back (offsets); elsewhere: tie
 * ``Reduce``        mean/sum/var over dims                  tie; over a with keepdim: lossy (a norm statistic)
 * ``Attention``     softmax(q k^T) v per head               heads of q, k, v tied (k, v repeated r times for
-                                                            grouped-query attention); the output's heads with them
+                                                            grouped-query attention); the output's heads with them;
+                                                            with value dims: out[h, d] follows v[h, d], q and k pinned
 * ``Matmul``        batched a @ b                           batch axes tied; contracting a channel axis pins
 * ``Getitem``       picks one layout of a tuple
 
@@ -338,6 +339,9 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
     if nd_d >= nd_s - first and _same_dims(src[first:], dst[nd_d - (nd_s - first):]):
         return lay  # only dims before the channels change (window partitions, batch merges)
     p = _pos(lay.axis, nd_s)
+    back = _segments_back_to_back(lay, src, dst, p) if lay.seg_axis is not None else None
+    if back is not None:
+        return back
     if lay.outer:
         return _heads_out_of_batch(lay, src, dst, p)
     heads = _heads_into_batch(st, lay, src, dst, p)
@@ -367,7 +371,7 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
             outer = _prod(src[p - j : p])
             if outer is None or dst[q] != outer * src[p] or tail != after or lay.inner != 1 or lay.granule != 1:
                 continue
-            if split or q < p - j or not _same_dims(src[: p - j], dst[: p - j]):
+            if split or lay.seg_axis is not None or q < p - j or not _same_dims(src[: p - j], dst[: p - j]):
                 continue
             return replace(lay, axis=q - nd_d, segments=lay.segments * outer)  # [.., 2, 2, C] -> [.., 4C]
         for j in range(1, nd_d - q):  # split the channel axis into dst[q], ..., dst[q+j]
@@ -380,8 +384,36 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
                 continue
             if len(lay.segments) == 1 and _feeds_unbind(st.node, q):
                 return _stacked(st, lay, factors, q - nd_d)
+            if st.value_dims and j == 1 and len(lay.segments) == 1 and _feeds_value(st.node, q):
+                return _value_dims(st, lay, factors, q + 1 - nd_d)
             return _granules(st, lay, _prod(factors[1:]), q - nd_d, tuple(range(q + 1 - nd_d, q + j + 1 - nd_d)))
     return "reshape that splits or mixes the channel axis"
+
+
+def _segments_back_to_back(lay: Layout, src: tuple, dst: tuple, p: int) -> Layout | None:
+    """[.., S, C] -> [.., S*C] with the segments on axis S: they follow each other along the merged axis (the
+    heads of a value-dims layout back to [.., H*Dv])."""
+    s = _pos(lay.seg_axis, len(src))
+    if s == p - 1 and not lay.split and lay.inner == 1 and lay.granule == 1:
+        for q in range(len(dst)):
+            if (dst[q] == src[s] * src[p] and _same_dims(src[:s], dst[:q])
+                    and _same_dims(src[p + 1 :], dst[q + 1 :])):
+                return Layout(q - len(dst), lay.segments)
+    return None
+
+
+def _value_dims(st, lay: Layout, factors, axis: int) -> Layout | str:
+    """[.., H*D] -> [.., H, D] for an attention's value: the within-head channels are the group (the same value
+    dims kept in every head, so the tensor stays rectangular) and the H heads are segments stacked on the head
+    axis. The space splits into H parts tied channel by channel."""
+    heads, d = factors
+    seg = lay.segments[0]
+    parts = st.spaces.split(seg.space, [d] * heads)
+    if parts is None:
+        return "value dims of heads whose channels are tied elsewhere"
+    if not all(st.spaces.align(parts[0], 1, part, 1) for part in parts[1:]):
+        return "value dims that do not line up across heads"
+    return Layout(axis, tuple(Segment(part, d) for part in parts), seg_axis=axis - 1)
 
 
 def _heads_into_batch(st, lay: Layout, src: tuple, dst: tuple, p: int) -> Layout | str | None:
@@ -418,9 +450,10 @@ def _granules(st, lay: Layout, granule: int, axis: int, split: tuple[int, ...]) 
     return Layout(axis, lay.segments, 1, granule, split)
 
 
-def _feeds_unbind(node: fx.Node, dim: int) -> bool:
-    """True when dim ``dim`` of ``node``'s output is unbound or selected next (through permutes, transposes,
-    unsqueezes, squeezes and copies only): a fused projection split into its parts (q, k, v)."""
+def _follow(node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
+    """Follow dim ``dim`` of ``node``'s output through a chain of single users that only move dims (permutes,
+    transposes, unsqueezes, squeezes, copies): the last node of the chain and where the dim sits there (None when
+    a squeeze removes it)."""
     while len(node.users) == 1:
         user = next(iter(node.users))
         nd = len(tensor_dims(node))
@@ -435,15 +468,42 @@ def _feeds_unbind(node: fx.Node, dim: int) -> bool:
             gone = user.args[1] if isinstance(user.args[1], (list, tuple)) else [user.args[1]]
             gone = {g % nd for g in gone if tensor_dims(node)[g % nd] == 1}
             if dim in gone:
-                return False
+                return None
             dim -= sum(g < dim for g in gone)
         elif user.target in (aten.contiguous.default, aten.clone.default):
             pass
         else:
-            return user.target == aten.unbind.int and (user.args[1] if len(user.args) > 1 else 0) % nd == dim
+            break
         node = user
+    return node, dim
+
+
+def _feeds_unbind(node: fx.Node, dim: int) -> bool:
+    """True when dim ``dim`` of ``node``'s output is unbound or selected next (through permutes, transposes,
+    unsqueezes, squeezes and copies only): a fused projection split into its parts (q, k, v)."""
+    found = _follow(node, dim)
+    if found is None:
+        return False
+    node, dim = found
+    if len(node.users) == 1:
+        user = next(iter(node.users))
+        return user.target == aten.unbind.int and (user.args[1] if len(user.args) > 1 else 0) % len(
+            tensor_dims(node)) == dim
     return len(node.users) > 1 and all(u.target == aten.select.int and u.args[1] % len(tensor_dims(node)) == dim
                                        for u in node.users)
+
+
+def _feeds_value(node: fx.Node, dim: int) -> bool:
+    """True when ``node``'s output, with its dim ``dim`` as the head axis, is the value of an attention (through
+    dim moves and copies only) and is used nowhere else."""
+    found = _follow(node, dim)
+    if found is None or len(found[0].users) != 1:
+        return False
+    node, dim = found
+    user = next(iter(node.users))
+    nd = len(tensor_dims(node))
+    return user.target in ATTENTION and len(user.args) > 2 and user.args[2] is node and dim == nd - 3 \
+        and node not in user.args[:2]
 
 
 def tensor_dims(node: fx.Node) -> tuple:
@@ -770,6 +830,8 @@ class Attention:
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
         lq, lk, lv = st.layout(q), st.layout(k), st.layout(v)
+        if st.value_dims:
+            return self._value_dims(node, st, lq, lk, lv, mask, gqa)
         if any(lay is None or lay.axis != -3 or lay.granule == 1 or -1 not in lay.split for lay in (lq, lk, lv)):
             return st.opaque("attention over inputs without tracked heads")
         if isinstance(mask, fx.Node):
@@ -791,6 +853,29 @@ class Attention:
             return st.opaque("attention output heads that do not line up")
         st.carrier(out, [], tag="attention")
         return out
+
+    @staticmethod
+    def _value_dims(node, st, lq, lk, lv, mask, gqa) -> Layout | None:
+        """Value dims inside heads: out[h, t, d] = sum_s a[h, t, s] v[h, s, d] is v's channel (h, d) mixed over
+        tokens only, so the output carries v's layout; q and k keep every head (the head count stays)."""
+        if lq is not None and lk is not None and st.align(lq, lk):
+            st.carrier(lq, [], tag="attention")
+        reason = "heads are kept whole while their value dims are pruned (--targets vdims)"
+        for lay in (lq, lk):
+            st.pin(lay, f"{reason} at {st.where()}")
+        why = None
+        if lv is None or lv.seg_axis != -3 or lv.axis != -1:
+            why = "value dims need a value projection of its own reshaped to heads (not fused with q and k)"
+        elif gqa or st.shape(node.args[0])[-3] != st.shape(node.args[2])[-3]:
+            why = "value dims under grouped-query attention"
+        elif isinstance(mask, fx.Node) and (st.layout(mask) is not None or (len(st.shape(mask) or ()) >= 3
+                                                                            and st.shape(mask)[-3] != 1)):
+            why = "attention mask per head"
+        if why:
+            st.pin(lv, f"{why} at {st.where()}")
+            return st.opaque(why)
+        st.carrier(lv, [], tag="value_dims")
+        return lv
 
 
 class Matmul:
@@ -948,5 +1033,6 @@ OP_TABLE: dict = {
     operator.getitem: Getitem(),
 }
 
+ATTENTION = set(_rows("scaled_dot_product_attention", None))
 SOURCES = set(_rows("conv1d conv2d conv3d conv_transpose1d conv_transpose2d.input conv_transpose3d.input linear "
                     "embedding", None))

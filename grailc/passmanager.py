@@ -34,8 +34,9 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 def _analyse_deps(ctx: Context) -> None:
     from grailc.analysis import analyse
+    from grailc.recipe import TARGETS
 
-    ctx.deps = analyse(ctx.gm)
+    ctx.deps = analyse(ctx.gm, value_dims="vdims" in {TARGETS[t] for t in ctx.recipe.targets})
     exclude_groups(ctx)
 
 

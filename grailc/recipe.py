@@ -11,7 +11,7 @@ repair = false              # re-estimate BatchNorm statistics after apply (adds
 reconstruct = "off"         # block | layer | group: train windows against the dense model (the 'reconstruct' pass)
 lam = 1e-3                  # ridge, relative to mean(diag G[K, K])
 exclude = ["layer4.*"]      # module-name patterns whose groups are never pruned
-targets = ["channels", "heads"]  # which groups: channels (alias mlp), heads, embed (alias hidden: lossy)
+targets = ["channels", "heads"]  # which groups: channels (alias mlp), heads or vdims, embed (alias hidden: lossy)
 multiple_of = 8             # every kept width a multiple of 8
 budget = "params=0.5"       # instead of one ratio everywhere: remove half the parameters (or macs=...), spread
 budget_floor = 0.1          # across groups by score, every group keeping at least 10% of its units
@@ -46,7 +46,8 @@ import tomllib
 
 from grailc.errors import RecipeError, did_you_mean
 
-TARGETS = {"channels": "channels", "mlp": "channels", "heads": "heads", "embed": "embed", "hidden": "embed"}
+TARGETS = {"channels": "channels", "mlp": "channels", "heads": "heads", "vdims": "vdims", "embed": "embed",
+           "hidden": "embed"}
 DEFAULT_TARGETS = ["channels", "heads"]
 DEFAULT_PIPELINE = ["analyse", "calibrate", "select", "compensate", "apply", "verify"]
 
@@ -129,6 +130,10 @@ class Recipe:
             check_choice("target", t, TARGETS)
         if self.budget:
             from grailc.passes.select.global_budget import parse_budget
+        if {"heads", "vdims"} <= {TARGETS[t] for t in self.targets}:
+            raise RecipeError("targets heads and vdims exclude each other: an attention's value is grouped either by "
+                              "whole heads or by the value dims inside them",
+                              fix="choose one of them (heads removes whole heads, vdims narrows every head)")
 
             parse_budget(self.budget)
         if not 0.0 < self.budget_floor <= 1.0:

@@ -170,6 +170,10 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
             "permutation_error": result.report.get("verification", {}).get("permutation_error"),
             **_reconstruct_record(result.report),
             "seconds": round(time.perf_counter() - t0, 3),
+    if "vdims" in {TARGETS[t] for t in recipe.targets}:
+        raise RecipeError("value dims inside heads cannot be pruned in a Hugging Face decoder layer: it has one "
+                          "head_dim for queries, keys and values",
+                          fix="use --targets mlp,heads for decoder LLMs")
             "peak_rss_mib": round(_peak_rss_mib(), 1),
         })
     report["seconds"] = round(time.perf_counter() - start, 3)

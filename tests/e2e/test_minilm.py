@@ -74,3 +74,19 @@ def test_minilm_heads_and_ffn_keep_sentence_embeddings(minilm, tmp_path):
     assert cos["grail"] > 0.9 and cos["grail"] > cos["none"] + 0.05, cos
     runs["grail"].save(tmp_path / "out")
     assert report["onnx"]["relative_diff"] < 1e-3
+
+
+def test_minilm_value_dims_inside_heads(minilm):
+    """--targets vdims on BERT's separate value projections: 16 of 32 value dims kept in every head of every layer;
+    GRAIL keeps the sentence embeddings closer than plain pruning."""
+    model, calib, test = minilm
+    runs = {c: grailc.compress(model, calib=calib, ratio=0.5, calib_held_out=1, compensate=c, targets=["vdims"],
+                               sequential=False) for c in ("grail", "none")}
+    report = runs["grail"].report
+    vdims = [g for g in report["groups"] if g["kind"] == "value_dims"]
+    assert len(vdims) == 6 and all((g["size"], g["kept"], g["pinned"]) == (32, 16, None) for g in vdims)
+    assert report["verification"]["permutation_error"] <= 1e-5
+    value = runs["grail"].module.get_submodule("encoder.encoder.layer.0.attention.self.value")
+    assert value.weight.shape == (12 * 16, 384)
+    cos = {c: cosine_to_dense(model, r.module, test) for c, r in runs.items()}
+    assert cos["grail"] > 0.85 and cos["grail"] > cos["none"] + 0.05, cos

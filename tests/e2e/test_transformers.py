@@ -4,6 +4,7 @@ approximate groups, channels-last blocks, and a self-check that catches a carrie
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import timm
@@ -146,3 +147,66 @@ def test_torchvision_vit_multihead_attention_prunes_heads(tmp_path):
     assert attention.in_proj_weight.shape == (3 * 16, 32) and attention.out_proj.weight.shape == (32, 16)
     result.save(tmp_path / "out")
     assert result.report["onnx"]["relative_diff"] < 1e-3
+
+
+class SeparateQKV(nn.Module):
+    """A pre-norm transformer block with separate q/k/v projections (as in Hugging Face encoders)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.embed = nn.Linear(8, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, t, c = x.shape
+        h = self.norm(x)
+        q, k = (p(h).view(b, t, self.heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k))
+        v = self.v(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(y.transpose(1, 2).reshape(b, t, c))
+        x = x + self.fc2(nn.functional.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_value_dims_inside_heads_prune_through_the_cli(tmp_path, capsys):
+    """--targets vdims: the same value dims go from every head (v rows, o columns, the view's head_dim); q and k
+    keep every head; GRAIL compensates each head's columns of o; the narrowed model exports and matches."""
+    from grailc.cli import main
+
+    torch.manual_seed(0)
+    model_path = tmp_path / "attn.pt2"
+    torch.export.save(torch.export.export(SeparateQKV().eval(), (torch.randn(2, 10, 8),)), str(model_path))
+    out = tmp_path / "out"
+    code = main(["compress", str(model_path), "--input-shape", "2,10,8", "--calib-batches", "4", "--ratio", "0.5",
+                 "--targets", "mlp,vdims", "--one-shot", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    vdims = [g for g in report["groups"] if g["kind"] == "value_dims"]
+    assert len(vdims) == 1 and (vdims[0]["size"], vdims[0]["kept"]) == (8, 4) and vdims[0]["pinned"] is None
+    assert vdims[0]["recon_error_grail"] < vdims[0]["recon_error_plain"]
+    heads = [g for g in report["groups"] if g["kind"] == "heads"]
+    assert len(heads) == 1 and "value dims are pruned" in heads[0]["pinned"]
+    assert report["verification"]["permutation_error"] <= 1e-5 and report["onnx"]["max_abs_diff"] < 1e-3
+    narrowed = torch.export.load(str(out / "model.pt2")).module()
+    params = dict(narrowed.named_parameters())
+    assert params["v.weight"].shape == (16, 32) and params["o.weight"].shape == (32, 16)
+    assert params["q.weight"].shape == (32, 32) and params["k.weight"].shape == (32, 32)
+    assert narrowed(torch.randn(2, 10, 8)).shape == (2, 5)
+
+    assert main(["groups", str(model_path), "--input-shape", "2,10,8", "--targets", "vdims"]) == 0
+    assert "value_dims" in capsys.readouterr().out
+
+
+def test_value_dims_of_a_fused_projection_are_pinned_with_the_reason(fashion):
+    model, _, _, calib = fashion
+    report = grailc.compress(model, calib=calib[:2], ratio=0.3, calib_held_out=1, targets=["mlp", "vdims"],
+                             sequential=False).report
+    heads = [g for g in report["groups"] if g["kind"] == "heads"]
+    assert len(heads) == 4 and all("value projection of its own" in g["pinned"] for g in heads)
+    with pytest.raises(grailc.errors.RecipeError, match="exclude each other"):
+        grailc.compress(model, calib=calib[:2], targets=["heads", "vdims"])
