@@ -6,12 +6,17 @@ Torch-Pruning's dependency-graph build plus pruning, on the same model in one ru
 Prints, per stage, seconds and the ratio to the dense forward pass (the unit the goals are stated in: the default
 pipeline's stages but export at most 2x, sequential calibration at most 3x). Random weights and random images:
 the time does not depend on them. One-shot and sequential (the default) are both run.
+
+``--float64-products`` runs both modes a second time with the Gram products in float64 (as before float32
+products were the default) and prints the calibration times side by side and how far the two compressed models'
+outputs are apart, relative to how far each is from the dense model.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 import torchvision
@@ -52,6 +57,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--float64-products", action="store_true",
+                        help="also calibrate with float64 products and compare")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)().eval()
@@ -59,11 +66,11 @@ def main() -> None:
     dense = dense_forward(model, batches)
     print(f"{args.model}, {args.images} images of {args.size} px in batches of {args.batch}, ratio {args.ratio}; "
           f"one dense forward pass over them: {dense:.1f} s")
-    rows = {}
+    rows, modules = {}, {}
     for mode, sequential in (("one-shot", False), ("sequential", True)):
         result = grailc.compress(model, calib=batches, ratio=args.ratio, sequential=sequential, calib_held_out=1,
                                  measure_latency=False, onnx=False)
-        rows[mode] = result.report["timings"]
+        rows[mode], modules[mode] = result.report["timings"], result.module
     built, pruned = torch_pruning_seconds(model, batches[0][:1], args.ratio)
     print(f"{'stage':>12} " + " ".join(f"{m + ' s':>14} {'x fwd':>6}" for m in rows))
     for stage in (*STAGES, "total"):
@@ -74,6 +81,28 @@ def main() -> None:
         print(f"{stage:>12} " + " ".join(cells))
     print(f"Torch-Pruning: dependency graph {built:.1f} s ({built / dense:.2f} x fwd), pruning step {pruned:.1f} s "
           f"({pruned / dense:.2f} x fwd); no calibration, no compensation, no verification")
+    if args.float64_products:
+        compare_float64(model, batches, args.ratio, rows, modules)
+
+
+def compare_float64(model, batches, ratio: float, rows: dict, modules: dict) -> None:
+    """Calibration with float64 products against the float32 ones just run: seconds, and the distance between
+    the two compressed models' outputs on the held-out batch relative to their distance from the dense model."""
+    from grailc.passes import calibrate
+
+    x = batches[-1]
+    with torch.no_grad():
+        dense = model(x)
+    print(f"{'mode':>12} {'calib f32 s':>12} {'calib f64 s':>12} {'f64/f32':>8} {'|y32-y64|/|y64-y|':>18}")
+    for mode, sequential in (("one-shot", False), ("sequential", True)):
+        with mock.patch.object(calibrate, "row_dtype", lambda t: torch.float64):
+            result = grailc.compress(model, calib=batches, ratio=ratio, sequential=sequential, calib_held_out=1,
+                                     measure_latency=False, onnx=False)
+        with torch.no_grad():
+            y32, y64 = modules[mode](x), result.module(x)
+        apart = float((y32 - y64).norm() / (y64 - dense).norm())
+        t32, t64 = rows[mode]["calibrate"], result.report["timings"]["calibrate"]
+        print(f"{mode:>12} {t32:>12.1f} {t64:>12.1f} {t64 / t32:>8.2f} {apart:>18.2e}")
 
 
 if __name__ == "__main__":

@@ -100,16 +100,20 @@ class ChannelMap:
     def gram(self, G: torch.Tensor) -> torch.Tensor:
         """R G R^T."""
         if self.is_selection:
-            return G[self.keep][:, self.keep]
+            return G[self.keep[:, None], self.keep]
         return self.merge @ G.to(F64) @ self.merge.T
 
     def cols(self, C: torch.Tensor) -> torch.Tensor:
         """C R^T (the columns of a cross-Gram towards the new units)."""
-        return C[:, self.keep] if self.is_selection else C.to(F64) @ self.merge.T
+        return C.index_select(1, self.keep) if self.is_selection else C.to(F64) @ self.merge.T
 
     def vec(self, s: torch.Tensor) -> torch.Tensor:
         """R s."""
         return s[self.keep] if self.is_selection else self.merge @ s.to(F64)
+
+    def spread_cols(self, M: torch.Tensor) -> torch.Tensor:
+        """M U (the columns of M read through the spread: M[:, K] for a selection)."""
+        return M.index_select(1, self.keep) if self.is_selection else M.to(F64) @ self.spread
 
     def back(self, v: torch.Tensor) -> torch.Tensor:
         """U v: new units read back as old ones (v on K, 0 elsewhere, for a selection)."""

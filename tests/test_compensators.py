@@ -101,6 +101,11 @@ def test_affine_recon_error_matches_the_data():
     assert recon_error(stats, M.T @ M, B, sel, c) == pytest.approx(float(direct), rel=1e-9)
     plain = ((x - z[:, keep] @ sel.U().T) @ M.T).square().sum() / (x @ M.T).square().sum()
     assert recon_error(stats, M.T @ M, sel.U(), sel) == pytest.approx(float(plain), rel=1e-9)
+    # B None is plain pruning read by indexing (a selection) or through the spread (a fold): the same figures
+    assert recon_error(stats, M.T @ M, None, sel) == pytest.approx(float(plain), rel=1e-9)
+    assert recon_error(stats, M.T @ M, None, sel, c) == pytest.approx(recon_error(stats, M.T @ M, sel.U(), sel, c))
+    fold = ChannelMap.fold(torch.tensor([0, 1, 1, 2, 0, 2]), 3)
+    assert recon_error(stats, M.T @ M, None, fold) == pytest.approx(recon_error(stats, M.T @ M, fold.U(), fold))
 
 
 def test_bias_moves_the_mean_of_the_removed_channels_and_is_the_best_offset():

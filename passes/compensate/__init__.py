@@ -27,13 +27,20 @@ from grailc.registry import COMPENSATORS, compensator, load_builtin
 from grailc.surgery import consumer_columns, get_param, takes_bias
 
 
-def recon_error(stats: SlotStats, H: torch.Tensor, B: torch.Tensor, cmap: ChannelMap,
+def recon_error(stats: SlotStats, H: torch.Tensor, B: torch.Tensor | None, cmap: ChannelMap,
                 c: torch.Tensor | None = None) -> float:
     """<E, H> / <Gx, H> with E as in the module docstring and H = M^T M ([size, size], formed once per slot), at
-    size^2 k per call: <E, H> = <Gx, H> - 2 <H B, C_K> + <B^T H B, R Gz R^T> - 2 r^T H c + n c^T H c."""
-    B = B.to(torch.float64)
-    HB = H @ B
-    num = -2 * (HB * cmap.cols(stats.C)).sum() + ((B.T @ HB) * cmap.gram(stats.Gz)).sum()
+    size^2 k per call: <E, H> = <Gx, H> - 2 <H B, C_K> + <B^T H B, R Gz R^T> - 2 r^T H c + n c^T H c.
+    ``B`` None is plain pruning, B = U, read by indexing for a selection (no products)."""
+    if B is None:
+        HB = cmap.spread_cols(H)
+        BtHB = cmap.spread_cols(HB.T).T
+        B = cmap.U() if c is not None else None
+    else:
+        B = B.to(torch.float64)
+        HB = H @ B
+        BtHB = B.T @ HB
+    num = -2 * (HB * cmap.cols(stats.C)).sum() + (BtHB * cmap.gram(stats.Gz)).sum()
     if c is not None:
         r = stats.sx - B @ cmap.vec(stats.sz)
         Hc = H @ c.to(torch.float64)
@@ -68,11 +75,10 @@ def compensate_group(ctx, group) -> None:
         stats = slot_stats(ctx, slot)
         m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float64)
         H = m.T @ m
-        plain = cmap.U()
-        fold = Fold(None, recon_error_plain=recon_error(stats, H, plain, cmap))
+        fold = Fold(None, recon_error_plain=recon_error(stats, H, None, cmap))
         B, c, fallback = solve(stats, cmap, ctx.recipe.lam)
         if B is not None or c is not None:
-            err = recon_error(stats, H, plain if B is None else B, cmap, c)
+            err = recon_error(stats, H, B, cmap, c)
             fold.recon_error_grail, fold.fallback = err, fallback
             finite = all(t is None or bool(torch.isfinite(t).all()) for t in (B, c))
             if err > fold.recon_error_plain * (1 + 1e-9) + 1e-12 or not finite:
