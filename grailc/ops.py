@@ -387,7 +387,23 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
             if st.value_dims and j == 1 and len(lay.segments) == 1 and _feeds_value(st.node, q):
                 return _value_dims(st, lay, factors, q + 1 - nd_d)
             return _granules(st, lay, _prod(factors[1:]), q - nd_d, tuple(range(q + 1 - nd_d, q + j + 1 - nd_d)))
+    if _channel_shuffle(st.node, src, dst, p):
+        return ("channel shuffle (the channels viewed as [groups, C/groups] and transposed): the groups must keep "
+                "equally many channels, a count that one-to-one channel ties do not express")
     return "reshape that splits or mixes the channel axis"
+
+
+def _channel_shuffle(node: fx.Node, src: tuple, dst: tuple, p: int) -> bool:
+    """A reshape that merges two dims that a transpose swapped right after a reshape split them (ShuffleNet's
+    view [N, g, C/g, H, W], transpose(1, 2), view [N, C, H, W])."""
+    x = node.args[0]
+    while isinstance(x, fx.Node) and x.target in (aten.contiguous.default, aten.clone.default):
+        x = x.args[0]
+    if len(dst) != len(src) - 1 or not isinstance(x, fx.Node) or x.target != aten.transpose.int:
+        return False
+    before = x.args[0]
+    return (isinstance(before, fx.Node) and before.target in (aten.view.default, aten.reshape.default)
+            and len(tensor_dims(before)) == len(tensor_dims(before.args[0])) + 1)
 
 
 def _segments_back_to_back(lay: Layout, src: tuple, dst: tuple, p: int) -> Layout | None:

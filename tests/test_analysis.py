@@ -151,3 +151,25 @@ def test_shared_consumer_weight_pins_with_reason():
     _, deps = traced(SharedConsumer(), (1, 3, 8, 8))
     group = group_of(deps, "a")
     assert group.pinned and "parameter shared.weight is shared by nodes" in group.pinned
+
+
+class Shuffled(nn.Module):
+    """Two branches concatenated and channel-shuffled, as in ShuffleNet: [N, 2, C/2, H, W] -> transpose -> [N, C]."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.out = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.out(y)
+
+
+def test_channel_shuffle_pins_its_branches_and_says_why():
+    gm, deps = traced(Shuffled(), (1, 3, 8, 8))
+    for name in ("a", "b"):
+        assert "channel shuffle" in group_of(deps, name).pinned
+    assert permutation_error(gm, deps, [(torch.randn(2, 3, 8, 8),)]) <= 1e-5
