@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/llm.py                          # the full table (hours on 2 CPU cores)
     .venv/bin/python benchmarks/llm.py --ratios 0.5 --targets mlp --selectors wanda_sp,flap
     .venv/bin/python benchmarks/llm.py ... --reconstruct layer   # adds "+rc" rows: each layer also trained (Adam)
+    .venv/bin/python benchmarks/llm.py --selectors wanda_sp,wanda_pp --reconstruct layer \
+        --reconstruct-optimizer rmsprop --reconstruct-batch 1 --reconstruct-steps 160 --reconstruct-lr 1e-4
+                                       # "+rc" rows: Wanda++'s regional optimisation (RMSprop, one sample a step)
 
 Calibration: random windows of Macbeth; evaluation: the first windows of Hamlet (a different play). Each row is one
 compression of the dense model; "gap closed" is (ppl_plain - ppl_grail) / (ppl_plain - ppl_dense). Rows are
@@ -32,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.2,0.5")
     ap.add_argument("--targets", default="mlp;mlp,heads", help="';'-separated target lists")
-    ap.add_argument("--selectors", default="magnitude,wanda_sp,flap")
+    ap.add_argument("--selectors", default="magnitude,wanda_sp,flap,wanda_pp")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=8)
@@ -48,6 +51,8 @@ def main() -> None:
                     "(layer: the decoder layer is the window; block: its attention and MLP halves)")
     ap.add_argument("--reconstruct-steps", type=int, default=300)
     ap.add_argument("--reconstruct-lr", type=float, default=3e-3)
+    ap.add_argument("--reconstruct-optimizer", default="adam", help="adam or rmsprop (Wanda++'s RO)")
+    ap.add_argument("--reconstruct-batch", type=int, default=0, help="minibatch (0: the calibration batches of 8)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -74,7 +79,9 @@ def main() -> None:
                                          lam=args.lam, calib_batch_size=8, reconstruct=rc,
                                          sequential=not args.one_shot,
                                          reconstruct_steps=args.reconstruct_steps,
-                                         reconstruct_lr=args.reconstruct_lr)
+                                         reconstruct_lr=args.reconstruct_lr,
+                                         reconstruct_optimizer=args.reconstruct_optimizer,
+                                         reconstruct_batch=args.reconstruct_batch)
                     start = time.perf_counter()
                     only = parse_layers(args.layers, len(model.model.layers))
                     report = compress_layers(model, calib, recipe, structure=args.structure, only=only)
@@ -85,6 +92,9 @@ def main() -> None:
                     plain = ppl if plain is None else plain
                     row = {"ratio": ratio, "targets": targets, "selector": sel, "compensate": comp,
                            "reconstruct": rc,
+                           **({"reconstruct_optimizer": args.reconstruct_optimizer,
+                               "reconstruct_lr": args.reconstruct_lr, "reconstruct_steps": args.reconstruct_steps,
+                               "reconstruct_batch": args.reconstruct_batch} if rc != "off" else {}),
                            "structure": args.structure, "lam": args.lam, "layers": args.layers,
                            "params": round(params, 4),
                            "ppl": round(ppl, 3),

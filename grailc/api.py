@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from grailc import distributed
 from grailc.calib_data import check_finite
 from grailc.context import Context
 from grailc.errors import CalibrationError, GrailcError, RecipeError, VerificationError
@@ -122,7 +123,9 @@ def make_recipe(recipe: Recipe | None = None, **overrides) -> Recipe:
 
             known = [f.name for f in dataclasses.fields(Recipe)]
             raise RecipeError(f"unknown option {key!r}{did_you_mean(key, known)}")
-    return recipe.validate()
+    recipe.validate()
+    distributed.check_recipe(recipe)
+    return recipe
 
 
 def _as_batches(calib, names: list[str]) -> list[Inputs]:
@@ -196,6 +199,7 @@ def compress(
     data_free: bool = False,
     progress: bool = False,
     measure_latency: bool = True,
+    sharded: bool = False,
     **overrides,
 ) -> Result:
     """Compress ``model`` (an nn.Module or ExportedProgram) and verify the result; see :class:`Recipe` for options.
@@ -205,11 +209,16 @@ def compress(
     several. ``input_shape`` is one shape, or a list with one per input. The last ``calib_held_out`` batches are
     not used to fit: they measure the output error. ``measure_latency=False`` skips the PyTorch latency figures
     (a layer-by-layer caller times the whole model instead).
+
+    Under ``torchrun`` (see :mod:`grailc.distributed`) every process passes the same ``calib``, and the batches
+    fitted are shared among the processes (batch i to rank i % W), the held-out ones kept whole on each;
+    ``sharded=True`` says that ``calib`` already is this process's share (the layer-by-layer LLM driver shards its
+    token windows itself).
     """
     if input_shape:  # the recipe holds one shape, or a list of shapes for a model with several inputs
         shapes = [list(s) for s in input_shape] if isinstance(input_shape[0], (tuple, list)) else [list(input_shape)]
         input_shape = shapes[0] if len(shapes) == 1 else shapes
-    recipe = make_recipe(recipe, input_shape=input_shape or None, **overrides)
+    recipe = make_recipe(recipe, input_shape=input_shape or None, **overrides).resolved()
     if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
         raise RecipeError(
             f"the model must be a torch.nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}"
@@ -242,6 +251,8 @@ def compress(
     if static_batch(gm) is not None:  # a graph fixed to one batch size is fed batches of that size
         fit = batches_for(gm, fit)
         held_out = batches_for(gm, held_out) if held_out else []
+    if not sharded:
+        fit = distributed.shard(fit)
 
     reference = copy.deepcopy(gm)
     ctx = Context(gm=gm, reference=reference, example=example, recipe=recipe, calib=fit, held_out=held_out,
@@ -251,8 +262,12 @@ def compress(
     report["data_free"] = data_free
     report["params_before"] = count_params(reference)
     report["macs_before"] = count_macs(reference, example)
+    if distributed.active():
+        report["distributed"] = {"processes": distributed.world(), "backend": distributed.backend(),
+                                 "batches_here": len(fit), "sharding": "fitted batch i on rank i % processes"}
     try:
         run_pipeline(ctx, recipe.pipeline)
+        distributed.agree(ctx.gm)  # every process holds bitwise the same result, or none is written
     except VerificationError as e:
         _record_groups(ctx)
         e.report = report

@@ -7,6 +7,7 @@ non-zero exit (``--debug`` adds the traceback); outputs appear all at once or no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import signal
@@ -48,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-floor", type=float, help="under --budget, the fraction of units every group keeps at "
                    "least (default 0.1)")
     c.add_argument("--selector",
-                   help="magnitude | wanda | random | gram | fold | wanda_sp | flap | slimgpt (default wanda)")
-    c.add_argument("--compensate", help="grail (alias grail_fold) | none | bias | grail+bias (default grail)")
+                   help="magnitude | wanda | random | gram | fold | wanda_sp | flap | slimgpt | wanda_pp (Wanda++: "
+                   "regional gradients, backprop) | auto (default: gram sequential, wanda --one-shot, wanda_sp "
+                   "for hf: LLMs)")
+    c.add_argument("--compensate", help="grail (alias grail_fold) | none | bias | grail+bias | auto (default: "
+                   "grail+bias sequential, grail --one-shot and for hf: LLMs)")
     c.add_argument("--lam", type=float, help="ridge, relative to mean(diag G[K,K]) (default 1e-3; 0.1 for hf: LLMs)")
     mode = c.add_mutually_exclusive_group()
     mode.add_argument("--sequential", action="store_true",
@@ -71,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reconstruct-rank", type=int, help="rank of the update with --reconstruct-params lowrank (8)")
     c.add_argument("--reconstruct-fed", help="window inputs: compressed (the reconstructed upstream, default) or "
                    "dense (the dense model's, through the channel map)")
+    c.add_argument("--reconstruct-optimizer", help="adam (default) or rmsprop (Wanda++'s regional optimisation; "
+                   "--selector wanda_pp on hf: models turns it on with --reconstruct layer)")
     c.add_argument("--targets", help="which groups to prune, comma-separated: channels (alias mlp), heads, vdims "
                    "(the value dims inside every head, instead of whole heads), embed (alias hidden; through "
                    "LayerNorm/RMSNorm, approximate) (default channels,heads)")
@@ -89,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "spread across layers by standardised fluctuation scores; incremental: SlimGPT's ratios growing "
                      "with depth, --ratio on average (default uniform)")
     llm.add_argument("--layers", help="compress only these decoder layers, e.g. 0-3,8 (default all)")
+    llm.add_argument("--device", default="auto", help="auto | cpu | cuda: where hf: decoder LLMs compute, one layer "
+                     "on the device at a time (auto: CUDA when available; under torchrun the GPU of LOCAL_RANK); "
+                     "other models compile on the CPU (default auto)")
     c.add_argument("--out", default="grailc-out", help="output folder (default grailc-out)")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", action="store_true", help="no progress bars or table")
@@ -111,15 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--windows", type=int, help="use the first N windows (default all)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: CUDA when available)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     from grailc.bench_command import add_parser as add_bench_parser
 
     add_bench_parser(sub)
 
+    from grailc.llm.evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(sub, EPILOG)
+
     d = sub.add_parser("demo", help="compress the embedded Fashion-MNIST ResNet and measure its test accuracy")
     d.add_argument("--ratio", type=float, default=0.5)
-    d.add_argument("--selector", default="wanda")
+    d.add_argument("--selector", default="auto")
     d.add_argument("--out", default="grailc-demo")
     d.add_argument("--force", action="store_true")
     d.add_argument("--debug", action="store_true")
@@ -133,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     _INTERRUPTS.clear()
     _WRITTEN.clear()
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}  # both clean up
+    joined = False
     try:
+        joined = _join_processes(args)
         if args.command == "demo":
             from grailc.demo import run_demo
 
@@ -148,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             from grailc.llm.commands import run_ppl
 
             return run_ppl(args)
+        if args.command == "eval":
+            from grailc.llm.evaluate import run_eval
+
+            return run_eval(args)
         return run_compress(args, argv)
     except KeyboardInterrupt:
         print(f"grailc: interrupted; {_what_was_written()}", file=sys.stderr)
@@ -170,6 +190,40 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if joined:
+            from grailc.distributed import shutdown
+
+            shutdown()
+
+
+def device_for(args) -> torch.device:
+    """The device of --device for this command: hf: decoder LLMs (compress, ppl) compute on it; the compile of
+    other models (trace, calibration, ONNX export) runs on the CPU, so for them auto is the CPU and cuda is refused."""
+    from grailc.device import resolve_device
+
+    name = getattr(args, "device", None) or "auto"
+    device = resolve_device(name)
+    if args.command == "compress" and not args.model.startswith("hf:"):
+        if device.type == "cuda" and name.strip().lower() != "auto":
+            raise RecipeError(f"--device {name} is for hf: decoder LLMs; the compile of other models runs on the CPU",
+                              fix="drop --device (or give --device cpu)")
+        return torch.device("cpu")
+    return device
+
+
+def _join_processes(args) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo, or NCCL when computing on a GPU); True when
+    this call started it. Only compress shares its work among processes."""
+    from grailc import distributed
+
+    if not distributed.launched():
+        return False
+    if args.command != "compress":
+        raise RecipeError(f"grailc {args.command} does not run data-parallel, but WORLD_SIZE > 1 says torchrun "
+                          "started it with several processes",
+                          fix=f"run grailc {args.command} without torchrun; only grailc compress shares its "
+                          "calibration among processes")
+    return distributed.init_from_env(device_for(args))
 
 
 def _targets(text: str) -> list[str]:
@@ -229,6 +283,7 @@ def recipe_from_args(args):
         reconstruct_params=getattr(args, "reconstruct_params", None),
         reconstruct_rank=getattr(args, "reconstruct_rank", None),
         reconstruct_fed=getattr(args, "reconstruct_fed", None),
+        reconstruct_optimizer=getattr(args, "reconstruct_optimizer", None),
         targets=_targets(args.targets) if args.targets else None,
         multiple_of=args.multiple_of,
         max_memory=args.max_memory,
@@ -332,8 +387,19 @@ def run_compress(args, argv) -> int:
             recipe.lam = LLM_LAM
         if getattr(args, "reconstruct_lr", None) is None and not args.recipe:
             recipe.reconstruct_lr = LLM_RECONSTRUCT_LR
+        if recipe.selector == "wanda_pp" and getattr(args, "reconstruct", None) is None and not args.recipe:
+            from grailc.passes.select.wanda_pp import regional_optimisation
+
+            # Wanda++ is RGS selection plus regional optimisation: the latter is --reconstruct layer with RMSprop
+            given = {k for k in vars(args) if k.startswith("reconstruct_") and getattr(args, k) is not None}
+            regional_optimisation(recipe, given)
+            recipe.validate()  # puts the 'reconstruct' pass into the pipeline
         return _run_compress_llm(args, argv, recipe, start)
-    with StagedOutput(args.out, force=args.force) as staged:
+    from grailc.distributed import is_main
+
+    device_for(args)  # a --device the compile cannot use is refused before anything is loaded
+    # only rank 0 of a data-parallel run writes outputs; the others compute the same compile and stop there
+    with StagedOutput(args.out, force=args.force) if is_main() else contextlib.nullcontext() as staged:
         model_path = Path(args.model)
         sha_before = file_sha256(model_path) if model_path.is_file() else None
         loaded = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
@@ -348,7 +414,9 @@ def run_compress(args, argv) -> int:
         t_data = time.perf_counter() - t0
         try:
             result = compress(model, input_shape=shapes, calib=data.batches, recipe=recipe,
-                              data_free=data.data_free, progress=not args.quiet)
+                              data_free=data.data_free, progress=not args.quiet and is_main())
+            if staged is None:
+                return 0
             report = result.report
             _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data)
             result.write_into(staged, onnx=recipe.export.onnx, pt2=recipe.export.pt2)
@@ -357,6 +425,8 @@ def run_compress(args, argv) -> int:
 
                 bench_into(result, staged, settings_from(args))
         except VerificationError as e:
+            if staged is None:
+                return e.exit_code
             report = getattr(e, "report", None) or {}
             _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data)
             report["failure"] = e.line()
@@ -382,11 +452,14 @@ def run_compress(args, argv) -> int:
 
 
 def _run_compress_llm(args, argv, recipe, start) -> int:
+    from grailc.distributed import is_main
     from grailc.llm.commands import llm_summary, run_compress_llm
     from grailc.outputs import StagedOutput
 
-    with StagedOutput(args.out, force=args.force) as staged:
-        report, _ = run_compress_llm(args, argv, recipe, staged)
+    with StagedOutput(args.out, force=args.force) if is_main() else contextlib.nullcontext() as staged:
+        report, _ = run_compress_llm(args, argv, recipe, staged, device_for(args))
+        if staged is None:  # not rank 0: rank 0 writes
+            return 0
         table = None if args.quiet else llm_summary(report)
         _stop_if_interrupted()
         out = staged.commit()

@@ -79,3 +79,4 @@ class Context:
     report: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     progress: bool = True
+    cache: dict[str, Any] = field(default_factory=dict)  # per-compile caches of passes (wanda_pp's gradients)

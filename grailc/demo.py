@@ -44,8 +44,11 @@ def run_demo(args) -> int:
     grail.report["command"] = f"grailc demo --ratio {args.ratio} --selector {args.selector}"
     out = grail.save(args.out, force=args.force)
     print(summary(grail.report))
-    print(f"Fashion-MNIST test accuracy at ratio {args.ratio} ({args.selector}): dense {100 * acc['dense']:.2f}%, "
-          f"plain pruning {100 * acc['plain']:.2f}%, GRAIL --one-shot {100 * acc['grail_one_shot']:.2f}%, "
-          f"GRAIL {100 * acc['grail']:.2f}% (sequential, the default; the model written)")
+    how = {name: f"{r.report['recipe']['selector']}, {r.report['recipe']['compensate']}"
+           for name, r in (("plain", plain), ("one_shot", one_shot), ("grail", grail))}
+    print(f"Fashion-MNIST test accuracy at ratio {args.ratio}: dense {100 * acc['dense']:.2f}%, "
+          f"plain pruning ({how['plain']}) {100 * acc['plain']:.2f}%, GRAIL --one-shot ({how['one_shot']}) "
+          f"{100 * acc['grail_one_shot']:.2f}%, GRAIL ({how['grail']}; sequential, the default; the model written) "
+          f"{100 * acc['grail']:.2f}%")
     print(f"wrote {out}/: model.pt2, model.onnx, report.json ({time.perf_counter() - start:.1f} s)")
     return 0

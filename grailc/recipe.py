@@ -5,8 +5,8 @@ A recipe is a TOML file; CLI flags are shorthands that override its fields, and 
 
 ```toml
 ratio = 0.5                 # fraction of channels removed in every prunable group
-selector = "wanda"          # magnitude | wanda | random | gram | fold (k-means, seeded by calib.seed) | ...
-compensate = "grail"        # grail (grail_fold) | none | bias | grail+bias
+selector = "auto"           # auto | gram | wanda | magnitude | random | fold (k-means, seeded by calib.seed) | ...
+compensate = "auto"         # auto | grail+bias | grail (grail_fold) | none | bias
 repair = false              # re-estimate BatchNorm statistics after apply (adds the 'repair' pass)
 reconstruct = "off"         # block | layer | group: train windows against the dense model (the 'reconstruct' pass)
 lam = 1e-3                  # ridge, relative to mean(diag G[K, K])
@@ -30,7 +30,8 @@ group; false: one pass on the dense model),
 ``pt2`` and ``parity_tol``.
 With ``reconstruct`` set, ``reconstruct_steps`` (Adam steps per window), ``reconstruct_lr``, ``reconstruct_batch``
 (minibatch; 0: the calibration batches), ``reconstruct_params`` (all | norms+biases | lowrank),
-``reconstruct_rank`` and ``reconstruct_fed`` (compressed | dense) tune the 'reconstruct' pass.
+``reconstruct_rank``, ``reconstruct_fed`` (compressed | dense) and ``reconstruct_optimizer`` (adam | rmsprop) tune
+the 'reconstruct' pass.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ from grailc.errors import RecipeError, did_you_mean
 TARGETS = {"channels": "channels", "mlp": "channels", "heads": "heads", "vdims": "vdims", "embed": "embed",
            "hidden": "embed"}
 DEFAULT_TARGETS = ["channels", "heads"]
+# "auto" selector and compensator: the best label-free pair measured per mode (README, "The default pipeline"):
+# sequential -> gram + grail+bias, one-shot -> wanda + grail; decoder LLMs (hf:) -> wanda_sp + grail
+AUTO = {True: ("gram", "grail+bias"), False: ("wanda", "grail")}
+AUTO_LLM = ("wanda_sp", "grail")
 DEFAULT_PIPELINE = ["analyse", "calibrate", "select", "compensate", "apply", "verify"]
 
 
@@ -74,8 +79,8 @@ class ExportSpec:
 @dataclass
 class Recipe:
     ratio: float = 0.5
-    selector: str = "wanda"
-    compensate: str = "grail"
+    selector: str = "auto"  # auto: the best measured for the mode (AUTO), resolved when a compile starts
+    compensate: str = "auto"
     lam: float = 1e-3
     magnitude_norm: int = 1
     sequential: bool = True  # Grams group by group on the already-compressed upstream (False: one-shot, dense)
@@ -88,6 +93,7 @@ class Recipe:
     reconstruct_params: str = "all"  # all | norms+biases | lowrank
     reconstruct_rank: int = 8  # rank of the update with reconstruct_params = "lowrank"
     reconstruct_fed: str = "compressed"  # window inputs: compressed (reconstructed upstream) | dense (mapped)
+    reconstruct_optimizer: str = "adam"  # adam | rmsprop (Wanda++'s regional optimisation)
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     multiple_of: int = 1  # every kept width (channels, heads * head_dim) a multiple of this
     exclude: list[str] = field(default_factory=list)
@@ -100,6 +106,12 @@ class Recipe:
     pipeline: list[str] = field(default_factory=lambda: list(DEFAULT_PIPELINE))
     calib: CalibSpec = field(default_factory=CalibSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
+
+    def resolved(self, llm: bool = False) -> Recipe:
+        """This recipe with ``auto`` replaced by the mode's defaults (``AUTO``; ``AUTO_LLM`` for decoder LLMs)."""
+        selector, compensate = AUTO_LLM if llm else AUTO[self.sequential]
+        return dataclasses.replace(self, selector=selector if self.selector == "auto" else self.selector,
+                                   compensate=compensate if self.compensate == "auto" else self.compensate)
 
     @property
     def max_memory_bytes(self) -> int:
@@ -122,18 +134,20 @@ class Recipe:
         for pattern, r in self.ratios.items():
             if not 0.0 <= r < 1.0:
                 raise RecipeError(f"ratio {r} for pattern {pattern!r} is outside [0, 1)")
-        check_choice("selector", self.selector, SELECTORS)
-        check_choice("compensator", self.compensate, COMPENSATORS)
+        if self.selector != "auto":
+            check_choice("selector", self.selector, SELECTORS)
+        if self.compensate != "auto":
+            check_choice("compensator", self.compensate, COMPENSATORS)
         if self.lam < 0:
             raise RecipeError(f"lam {self.lam} is negative", fix="the ridge must be >= 0")
         for t in self.targets:
             check_choice("target", t, TARGETS)
-        if self.budget:
-            from grailc.passes.select.global_budget import parse_budget
         if {"heads", "vdims"} <= {TARGETS[t] for t in self.targets}:
             raise RecipeError("targets heads and vdims exclude each other: an attention's value is grouped either by "
                               "whole heads or by the value dims inside them",
                               fix="choose one of them (heads removes whole heads, vdims narrows every head)")
+        if self.budget:
+            from grailc.passes.select.global_budget import parse_budget
 
             parse_budget(self.budget)
         if not 0.0 < self.budget_floor <= 1.0:
@@ -171,9 +185,10 @@ class Recipe:
 
     def _check_reconstruct(self) -> None:
         from grailc.errors import check_choice
-        from grailc.passes.reconstruct import FED, KINDS, PARAMS
+        from grailc.passes.reconstruct import FED, KINDS, OPTIMIZERS, PARAMS
 
         check_choice("reconstruct kind", self.reconstruct, KINDS)
+        check_choice("reconstruct_optimizer", self.reconstruct_optimizer, OPTIMIZERS)
         check_choice("reconstruct_params", self.reconstruct_params, PARAMS)
         check_choice("reconstruct_fed", self.reconstruct_fed, FED)
         if "reconstruct" in self.pipeline and self.reconstruct == "off":

@@ -41,3 +41,4 @@ def load_builtin() -> None:
     import grailc.passes.select.random  # noqa: F401
     import grailc.passes.select.slimgpt  # noqa: F401
     import grailc.passes.select.wanda  # noqa: F401
+    import grailc.passes.select.wanda_pp  # noqa: F401

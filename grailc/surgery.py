@@ -96,7 +96,7 @@ def map_columns(cols: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     (in float64)."""
     if m.dim() == 1:
         return cols.index_select(1, m.to(cols.device))
-    return torch.einsum("ocit,ck->okit", cols.to(torch.float64), m.to(torch.float64)).to(cols.dtype)
+    return torch.einsum("ocit,ck->okit", cols.to(torch.float64), m.to(cols.device, torch.float64)).to(cols.dtype)
 
 
 def mask_columns(weight: torch.Tensor, slot, cmap: ChannelMap, B: torch.Tensor | None) -> torch.Tensor:
@@ -109,7 +109,7 @@ def mask_columns(weight: torch.Tensor, slot, cmap: ChannelMap, B: torch.Tensor |
     narrowed = map_columns(cols, B if B is not None else cmap.columns())  # [O, k, inner, taps]
     if cmap.is_selection:
         cols.zero_()
-        cols[:, cmap.keep] = narrowed
+        cols[:, cmap.keep.to(cols.device)] = narrowed
     else:
         cols.copy_(map_columns(narrowed, cmap.merge))
     return _columns_first(w, slot).contiguous()
@@ -121,11 +121,12 @@ def _columns_first(weight: torch.Tensor, slot) -> torch.Tensor:
 
 
 def consumer_columns(weight: torch.Tensor, slot, dtype=torch.float64) -> torch.Tensor:
-    """The slot's columns of a consumer weight as [rows, size] (every kernel tap / flattened position a row)."""
+    """The slot's columns of a consumer weight as [rows, size] (every kernel tap / flattened position a row), on the
+    CPU, where scores and solves are computed from the (CPU) statistics whatever device the model runs on."""
     layout = slot.consumer.layout
     weight = _columns_first(weight, slot)
     w = weight.detach().reshape(weight.shape[0], layout.length, -1)[:, slot.offset : slot.offset + slot.size]
-    return w.permute(0, 2, 1).reshape(-1, slot.size).to(dtype)
+    return w.permute(0, 2, 1).reshape(-1, slot.size).to("cpu", dtype)
 
 
 def takes_bias(gm: fx.GraphModule, consumer) -> bool:
@@ -144,11 +145,11 @@ def offset_shift(gm: fx.GraphModule, consumer, weight: torch.Tensor, start: int,
     the constant c: W[:, start : start + size] summed over flattened positions and over kernel taps, each tap
     weighted by the fraction of output positions where it reads the input rather than zero padding."""
     w = weight.detach().reshape(weight.shape[0], consumer.layout.length, -1)[:, start : start + size]
-    w = w.to(torch.float64)
+    w = w.to("cpu", torch.float64)  # with c and the coverage, which live on the CPU
     coverage = tap_coverage(gm, consumer) if consumer.kind == "conv" else None
     if coverage is not None and coverage.numel() == w.shape[-1]:
         w = w * coverage
-    return w.sum(-1) @ c.to(torch.float64)
+    return w.sum(-1) @ c.to("cpu", torch.float64)
 
 
 def tap_coverage(gm: fx.GraphModule, consumer) -> torch.Tensor | None:

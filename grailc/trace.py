@@ -29,10 +29,10 @@ Inputs = tuple[torch.Tensor, ...]
 
 
 def example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype, data: Inputs | None = None,
-                   batch: int | None = None) -> Inputs:
-    """Deterministic example inputs: seeded Gaussian ones for floating inputs, the first rows of ``data`` for
-    integer ones (token ids and masks cannot be made up). The batch is at least 2 by default, so that the batch
-    axis can be exported dynamic."""
+                   batch: int | None = None, device: torch.device | str = "cpu") -> Inputs:
+    """Deterministic example inputs: seeded Gaussian ones for floating inputs (drawn on the CPU, then moved to
+    ``device``, so every device gets the same values), the first rows of ``data`` for integer ones (token ids and
+    masks cannot be made up). The batch is at least 2 by default, so that the batch axis can be exported dynamic."""
     batch = max(2, shapes[0][0]) if batch is None else batch
     data = data if data is not None else (None,) * len(shapes)
     if any(d is not None and not d.is_floating_point() for d in data):
@@ -40,7 +40,7 @@ def example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype, data: Inpu
     generator = torch.Generator().manual_seed(0)
     return tuple(
         d[:batch] if d is not None and not d.is_floating_point()
-        else torch.randn((batch, *shape[1:]), generator=generator).to(dtype)
+        else torch.randn((batch, *shape[1:]), generator=generator).to(device, dtype)
         for shape, d in zip(shapes, data)
     )
 
@@ -208,7 +208,8 @@ def _runnable_example(module, shapes: list[tuple[int, ...]], dtype: torch.dtype,
     A batch of at least 2 comes first (it lets the batch axis be exported dynamic); a model that only runs on the
     batch it was written for (say ``x.view(1, -1)``) gets exactly ``shapes[0][0]``.
     """
-    example = example_inputs(shapes, dtype, data)
+    device = _device_of(module, data)
+    example = example_inputs(shapes, dtype, data, device=device)
     try:
         with torch.no_grad():
             module(*example)
@@ -216,7 +217,7 @@ def _runnable_example(module, shapes: list[tuple[int, ...]], dtype: torch.dtype,
     except Exception as e:  # any failure on the plain model is about its input
         if example[0].shape[0] != shapes[0][0]:
             try:
-                exact = example_inputs(shapes, dtype, data, batch=shapes[0][0])
+                exact = example_inputs(shapes, dtype, data, batch=shapes[0][0], device=device)
                 with torch.no_grad():
                     module(*exact)
                 return exact
@@ -229,6 +230,13 @@ def _runnable_example(module, shapes: list[tuple[int, ...]], dtype: torch.dtype,
             f"{type(e).__name__}: {text[0][:300] if text else ''}",
             fix="check --input-shape (or input_shape=): one per model input, in order, batch dimension first",
         ) from e
+
+
+def _device_of(module, data: Inputs | None) -> torch.device:
+    """Where the example inputs go: the calibration data's device, else the model's (its first parameter's)."""
+    if data is not None and data and isinstance(data[0], torch.Tensor):
+        return data[0].device
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def _describe(inputs: Inputs) -> str:

@@ -10,7 +10,9 @@ already compressed, which also bounds memory by the largest group.
 Every selector and compensator reads only these Grams (activation norms are sqrt(diag G)) and the first moments
 s = sum x (``ctx.sums``; the per-channel mean is s / rows), so memory is bounded by sum(d^2) over the slots, never by
 the data. Each consumer's input is read just before the consumer
-runs, so in-place ops later in the graph cannot change it. A non-finite activation stops calibration and names
+runs, so in-place ops later in the graph cannot change it. In a data-parallel run (``torchrun``, see
+:mod:`grailc.distributed`) each process accumulates its share of the batches and ``final_statistics`` sums every
+statistic over the processes before selection reads it. A non-finite activation stops calibration and names
 the node where it first appeared.
 """
 
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from grailc.analysis import module_of
 from grailc.channels import Layout
+from grailc.distributed import all_reduce_stats
 from grailc.errors import CalibrationError, GrailcError
 from grailc.passmanager import Pass, register_pass
 from grailc.surgery import add_to_bias, get_param, mask_columns, offset_shift, set_param
@@ -139,9 +142,6 @@ def _node_order(gm: fx.GraphModule) -> dict[str, int]:
     return {n.name: i for i, n in enumerate(gm.graph.nodes)}
 
 
-def _accumulate(store: dict, key: str, value: torch.Tensor) -> None:
-    store[key] = store[key] + value if key in store else value
-
 PRODUCT_ROWS = 16384  # rows per float32 product; the chunk sums are accumulated in float64
 
 
@@ -170,6 +170,9 @@ def column_sums(a: torch.Tensor) -> torch.Tensor:
         out = chunk if out is None else out.add_(chunk)
     return out
 
+
+def _accumulate(store: dict, key: str, value: torch.Tensor) -> None:
+    store[key] = store[key] + value if key in store else value
 
 
 def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progress: bool = False,
@@ -206,6 +209,18 @@ def record_sq_norms(gm: fx.GraphModule, groups, batches) -> dict[str, torch.Tens
     for x in batches:
         recorder.feed(x)
     return found
+
+
+def final_statistics(**stores: dict) -> dict[str, dict]:
+    """Where statistics become final, after accumulation and before anything is decided from them: each store
+    (slot key -> tensor or row count) summed over the processes of a data-parallel run (``grailc.distributed``: this
+    process accumulated only its share of the batches; one all-reduce for all stores, a no-op in one process) and
+    moved to the CPU, where selection and compensation read them (dtypes kept: float64 Grams, int counts)."""
+    flat = all_reduce_stats({(name, key): value for name, store in stores.items() for key, value in store.items()})
+    done: dict[str, dict] = {name: {} for name in stores}
+    for (name, key), value in flat.items():
+        done[name][key] = value.cpu() if isinstance(value, torch.Tensor) else value
+    return done
 
 
 def _check_finite_statistics(gm: fx.GraphModule, grams: dict, batches) -> None:
@@ -363,12 +378,17 @@ def calibrate_sequentially(ctx, batches) -> None:
     if ctx.recipe.budget:  # the counts are planned on the dense model before anything is compressed
         from grailc.passes.select.global_budget import plan
 
-        ctx.planned = plan(ctx, record_sq_norms(ctx.gm, groups, batches))
+        ctx.planned = plan(ctx, final_statistics(norms=record_sq_norms(ctx.gm, groups, batches))["norms"])
     dense_order, shadow_order = GraphOrder(ctx.gm), GraphOrder(shadow)
     runs = [(Resumable(dense_order, x), Resumable(shadow_order, x)) for x in batches]
     for g in tqdm(groups, desc="sequential", unit="group", disable=not ctx.progress, leave=False):
-        gz, cross, gx, rows = record_cross_grams(runs, g, ctx.sums, ctx.target_sums)
+        sums, target_sums = {}, {}
+        gz, cross, gx, rows = record_cross_grams(runs, g, sums, target_sums)
         _check_finite_statistics(ctx.gm, gz, batches)
+        final = final_statistics(gz=gz, cross=cross, gx=gx, rows=rows, sums=sums, target_sums=target_sums)
+        gz, cross, gx, rows = final["gz"], final["cross"], final["gx"], final["rows"]
+        ctx.sums.update(final["sums"])
+        ctx.target_sums.update(final["target_sums"])
         ctx.grams.update(gz)
         ctx.cross.update(cross)
         ctx.target_grams.update(gx)
@@ -416,4 +436,8 @@ class Calibrate(Pass):
         if sequential:
             calibrate_sequentially(ctx, batches)
         else:
-            ctx.grams, ctx.rows = record_grams(ctx.gm, groups, batches, ctx.progress, sums=ctx.sums)
+            sums: dict = {}
+            grams, rows = record_grams(ctx.gm, groups, batches, ctx.progress, sums=sums)
+            final = final_statistics(grams=grams, rows=rows, sums=sums)
+            ctx.grams, ctx.rows = final["grams"], final["rows"]
+            ctx.sums.update(final["sums"])

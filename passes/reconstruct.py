@@ -2,7 +2,8 @@
 
 GRAIL rebuilds each consumer's input in closed form, one matrix at a time; the errors it leaves accumulate along
 the network. This optional pass, after ``apply`` (and ``repair``), refines the result window by window: the
-compressed graph is cut into *windows* and each window's parameters are trained with Adam to minimise
+compressed graph is cut into *windows* and each window's parameters are trained with Adam
+(``reconstruct_optimizer = "rmsprop"``: RMSprop, as Wanda++'s regional optimisation uses) to minimise
 
     L(theta) = mean over calibration batches of || f_theta(z) - P y ||^2 / numel
 
@@ -51,6 +52,7 @@ from grailc.surgery import get_param, is_parameter, map_tensor, set_param
 KINDS = ("off", "block", "layer", "group")
 PARAMS = ("all", "norms+biases", "lowrank")
 FED = ("compressed", "dense")
+OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}  # torch defaults besides lr
 
 
 @dataclass
@@ -289,7 +291,7 @@ def _mse(out: dict, target: dict, names: list[str]) -> torch.Tensor:
 
 
 class _Trainable:
-    """The tensors Adam updates for one window and the parameters they give."""
+    """The tensors the optimizer updates for one window and the parameters they give."""
 
     def __init__(self, gm: fx.GraphModule, targets: list[str], mode: str, rank: int, seed: int):
         self.base = {t: get_param(gm, t).detach() for t in targets if get_param(gm, t).is_floating_point()}
@@ -366,7 +368,8 @@ def reconstruct(ctx) -> dict:
                  for b in batches]
     comp_env = [dict(e) for e in dense_env]
     report = {
-        "kind": kind, "params": mode, "fed": fed, "optimizer": "Adam", "lr": r.reconstruct_lr,
+        "kind": kind, "params": mode, "fed": fed, "optimizer": OPTIMIZERS[r.reconstruct_optimizer].__name__,
+        "lr": r.reconstruct_lr,
         "steps": r.reconstruct_steps, "batches": len(batches),
         "batch_size": int(batches[0][0].shape[0]) if batches and batches[0] else 0,
         "backprop": True, "labels": False,
@@ -404,7 +407,7 @@ def reconstruct(ctx) -> dict:
             entry["loss_before"] = entry["loss_after"] = _mean_error(outs, targets, window.targets)
         else:
             before = _mean_error(outs, targets, window.targets)
-            opt = torch.optim.Adam(train.tensors(), lr=r.reconstruct_lr)
+            opt = OPTIMIZERS[r.reconstruct_optimizer](train.tensors(), lr=r.reconstruct_lr)
             for step in range(r.reconstruct_steps):
                 i = step % len(feeds)
                 opt.zero_grad(set_to_none=True)

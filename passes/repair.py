@@ -8,8 +8,10 @@ repaired upstream), gets
 per channel over every calibration position (N*H*W), accumulated in float64. Cost: one forward pass over the
 calibration batches up to the last BatchNorm, which advance through the graph together (each batch is run up to a
 BatchNorm, its statistics are set from every batch, then all go on: ``calibrate.Resumable``); memory: the live
-activations of all batches at once, as for one forward pass of their total size. The report says how far the
-statistics moved, or that there was nothing to repair.
+activations of all batches at once, as for one forward pass of their total size. In a data-parallel run
+(``torchrun``) each process holds its share of the batches, and the sums behind the moments (sum x, sum x^2, the
+count) are summed over the processes before each BatchNorm is set, so every process sets the same statistics.
+The report says how far the statistics moved, or that there was nothing to repair.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from grailc.passes.calibrate import GraphOrder, Resumable, batches_for
 from torch import fx
 
+from grailc.distributed import all_reduce_stats
 from grailc.passmanager import Pass, register_pass
 from grailc.surgery import get_param, set_param
 
@@ -40,11 +43,14 @@ def batch_norms(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def moments(inputs: list[torch.Tensor]):
-    """Per-channel (dim 1) mean and variance over every batch and position (float64)."""
+    """Per-channel (dim 1) mean and variance over every batch and position (float64), and over the batches of
+    every process of a data-parallel run."""
     total, squares, count = 0.0, 0.0, 0
     for x in inputs:
         a = x.detach().movedim(1, -1).reshape(-1, x.shape[1]).to(torch.float64)
         total, squares, count = total + a.sum(0), squares + (a * a).sum(0), count + a.shape[0]
+    summed = all_reduce_stats({"total": total, "squares": squares, "count": count})
+    total, squares, count = summed["total"], summed["squares"], summed["count"]
     mean = total / count
     return mean, (squares / count - mean * mean).clamp_min(0)
 
@@ -73,7 +79,7 @@ def repair_batch_norms(gm: fx.GraphModule, batches: list) -> dict:
             run.runner.env[var_node] = get_param(gm, var_node.target)
     return {
         "batch_norms": len(norms),
-        "batches": len(batches),
+        "batches": all_reduce_stats({"batches": len(batches)})["batches"],
         # averages over BatchNorms of the per-channel means: |new mean - old mean| / old std, new std / old std
         "mean_shift_in_std": sum(mean_moves) / len(norms),
         "std_ratio": sum(std_ratios) / len(norms),

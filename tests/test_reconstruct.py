@@ -167,6 +167,7 @@ def test_reconstruction_lowers_the_window_error_and_verifies(targets_kwargs):
     dict(reconstruct="block", reconstruct_params="norms+biases"),
     dict(reconstruct="block", reconstruct_params="lowrank", reconstruct_rank=2),
     dict(reconstruct="block", reconstruct_batch=16, repair=True),
+    dict(reconstruct="block", reconstruct_optimizer="rmsprop"),
 ])
 def test_variants_train_and_report(options):
     model, batches = _model(), _batches(4)
@@ -184,6 +185,7 @@ def test_variants_train_and_report(options):
                                                                           "verify"]
     if options["reconstruct"] == "layer":
         assert len(rc["windows"]) == 1
+    assert rc["optimizer"] == ("RMSprop" if options.get("reconstruct_optimizer") == "rmsprop" else "Adam")
 
 
 def test_recipe_checks():
@@ -194,5 +196,7 @@ def test_recipe_checks():
         make_recipe(reconstruct="block", reconstruct_params="everything")
     with pytest.raises(RecipeError, match="reconstruct_lr"):
         make_recipe(reconstruct="block", reconstruct_lr=0.0)
+    with pytest.raises(RecipeError, match="reconstruct_optimizer 'sgd'"):
+        make_recipe(reconstruct="block", reconstruct_optimizer="sgd")
     with pytest.raises(RecipeError, match="names 'reconstruct'"):
         make_recipe(pipeline=["analyse", "calibrate", "select", "compensate", "apply", "reconstruct", "verify"])

@@ -53,3 +53,45 @@ def test_obs_update_after_a_removal_matches_a_fresh_start():
         keep = torch.tensor([c for c in (0, 1, 3, 4) if c != unit])
         torch.testing.assert_close(float(state.scores()[position]) * state.total,
                                    _compensated_error(W, H, keep) - base)
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(6, 10), torch.nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def test_wanda_pp_is_the_regional_gradient_score_of_the_consumer_columns():
+    """Independently of the graph: per-sample autograd on the eager module, G = RMS over samples of
+    d||f(x_n)||_2 / dW_down, score_c = sum_o (alpha G_oc + ||h_c||_2) |W_oc| normalised."""
+    from grailc.passes.select.wanda import wanda
+    from grailc.passes.select.wanda_pp import ALPHA, wanda_pp, wanda_pp_scores
+
+    from grailc.api import make_recipe
+    from grailc.llm.layerwise import layer_statistics
+
+    torch.manual_seed(0)
+    block = _Mlp().eval()
+    batches = [torch.randn(3, 5, 6) for _ in range(2)]  # 6 samples of 5 tokens
+    ctx = layer_statistics(block, batches, make_recipe(ratio=0.5, selector="wanda_pp", targets=["mlp"]))
+    (group,) = ctx.deps.prunable()
+    assert group.size == 10
+    sq, hidden_sq = torch.zeros(4, 10), torch.zeros(10)
+    for x in torch.cat(batches):
+        block.zero_grad()
+        block(x[None]).norm().backward()
+        sq += block.down.weight.grad**2
+        with torch.no_grad():
+            hidden_sq += torch.nn.functional.gelu(block.up(x)).pow(2).sum(0)
+    G, W = (sq / 6).sqrt(), block.down.weight.detach().abs()
+    s = ((ALPHA * G + hidden_sq.sqrt()) * W).sum(0)
+    expected = (s / s.sum()).double()
+    got = wanda_pp(ctx, group)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-8)
+    # the gradient term is what differs from wanda_sp: with alpha = 0 the score is wanda's, and it is not here
+    plain = wanda(ctx, group)
+    torch.testing.assert_close(wanda_pp_scores(ctx, group, 0.0), plain)
+    assert (got - plain).abs().max() > 1e-3

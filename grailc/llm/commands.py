@@ -33,8 +33,10 @@ def text_path(source: str | None) -> Path:
     return Path(source[len(TEXT_PREFIX):])
 
 
-def run_compress_llm(args, argv, recipe, staged) -> tuple[dict, Path]:
-    """Compress an HF causal LM layer by layer into the staged output; returns the report and the folder."""
+def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = None) -> tuple[dict, Path | None]:
+    """Compress an HF causal LM layer by layer (each layer on ``device``; default the CPU) into the staged output;
+    returns the report and the folder. ``staged`` None (a data-parallel process other than rank 0): compress only,
+    write nothing."""
     from grailc.llm.export import export_decoder_onnx
     from grailc.llm.hf import load_causal_lm, save_causal_lm
     from grailc.llm.layerwise import compress_layers, decoder_parts, parse_layers
@@ -52,7 +54,11 @@ def run_compress_llm(args, argv, recipe, staged) -> tuple[dict, Path]:
     original = {name: tuple(p.shape) for name, p in model.named_parameters()}
     params_before = count_params(model)
     only = parse_layers(args.layers, len(decoder_parts(model)[0]))
-    report = compress_layers(model, windows, recipe, structure=args.structure, only=only, progress=not args.quiet)
+    recipe = recipe.resolved(llm=True)
+    report = compress_layers(model, windows, recipe, structure=args.structure, only=only,
+                             progress=not args.quiet and staged is not None, device=device)
+    if staged is None:
+        return report, None
     fmt = save_causal_lm(model, tokenizer, staged.staging_dir, original)
     report.update({
         "command": "grailc " + shlex.join(argv),
@@ -61,7 +67,8 @@ def run_compress_llm(args, argv, recipe, staged) -> tuple[dict, Path]:
                         "tokens_in_file": int(tokens.numel())},
         "recipe": {k: getattr(recipe, k) for k in ("ratio", "selector", "compensate", "lam", "targets",
                                                    "sequential", "reconstruct", "reconstruct_steps",
-                                                   "reconstruct_lr", "reconstruct_params")},
+                                                   "reconstruct_lr", "reconstruct_params", "reconstruct_batch",
+                                                   "reconstruct_optimizer")},
         "params_before": params_before,
         "params_after": count_params(model),
         "saved_as": {"config": "a plain Hugging Face folder (uniform widths)",
@@ -95,16 +102,20 @@ def llm_summary(report: dict) -> str:
 
 def run_ppl(args) -> int:
     """Perplexity of a model over non-overlapping windows of a text file; the last stdout line is JSON."""
+    from grailc.cli import device_for
     from grailc.llm.hf import load_causal_lm
     from grailc.llm.text import eval_windows, perplexity, read_tokens
 
     start = time.perf_counter()
+    device = device_for(args)  # before the model is loaded: a device that is not there is refused first
     model, tokenizer = load_causal_lm(model_folder(args.model))
+    model.to(device)
     windows = eval_windows(read_tokens(tokenizer, args.text), args.seq_len, args.windows, path=args.text)
     with torch.no_grad():
         ppl = perplexity(model, windows, args.batch_size)
     result = {"ppl": round(ppl, 4), "windows": int(windows.shape[0]), "seq_len": args.seq_len,
-              "text": str(args.text), "model": args.model, "seconds": round(time.perf_counter() - start, 2)}
+              "text": str(args.text), "model": args.model, "device": str(device),
+              "seconds": round(time.perf_counter() - start, 2)}
     print(json.dumps(result))
     sys.stdout.flush()
     return 0

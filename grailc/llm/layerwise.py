@@ -19,10 +19,18 @@ ln(2 + layer index), the mean over the layers being the recipe's ratio.
 of every layer with the fluctuation metric, standardises the scores within each layer and kind (heads / MLP),
 and keeps the best units across the whole model under one parameter budget; the second pass then compresses
 layer by layer with those per-layer counts, the selector choosing which units on the layer's actual input.
+
+``device``: the model stays where it is (the CPU for ``grailc compress hf:``); each decoder layer is moved to the
+compute device while it is scored, compressed and run, then moved back, so the device holds one layer's weights,
+the calibration activations and one layer's Grams. Data-parallel (``torchrun``, :mod:`grailc.distributed`): each
+process embeds and carries through the layers only its share of the calibration batches (batch i of
+``batch_size`` windows on rank i % W); the statistics are summed over the processes inside each layer's compile
+(the Calibrate pass), and the global plan's scores come from the same summed statistics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -32,6 +40,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from grailc.distributed import shard, world
 from grailc.errors import RecipeError
 from grailc.llm.hf import adopt_weights, head_dim_of, layer_widths
 from grailc.recipe import Recipe
@@ -82,10 +91,11 @@ def first_layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[to
         raise _Captured
 
     handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    home = next(model.parameters()).device
     try:
         for chunk in windows.split(batch_size):
             try:
-                model(chunk, use_cache=False)
+                model(chunk.to(home), use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -93,8 +103,34 @@ def first_layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[to
     return found
 
 
+def shared_inputs(model, windows: torch.Tensor, batch_size: int, device: torch.device) -> list[torch.Tensor]:
+    """The hidden states entering layer 0 for this process's share of the windows (all of them in one process):
+    batch i of ``batch_size`` windows goes to rank i % W; on ``device``."""
+    chunks = shard(list(windows.split(batch_size)), "calibration batches (--calib-samples / --batch-size)")
+    return [x.to(device) for x in first_layer_inputs(model, torch.cat(chunks), batch_size)]
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device: torch.device, home: torch.device):
+    """``module``'s weights on ``device`` inside the block, back on ``home`` after (a no-op when they are equal)."""
+    if device == home:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_cuda_mib(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_cuda_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
 
 
 def _layer_recipe(recipe: Recipe, ratios: dict[str, float] | None) -> Recipe:
@@ -124,42 +160,62 @@ def parse_layers(text: str | None, count: int) -> list[int]:
 
 
 def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: str = "uniform",
-                    only: list[int] | None = None, progress: bool = False) -> dict:
+                    only: list[int] | None = None, progress: bool = False,
+                    device: torch.device | str | None = None) -> dict:
     """Compress the decoder layers of ``model`` (all, or those listed in ``only``) in place; returns the report
-    (per layer: kept widths, reconstruction errors, timings, peak memory)."""
-    from grailc.api import compress
+    (per layer: kept widths, reconstruction errors, timings, peak memory). Each layer is computed on ``device``
+    (default: where the model is) and moved back after."""
     from grailc.recipe import TARGETS
 
     if "embed" in {TARGETS[t] for t in recipe.targets}:
         raise RecipeError("the hidden (residual) width cannot be pruned layer by layer",
                           fix="use --targets mlp,heads for decoder LLMs")
+    if "vdims" in {TARGETS[t] for t in recipe.targets}:
+        raise RecipeError("value dims inside heads cannot be pruned in a Hugging Face decoder layer: it has one "
+                          "head_dim for queries, keys and values",
+                          fix="use --targets mlp,heads for decoder LLMs")
     if structure not in STRUCTURES:
         raise RecipeError(f"unknown structure {structure!r}", fix=f"use one of {', '.join(STRUCTURES)}")
-    layers, rotary = decoder_parts(model)
-    head_dim = head_dim_of(model.config)
+    _, rotary = decoder_parts(model)
+    recipe = recipe.resolved(llm=True)
     batch_size = recipe.calib.batch_size
     start = time.perf_counter()
-    batches = first_layer_inputs(model, windows, batch_size)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    batches = shared_inputs(model, windows, batch_size, device)
+    with on_device(rotary, device, home):
+        return _compress_layers(model, batches, recipe, structure, only, progress, device, home, start,
+                                {"samples": int(windows.shape[0]), "seq_len": int(windows.shape[1])})
+
+
+def _compress_layers(model, batches, recipe, structure, only, progress, device, home, start, sizes) -> dict:
+    """compress_layers with the first layer's inputs (this process's share, on ``device``) and the rotary
+    embedding on ``device``."""
+    from grailc.api import compress
+
+    layers, rotary = decoder_parts(model)
+    head_dim = head_dim_of(model.config)
     chosen = set(range(len(layers)) if only is None else only)
-    plan = (global_plan(model, batches, recipe, chosen, progress) if structure == "global"
+    plan = (global_plan(model, batches, recipe, chosen, progress, device=device) if structure == "global"
             else incremental_plan(len(layers), chosen, recipe.ratio) if structure == "incremental" else None)
-    report = {"layers": [], "structure": structure, "samples": int(windows.shape[0]),
-              "seq_len": int(windows.shape[1])}
+    report = {"layers": [], "structure": structure, **sizes, "device": str(device), "processes": world()}
     if plan is not None:
         report["global_plan"] = plan
     for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
         block = DecoderBlock(layers[i], rotary)
-        if i not in chosen:
+        with on_device(layers[i], device, home):
+            if i not in chosen:
+                with torch.no_grad():
+                    batches = [block(x) for x in batches]
+                continue
+            before = layer_widths(layers[i], head_dim)
+            ratios = plan["ratios"][i] if plan is not None else None
+            result = compress(block, calib=batches, recipe=_layer_recipe(recipe, ratios), measure_latency=False,
+                              sharded=True)
+            adopt_weights(block, result.module)
             with torch.no_grad():
                 batches = [block(x) for x in batches]
-            continue
-        before = layer_widths(layers[i], head_dim)
-        ratios = plan["ratios"][i] if plan is not None else None
-        result = compress(block, calib=batches, recipe=_layer_recipe(recipe, ratios), measure_latency=False)
-        adopt_weights(block, result.module)
-        with torch.no_grad():
-            batches = [block(x) for x in batches]
         groups = [g for g in result.report["groups"] if g["kept"] < g["size"]]
         report["layers"].append({
             "layer": i,
@@ -170,14 +226,12 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
             "permutation_error": result.report.get("verification", {}).get("permutation_error"),
             **_reconstruct_record(result.report),
             "seconds": round(time.perf_counter() - t0, 3),
-    if "vdims" in {TARGETS[t] for t in recipe.targets}:
-        raise RecipeError("value dims inside heads cannot be pruned in a Hugging Face decoder layer: it has one "
-                          "head_dim for queries, keys and values",
-                          fix="use --targets mlp,heads for decoder LLMs")
             "peak_rss_mib": round(_peak_rss_mib(), 1),
+            **_peak_cuda_mib(device),
         })
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    report.update(_peak_cuda_mib(device))
     return report
 
 
@@ -189,6 +243,7 @@ def _reconstruct_record(report: dict) -> dict:
     return {"reconstruct": {
         "windows": [{k: w[k] for k in ("window", "loss_before", "loss_after", "skipped", "kept_weights") if k in w}
                     for w in rc["windows"]],
+        "optimizer": rc.get("optimizer"),
         "seconds": rc["seconds"],
         "cached_activations_mib": rc["cached_activations_mib"],
     }}
@@ -244,10 +299,12 @@ def _standardised_unit_scores(ctx, group) -> torch.Tensor:
 
 
 @torch.no_grad()
-def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool = False) -> dict:
+def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool = False,
+                device: torch.device | None = None) -> dict:
     """FLAP's adaptive structure: per-layer unit counts from standardised fluctuation scores under one budget,
     the units with the highest scores kept until (1 - ratio) of the prunable parameters is reached (at least one
-    unit per group)."""
+    unit per group). ``batches`` (this process's share, on ``device``) feed layer 0; each layer is scored on
+    ``device``."""
     from grailc.recipe import TARGETS
 
     targets = {TARGETS[t] for t in recipe.targets}
@@ -256,17 +313,19 @@ def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool
     for i, layer in enumerate(tqdm(model.model.layers, desc="scores", unit="layer", disable=not progress,
                                    leave=False)):
         block = DecoderBlock(layer, model.model.rotary_emb)
-        if i not in chosen:
-            batches = [block(x) for x in batches]
-            continue
-        ctx = layer_statistics(block, batches, recipe)
-        for group in ctx.deps.prunable():
-            if group.target not in targets or group.size < 2:
+        home = next(layer.parameters()).device
+        with on_device(layer, device or home, home):
+            if i not in chosen:
+                batches = [block(x) for x in batches]
                 continue
-            cost = unit_cost(ctx, group)
-            sizes[(i, group.target)] = group.size
-            units += [(float(s), cost, i, group.target) for s in _standardised_unit_scores(ctx, group)]
-        batches = [block(x) for x in batches]  # the dense model's own outputs feed the next layer's scores
+            ctx = layer_statistics(block, batches, recipe)
+            for group in ctx.deps.prunable():
+                if group.target not in targets or group.size < 2:
+                    continue
+                cost = unit_cost(ctx, group)
+                sizes[(i, group.target)] = group.size
+                units += [(float(s), cost, i, group.target) for s in _standardised_unit_scores(ctx, group)]
+            batches = [block(x) for x in batches]  # the dense model's own outputs feed the next layer's scores
     total = sum(u[1] for u in units)
     budget = (1.0 - recipe.ratio) * total
     kept = {key: 0 for key in sizes}

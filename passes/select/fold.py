@@ -28,7 +28,7 @@ def unit_features(ctx, group) -> torch.Tensor:
     """[units, features] float64: each unit's rows of every producer, one producer scaled to unit mean energy."""
     parts = []
     for slot in group.producers:
-        w = get_param(ctx.gm, slot.fact.weight).detach().to(torch.float64).movedim(slot.fact.dim, 0)
+        w = get_param(ctx.gm, slot.fact.weight).detach().to("cpu", torch.float64).movedim(slot.fact.dim, 0)
         rows = w[slot.offset : slot.offset + slot.size].reshape(group.size, -1)
         parts.append(rows / rows.square().sum(1).mean().sqrt().clamp_min(1e-300))
     return torch.cat(parts, dim=1)

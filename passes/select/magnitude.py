@@ -14,7 +14,7 @@ def magnitude(ctx, group) -> torch.Tensor:
     q = ctx.recipe.magnitude_norm
     score = torch.zeros(group.size, dtype=torch.float64)
     for slot in group.producers:
-        w = get_param(ctx.gm, slot.fact.weight).detach().to(torch.float64).movedim(slot.fact.dim, 0)
+        w = get_param(ctx.gm, slot.fact.weight).detach().to("cpu", torch.float64).movedim(slot.fact.dim, 0)
         rows = w[slot.offset : slot.offset + slot.size]
         score += slot.to_units(rows.reshape(rows.shape[0], -1).norm(p=q, dim=1))
     return score

