@@ -357,7 +357,7 @@ def reconstruct(ctx) -> dict:
     start = time.perf_counter()
     gm, ref = ctx.gm, ctx.reference
     windows = find_windows(ref, kind, pruned_consumers(ctx) if kind == "group" else None)
-    _, constant = _node_classes(ref)
+    constant = _node_classes(ref)[1] | _node_classes(gm)[1]  # gm's own: a bias that compensation added
     reads = _later_reads(ref, windows)
     last_use = _last_use(ref, windows, constant)
     deps, maps_of = _channel_maps(ctx)
