@@ -387,13 +387,13 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
             if st.value_dims and j == 1 and len(lay.segments) == 1 and _feeds_value(st.node, q):
                 return _value_dims(st, lay, factors, q + 1 - nd_d)
             return _granules(st, lay, _prod(factors[1:]), q - nd_d, tuple(range(q + 1 - nd_d, q + j + 1 - nd_d)))
-    if _channel_shuffle(st.node, src, dst, p):
+    if _channel_shuffle(st.node, src, dst):
         return ("channel shuffle (the channels viewed as [groups, C/groups] and transposed): the groups must keep "
                 "equally many channels, a count that one-to-one channel ties do not express")
     return "reshape that splits or mixes the channel axis"
 
 
-def _channel_shuffle(node: fx.Node, src: tuple, dst: tuple, p: int) -> bool:
+def _channel_shuffle(node: fx.Node, src: tuple, dst: tuple) -> bool:
     """A reshape that merges two dims that a transpose swapped right after a reshape split them (ShuffleNet's
     view [N, g, C/g, H, W], transpose(1, 2), view [N, C, H, W])."""
     x = node.args[0]
@@ -850,10 +850,8 @@ class Attention:
             return self._value_dims(node, st, lq, lk, lv, mask, gqa)
         if any(lay is None or lay.axis != -3 or lay.granule == 1 or -1 not in lay.split for lay in (lq, lk, lv)):
             return st.opaque("attention over inputs without tracked heads")
-        if isinstance(mask, fx.Node):
-            mshape = st.shape(mask)
-            if st.layout(mask) is not None or (mshape and len(mshape) >= 3 and mshape[-3] != 1):
-                return st.opaque("attention mask per head")
+        if _mask_per_head(st, mask):
+            return st.opaque("attention mask per head")
         hq, hk = st.shape(q)[-3], st.shape(k)[-3]
         if gqa and hk != hq:
             lk = replace(lk, inner=lk.inner * hq // hk)
@@ -884,14 +882,21 @@ class Attention:
             why = "value dims need a value projection of its own reshaped to heads (not fused with q and k)"
         elif gqa or st.shape(node.args[0])[-3] != st.shape(node.args[2])[-3]:
             why = "value dims under grouped-query attention"
-        elif isinstance(mask, fx.Node) and (st.layout(mask) is not None or (len(st.shape(mask) or ()) >= 3
-                                                                            and st.shape(mask)[-3] != 1)):
+        elif _mask_per_head(st, mask):
             why = "attention mask per head"
         if why:
             st.pin(lv, f"{why} at {st.where()}")
             return st.opaque(why)
         st.carrier(lv, [], tag="value_dims")
         return lv
+
+
+def _mask_per_head(st, mask) -> bool:
+    """An attention mask that differs between heads (it carries channels, or has a head axis of more than 1)."""
+    if not isinstance(mask, fx.Node):
+        return False
+    shape = st.shape(mask)
+    return st.layout(mask) is not None or bool(shape and len(shape) >= 3 and shape[-3] != 1)
 
 
 class Matmul:

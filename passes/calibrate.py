@@ -162,13 +162,8 @@ def products(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def column_sums(a: torch.Tensor) -> torch.Tensor:
-    """sum over rows of a, in float64 (as a product with a vector of ones: ``PRODUCT_ROWS`` rows at a time)."""
-    out = None
-    for start in range(0, max(1, a.shape[0]), PRODUCT_ROWS):
-        pa = a[start : start + PRODUCT_ROWS]
-        chunk = (pa.new_ones(pa.shape[0]) @ pa).to(torch.float64)
-        out = chunk if out is None else out.add_(chunk)
-    return out
+    """sum over rows of a, in float64: the product 1^T a (a float64 ``sum`` costs several times more)."""
+    return products(a.new_ones(a.shape[0], 1), a)[0]
 
 
 def _accumulate(store: dict, key: str, value: torch.Tensor) -> None:
