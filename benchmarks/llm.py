@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/llm.py                          # the full table (hours on 2 CPU cores)
     .venv/bin/python benchmarks/llm.py --ratios 0.5 --targets mlp --selectors wanda_sp,flap
     .venv/bin/python benchmarks/llm.py ... --reconstruct layer   # adds "+rc" rows: each layer also trained (Adam)
+    .venv/bin/python benchmarks/llm.py --ratios 0.1,0.2 --targets hidden --selectors wanda_sp --samples 16
+                                       # the residual width (grailc.llm.hidden; the selector is for mlp / heads)
     .venv/bin/python benchmarks/llm.py --selectors wanda_sp,wanda_pp --reconstruct layer \
         --reconstruct-optimizer rmsprop --reconstruct-batch 1 --reconstruct-steps 160 --reconstruct-lr 1e-4
                                        # "+rc" rows: Wanda++'s regional optimisation (RMSprop, one sample a step)

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "spread across layers by standardised fluctuation scores; incremental: SlimGPT's ratios growing "
                      "with depth, --ratio on average (default uniform)")
     llm.add_argument("--layers", help="compress only these decoder layers, e.g. 0-3,8 (default all)")
+    llm.add_argument("--stream", action="store_true", help="read each decoder layer's weights from the "
+                     "safetensors files only when its turn comes and write it out as its own shard, instead of "
+                     "loading the whole model: CPU memory holds one layer, the embedding and head and the "
+                     "calibration activations; the output is the same folder (no ONNX export: give --no-onnx)")
     llm.add_argument("--device", default="auto", help="auto | cpu | cuda: where hf: decoder LLMs compute, one layer "
                      "on the device at a time (auto: CUDA when available; under torchrun the GPU of LOCAL_RANK); "
                      "other models compile on the CPU (default auto)")
@@ -395,6 +399,9 @@ def run_compress(args, argv) -> int:
             regional_optimisation(recipe, given)
             recipe.validate()  # puts the 'reconstruct' pass into the pipeline
         return _run_compress_llm(args, argv, recipe, start)
+    if getattr(args, "stream", False):
+        raise RecipeError("--stream is for hf: decoder LLMs, whose weights are read one layer at a time",
+                          fix="drop --stream")
     from grailc.distributed import is_main
 
     device_for(args)  # a --device the compile cannot use is refused before anything is loaded

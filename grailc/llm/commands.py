@@ -46,20 +46,29 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
     from grailc.report import versions
 
     start = time.perf_counter()
+    streamed = getattr(args, "stream", False)
+    if streamed:
+        from grailc.llm.stream import StreamedModel, check_streamable
+
+        check_streamable(recipe)
     source = check_text_file(text_path(recipe.calib.source))  # before the model is loaded
-    model, tokenizer = load_causal_lm(model_folder(args.model))
+    stream = None
+    if streamed:  # built without weights; each decoder layer read from disk for its turn (grailc.llm.stream)
+        stream = StreamedModel(model_folder(args.model), staged.staging_dir if staged is not None else None)
+        model, tokenizer = stream.model, stream.tokenizer
+    else:
+        model, tokenizer = load_causal_lm(model_folder(args.model))
     t_load = time.perf_counter() - start
     tokens = read_tokens(tokenizer, source)
     windows = calibration_windows(tokens, args.calib_samples, args.seq_len, recipe.calib.seed, path=source)
-    original = {name: tuple(p.shape) for name, p in model.named_parameters()}
     params_before = count_params(model)
     only = parse_layers(args.layers, len(decoder_parts(model)[0]))
     recipe = recipe.resolved(llm=True)
     report = compress_layers(model, windows, recipe, structure=args.structure, only=only,
-                             progress=not args.quiet and staged is not None, device=device)
+                             progress=not args.quiet and staged is not None, device=device, stream=stream)
     if staged is None:
         return report, None
-    fmt = save_causal_lm(model, tokenizer, staged.staging_dir, original)
+    fmt = stream.save() if stream is not None else save_causal_lm(model, tokenizer, staged.staging_dir)
     report.update({
         "command": "grailc " + shlex.join(argv),
         "model": {"source": args.model},
@@ -76,7 +85,13 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
         "timings": {"load": round(t_load, 3), "compress": report["seconds"]},
         "versions": versions(),
     })
-    if not args.no_onnx:
+    if stream is not None:
+        report["stream"] = stream.record()
+    if not args.no_onnx and stream is not None:
+        from grailc.llm.stream import ONNX_SKIPPED
+
+        report["onnx"] = {"skipped": ONNX_SKIPPED}
+    elif not args.no_onnx:
         t0 = time.perf_counter()
         report["onnx"] = export_decoder_onnx(model, windows[:1, : min(64, windows.shape[1])],
                                              staged.path("model.onnx"))
@@ -93,11 +108,23 @@ def llm_summary(report: dict) -> str:
     lines = [
         f"layers: {len(layers)}   params {report['params_before']:,} -> {report['params_after']:,} "
         f"({report['params_after'] / report['params_before']:.3f}x)",
-        "kept per layer (MLP width / query heads): " + " ".join(kept),
+        "kept per layer (MLP width / query heads): " + " ".join(kept) if kept else "",
+        hidden_summary(report.get("hidden")),
         f"mean reconstruction error (relative): {sum(errs) / len(errs):.4f}" if errs else "",
         f"time {report['seconds']:.1f} s, peak RSS {report['peak_rss_mib']:.0f} MiB",
+        f"ONNX {report['onnx']['skipped']}" if "skipped" in report.get("onnx", {}) else "",
     ]
     return "\n".join(line for line in lines if line)
+
+
+def hidden_summary(hidden: dict | None) -> str:
+    """One line for the hidden width, when it was pruned."""
+    if not hidden:
+        return ""
+    errs = [n["recon_error_grail"] if n["recon_error_grail"] is not None else n["recon_error_plain"]
+            for n in hidden["norms"]]
+    mean = f", mean norm-consumer error {sum(errs) / len(errs):.4f}" if errs else ""
+    return f"hidden width {hidden['size']} -> {hidden['kept']}{mean} (approximate: {hidden['approximate']})"
 
 
 def run_ppl(args) -> int:

@@ -83,7 +83,8 @@ def _tied(model, key: str) -> bool:
 def reshape_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
     """Give the named parameters new (empty) tensors of the given shapes, and fix the owning modules' sizes."""
     for name, shape in shapes.items():
-        _replace(model, name, torch.empty(shape, dtype=model.get_parameter(name).dtype))
+        current = model.get_parameter(name)
+        _replace(model, name, torch.empty(shape, dtype=current.dtype, device=current.device))
 
 
 def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module) -> None:
@@ -120,9 +121,22 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def save_causal_lm(model, tokenizer, folder, original_shapes: dict[str, tuple[int, ...]]) -> str:
+def config_shapes(config) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of a model built from ``config`` (built on the meta device: no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(), quiet_transformers():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return {name: tuple(p.shape) for name, p in empty.named_parameters()}
+
+
+def save_causal_lm(model, tokenizer, folder, weights_written: bool = False) -> str:
     """Write the model (safetensors), tokenizer and config into ``folder``; returns "config" when the widths are
-    uniform (plain Hugging Face folder) or "shapes" when ``grailc_shapes.json`` was needed."""
+    uniform (plain Hugging Face folder) or "shapes" when ``grailc_shapes.json`` was needed: the shape of every
+    parameter that differs from what the (kept) config builds, so that a model compressed again keeps loading.
+    ``weights_written``: the safetensors files are already there (streamed, :mod:`grailc.llm.stream`) and the
+    model holds only their shapes, so only the config, generation config and tokenizer are written."""
     folder = Path(folder)
     config = model.config
     head_dim = head_dim_of(config)
@@ -134,11 +148,15 @@ def save_causal_lm(model, tokenizer, folder, original_shapes: dict[str, tuple[in
             setattr(config, key, value)
         config.head_dim, config.hidden_size = head_dim, hidden
     with quiet_transformers():
-        model.save_pretrained(folder, safe_serialization=True)
+        if weights_written:
+            save_config(model, folder)
+        else:
+            model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
     if not uniform:
+        built = config_shapes(config)
         changed = {name: list(p.shape) for name, p in model.named_parameters()
-                   if tuple(p.shape) != tuple(original_shapes.get(name, p.shape))}
+                   if tuple(p.shape) != built.get(name, tuple(p.shape))}
         (folder / SHAPES_FILE).write_text(json.dumps(changed, indent=1))
     from grailc.outputs import default_file_mode
 
@@ -146,3 +164,12 @@ def save_causal_lm(model, tokenizer, folder, original_shapes: dict[str, tuple[in
         if path.is_file():
             path.chmod(default_file_mode())
     return "config" if uniform else "shapes"
+
+
+def save_config(model, folder) -> None:
+    """The config and generation config as ``save_pretrained`` writes them (dtype and architecture recorded)."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)

@@ -10,7 +10,8 @@ layer i+1 is calibrated on the outputs of the *compressed* layer i. Memory holds
     Grams (float64)           8 * (f^2 + (h * d_h)^2)    (MLP width f, attention width h * d_h)
 
 plus the model's weights. The hidden (residual) width runs through every layer and the embedding, so it cannot be
-cut layer by layer: ``--targets hidden`` is refused here.
+cut layer by layer: ``--targets hidden`` narrows it first, on the whole model (:mod:`grailc.llm.hidden`), and the
+other targets then run layer by layer on the narrowed model.
 
 ``structure="incremental"`` is SlimGPT's incremental pruning ratio: deeper layers lose more, in proportion to
 ln(2 + layer index), the mean over the layers being the recipe's ratio.
@@ -43,6 +44,7 @@ from tqdm import tqdm
 from grailc.distributed import shard, world
 from grailc.errors import RecipeError
 from grailc.llm.hf import adopt_weights, head_dim_of, layer_widths
+from grailc.llm.stream import resident
 from grailc.recipe import Recipe
 
 STRUCTURES = ("uniform", "global", "incremental")
@@ -161,15 +163,18 @@ def parse_layers(text: str | None, count: int) -> list[int]:
 
 def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: str = "uniform",
                     only: list[int] | None = None, progress: bool = False,
-                    device: torch.device | str | None = None) -> dict:
+                    device: torch.device | str | None = None, stream=None) -> dict:
     """Compress the decoder layers of ``model`` (all, or those listed in ``only``) in place; returns the report
-    (per layer: kept widths, reconstruction errors, timings, peak memory). Each layer is computed on ``device``
+    (per layer: kept widths, reconstruction errors, timings, peak memory). ``stream``
+    (:class:`grailc.llm.stream.StreamedModel`): the layers are on the meta device and each is read from disk for
+    its turn, then written out and freed. Each layer is computed on ``device``
     (default: where the model is) and moved back after."""
     from grailc.recipe import TARGETS
 
-    if "embed" in {TARGETS[t] for t in recipe.targets}:
-        raise RecipeError("the hidden (residual) width cannot be pruned layer by layer",
-                          fix="use --targets mlp,heads for decoder LLMs")
+    hidden = "embed" in {TARGETS[t] for t in recipe.targets}
+    if hidden and stream is not None:
+        raise RecipeError("the hidden (residual) width runs through every layer: it needs the whole model in memory, "
+                          "not streamed from disk", fix="drop --stream, or drop hidden from --targets")
     if "vdims" in {TARGETS[t] for t in recipe.targets}:
         raise RecipeError("value dims inside heads cannot be pruned in a Hugging Face decoder layer: it has one "
                           "head_dim for queries, keys and values",
@@ -184,11 +189,20 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
     device = torch.device(device) if device is not None else home
     batches = shared_inputs(model, windows, batch_size, device)
     with on_device(rotary, device, home):
-        return _compress_layers(model, batches, recipe, structure, only, progress, device, home, start,
-                                {"samples": int(windows.shape[0]), "seq_len": int(windows.shape[1])})
+        found = {}
+        if hidden:  # first, on the whole model; then the other targets layer by layer on the narrowed one
+            from grailc.llm.hidden import prune_hidden, without_hidden
+
+            found, batches = prune_hidden(model, batches, recipe, device=device, home=home, progress=progress)
+            recipe = without_hidden(recipe)
+            only = only if recipe.targets else []
+        report = _compress_layers(model, batches, recipe, structure, only, progress, device, home, start,
+                                  {"samples": int(windows.shape[0]), "seq_len": int(windows.shape[1])}, stream)
+        return {**report, "hidden": found} if hidden else report
 
 
-def _compress_layers(model, batches, recipe, structure, only, progress, device, home, start, sizes) -> dict:
+def _compress_layers(model, batches, recipe, structure, only, progress, device, home, start, sizes,
+                     stream=None) -> dict:
     """compress_layers with the first layer's inputs (this process's share, on ``device``) and the rotary
     embedding on ``device``."""
     from grailc.api import compress
@@ -196,7 +210,8 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     layers, rotary = decoder_parts(model)
     head_dim = head_dim_of(model.config)
     chosen = set(range(len(layers)) if only is None else only)
-    plan = (global_plan(model, batches, recipe, chosen, progress, device=device) if structure == "global"
+    plan = (global_plan(model, batches, recipe, chosen, progress, device=device, stream=stream)
+            if structure == "global"
             else incremental_plan(len(layers), chosen, recipe.ratio) if structure == "incremental" else None)
     report = {"layers": [], "structure": structure, **sizes, "device": str(device), "processes": world()}
     if plan is not None:
@@ -204,7 +219,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
         block = DecoderBlock(layers[i], rotary)
-        with on_device(layers[i], device, home):
+        with resident(stream, i, write=True), on_device(layers[i], device, home):
             if i not in chosen:
                 with torch.no_grad():
                     batches = [block(x) for x in batches]
@@ -300,11 +315,11 @@ def _standardised_unit_scores(ctx, group) -> torch.Tensor:
 
 @torch.no_grad()
 def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool = False,
-                device: torch.device | None = None) -> dict:
+                device: torch.device | None = None, stream=None) -> dict:
     """FLAP's adaptive structure: per-layer unit counts from standardised fluctuation scores under one budget,
     the units with the highest scores kept until (1 - ratio) of the prunable parameters is reached (at least one
     unit per group). ``batches`` (this process's share, on ``device``) feed layer 0; each layer is scored on
-    ``device``."""
+    ``device``; with ``stream`` each dense layer is read from disk for its scores and freed again."""
     from grailc.recipe import TARGETS
 
     targets = {TARGETS[t] for t in recipe.targets}
@@ -313,8 +328,8 @@ def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool
     for i, layer in enumerate(tqdm(model.model.layers, desc="scores", unit="layer", disable=not progress,
                                    leave=False)):
         block = DecoderBlock(layer, model.model.rotary_emb)
-        home = next(layer.parameters()).device
-        with on_device(layer, device or home, home):
+        home = next(model.parameters()).device  # the embedding's: a streamed layer is on meta until its turn
+        with resident(stream, i, write=False), on_device(layer, device or home, home):
             if i not in chosen:
                 batches = [block(x) for x in batches]
                 continue

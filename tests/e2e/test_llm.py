@@ -31,14 +31,13 @@ def _logits(model, ids):
 
 def test_uniform_widths_save_as_a_plain_hf_folder(tiny_folder, tokenizer, tmp_path):
     model, tok = load_causal_lm(tiny_folder)
-    original = {n: tuple(p.shape) for n, p in model.named_parameters()}
     recipe = make_recipe(ratio=0.5, targets=["mlp", "heads"], calib_batch_size=4)
     report = compress_layers(model, _windows(tokenizer, MACBETH, 8, 32), recipe)
     for layer in report["layers"]:
         assert layer["after"] == {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
         assert layer["permutation_error"] < 1e-5
         assert all(g["recon_error_grail"] <= g["recon_error_plain"] for g in layer["groups"])
-    assert save_causal_lm(model, tok, tmp_path, original) == "config"
+    assert save_causal_lm(model, tok, tmp_path) == "config"
     assert not (tmp_path / SHAPES_FILE).exists()
     assert len({p.stat().st_mode for p in tmp_path.iterdir()}) == 1  # safetensors' 0600 is not left behind
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no custom code
@@ -48,14 +47,13 @@ def test_uniform_widths_save_as_a_plain_hf_folder(tiny_folder, tokenizer, tmp_pa
 
 def test_global_structure_saves_per_layer_widths(tiny_folder, tokenizer, tmp_path):
     model, tok = load_causal_lm(tiny_folder)
-    original = {n: tuple(p.shape) for n, p in model.named_parameters()}
     recipe = make_recipe(ratio=0.5, selector="flap", compensate="bias", targets=["mlp", "heads"], calib_batch_size=4)
     report = compress_layers(model, _windows(tokenizer, MACBETH, 8, 32), recipe, structure="global")
     plan = report["global_plan"]
     assert 0.4 < plan["kept_fraction"] <= 0.5 + 1e-9
     kept = [layer["after"]["intermediate_size"] for layer in report["layers"]]
     assert sum(kept) < 96 * 2
-    fmt = save_causal_lm(model, tok, tmp_path, original)
+    fmt = save_causal_lm(model, tok, tmp_path)
     assert fmt == ("config" if len(set(kept)) == 1 else "shapes")
     reloaded, _ = load_causal_lm(tmp_path)
     ids = _windows(tokenizer, HAMLET, 2, 24)
@@ -71,10 +69,15 @@ def test_incremental_ratios_grow_with_depth_and_average_the_ratio():
     assert sum(ratios) / 30 == pytest.approx(0.5, abs=1e-3)
 
 
-def test_hidden_width_is_refused_layer_by_layer(tiny_folder, tokenizer):
+def test_hidden_width_is_pruned_before_the_layers(tiny_folder, tokenizer):
+    """--targets hidden narrows the residual stream on the whole model first (tests/e2e/test_llm_hidden.py), then
+    the other targets run layer by layer on the narrowed model."""
     model, _ = load_causal_lm(tiny_folder)
-    with pytest.raises(Exception, match="hidden"):
-        compress_layers(model, _windows(tokenizer, MACBETH, 2, 16), make_recipe(targets=["hidden"]))
+    recipe = make_recipe(ratio=0.5, targets=["hidden", "mlp"], calib_batch_size=4)
+    report = compress_layers(model, _windows(tokenizer, MACBETH, 4, 16), recipe)
+    assert report["hidden"]["kept"] == 32 and model.model.embed_tokens.weight.shape[1] == 32
+    assert [layer["after"]["intermediate_size"] for layer in report["layers"]] == [48, 48]
+    assert all(layer.self_attn.q_proj.in_features == 32 for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("selector,compensate,structure", [
@@ -135,7 +138,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
         ([f"hf:{tmp_path / 'missing'}", "--calib", f"text:{text}"], "config.json"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{tmp_path / 'missing.txt'}"], "no text file"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--layers", "0-7"], "model has layers 0-1"),
-        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--targets", "hidden"], "layer by layer"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--targets", "vdims"], "head_dim"),
     ]
     for argv, needle in cases:
         capsys.readouterr()
@@ -206,3 +209,19 @@ def test_cli_wanda_pp_selects_by_regional_gradients_then_optimises_each_layer(ti
         assert math.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"])
     assert error["grail-rgs"] < error["none-rgs"], error
     assert error["grail"] < error["grail-rgs"], error  # RO brings the layers closer still
+
+
+def test_per_layer_widths_compressed_again_still_load(tiny_folder, tmp_path, capsys):
+    """A folder with per-layer widths compressed once more: its shapes file lists what differs from the config,
+    not from the model it was read from."""
+    text = str(shakespeare_text(MACBETH))
+    first, second = tmp_path / "once", tmp_path / "twice"
+    for source, out in ((tiny_folder, first), (first, second)):
+        code = main(["compress", f"hf:{source}", "--calib", f"text:{text}", "--calib-samples", "8", "--seq-len",
+                     "32", "--ratio", "0.3", "--selector", "flap", "--structure", "global", "--no-onnx", "--quiet",
+                     "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+    assert (second / SHAPES_FILE).exists()
+    model, tokenizer = load_causal_lm(second)
+    ids = _windows(tokenizer, HAMLET, 2, 24)
+    assert torch.isfinite(_logits(model, ids)).all()
