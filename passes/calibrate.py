@@ -4,9 +4,9 @@
                                  N*inner for a linear after flatten, N*T for a token input)
 
 in float64 (products of float32 rows, a chunk of ``PRODUCT_ROWS`` rows at a time, summed in float64: a relative
-error of about 1e-7 per entry against float64 products, at half their cost). One pass serves all groups; or, in
-``sequential`` mode, group by group in graph order, each Gram is taken on the model with every earlier group
-already compressed, which also bounds memory by the largest group.
+error of about 1e-7 per entry against float64 products, at half their cost). One pass serves all groups; in
+``sequential`` mode (``calibrate_sequentially``) too, consumer by consumer, each consumer's statistics taken on
+the model with everything upstream of it already compressed.
 Every selector and compensator reads only these Grams (activation norms are sqrt(diag G)) and the first moments
 s = sum x (``ctx.sums``; the per-channel mean is s / rows), so memory is bounded by sum(d^2) over the slots, never by
 the data. Each consumer's input is read just before the consumer
@@ -19,6 +19,7 @@ the node where it first appeared.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import fx
@@ -233,8 +234,8 @@ def _check_finite_statistics(gm: fx.GraphModule, grams: dict, batches) -> None:
 
 class GraphOrder:
     """What stepping through a graph node by node needs, computed once for all the batches that step through it:
-    the nodes in order, each node's position, the position of its last user, and the positions of the in-place ops
-    that write it. ``update`` re-reads the graph after nodes were inserted."""
+    the nodes in order, each node's position and the position of its last user. ``update`` re-reads the graph
+    after nodes were inserted."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
@@ -245,167 +246,186 @@ class GraphOrder:
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.named = {n.name: n for n in self.nodes}
         self.last_use = {n: max((self.index[u] for u in n.users), default=self.index[n]) for n in self.nodes}
-        self.written_at: dict[fx.Node, list[int]] = {}  # value -> positions of the in-place ops that write it
-        for i, n in enumerate(self.nodes):
-            for arg in _written_args(n):
-                self.written_at.setdefault(arg, []).append(i)
+        self.parameters = [n for n in self.nodes if n.op == "get_attr"]
 
 
 class Resumable:
-    """One graph run on one batch node by node, able to go back to a saved point: sequential calibration resumes
-    each group where the previous group's consumers begin instead of at the model input.
-
-    A saved point keeps the live values (not the parameters: get_attr values are fetched again on resume, since
-    the shadow's weights change between groups)."""
+    """One graph run on one batch node by node, able to stop before a node and go on later: sequential
+    calibration and repair run all batches in lockstep this way, changing parameters between steps."""
 
     def __init__(self, order: GraphOrder, inputs: tuple[torch.Tensor, ...]):
         dtype = next((p.dtype for p in order.gm.parameters()), torch.float32)
         self.order, self.runner = order, fx.Interpreter(order.gm)
         self.runner.args_iter = iter([t.to(dtype) if t.is_floating_point() else t for t in inputs])
-        self.pos, self.saved, self.saved_env = 0, None, {}
+        self.pos = 0
 
-    def save(self) -> None:
-        """Save the point before the current node; a value that an in-place op after it writes is copied."""
-        self.saved = self.order.nodes[self.pos]
-        written = self.order.written_at
-        self.saved_env = {n: v.clone() if any(i >= self.pos for i in written.get(n, ())) else v
-                          for n, v in self.runner.env.items() if n.op != "get_attr"}
-
-    def restore(self) -> None:
-        if self.saved is None:
-            return
-        order = self.order
-        self.pos = order.index[self.saved]
-        env = dict(self.saved_env)
-        for n in order.nodes[: self.pos]:  # parameters read from here on, fetched as they are now
-            if n.op == "get_attr" and order.last_use[n] >= self.pos:
-                env[n] = self.runner.run_node(n)
-        self.runner.env = env
-
-    def run_until(self, stop: fx.Node, watch: dict[str, list] | None = None, on_input=None,
-                  save_at: fx.Node | None = None) -> None:
-        """Run up to and including ``stop``, handing each watched consumer's input to ``on_input`` (as
-        InputRecorder does) and saving the point just before ``save_at``."""
+    def run_until(self, stop: fx.Node, before: bool = False) -> None:
+        """Run up to and including ``stop`` (up to its inputs only, with ``before``)."""
         env, order = self.runner.env, self.order
+        end = order.index[stop] - (1 if before else 0)
         with torch.no_grad():
-            while self.pos <= order.index[stop]:
+            while self.pos <= end:
                 n = order.nodes[self.pos]
-                if n is save_at:
-                    self.save()
-                slots = (watch or {}).get(n.name)
-                if slots:
-                    consumer = slots[0].consumer
-                    x = env[n.args[consumer.arg]].detach()
-                    on_input(slots, channel_rows(x, consumer.layout).to(row_dtype(x)))
                 env[n] = self.runner.run_node(n)
                 for arg in n.all_input_nodes:
                     if order.last_use[arg] <= self.pos and arg.op != "placeholder":
                         env.pop(arg, None)
                 self.pos += 1
 
+    def consumer_rows(self, consumer) -> torch.Tensor:
+        """The input of ``consumer`` (the run stopped before it) as [rows, C] (see ``channel_rows``)."""
+        x = self.runner.env[self.order.named[consumer.node].args[consumer.arg]].detach()
+        return channel_rows(x, consumer.layout).to(row_dtype(x))
 
-def _written_args(n: fx.Node) -> list[fx.Node]:
-    """The arguments an in-place op (relu_, add_) writes, from its schema's alias annotations."""
-    schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
-    if schema is None:
-        return []
-    return [a for a, spec in zip(n.args, schema.arguments)
-            if isinstance(a, fx.Node) and spec.alias_info is not None and spec.alias_info.is_write]
+    def resync(self, node: fx.Node) -> None:
+        """Go on at ``node`` after the graph gained nodes (``GraphOrder.update``) or parameters changed: the
+        parameters that nodes from here on read are fetched again, as they are now."""
+        order, env = self.order, self.runner.env
+        self.pos = order.index[node]
+        for n in order.parameters:
+            if order.index[n] < self.pos <= order.last_use[n]:
+                env[n] = self.runner.run_node(n)
 
 
-def record_cross_grams(runs: list[tuple[Resumable, Resumable]], group, sums: dict | None = None,
-                       target_sums: dict | None = None):
-    """For one group: Gz = sum z z^T on the compressed shadow, C = sum x z^T against the dense inputs x, and
-    Gx = sum x x^T (all per consumer slot); sz = sum z into ``sums`` and sx = sum x into ``target_sums``. ``runs``
-    holds a (dense, shadow) pair per batch, resumed from their saved points; each saves the point where this
-    group's consumers begin, for the next group."""
-    slots = _slots_by_node([group])
-    order = runs[0][0].order  # the dense graph's, whose nodes the shadow's share by name
-    first = min(slots, key=lambda name: order.index[order.named[name]])
-    last = max(slots, key=lambda name: order.index[order.named[name]])
-    gz, cross, gx, rows = {}, {}, {}, {}
+def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, slots: list,
+                           known_gx=frozenset()) -> dict[str, dict]:
+    """Run every batch's dense and shadow run on to the input of consumer ``node`` (not running it) and return,
+    per consumer slot there: Gz = sum z z^T on the compressed shadow, C = sum x z^T against the dense inputs x,
+    Gx = sum x x^T (not for the slots in ``known_gx``, whose dense Gram was taken already), the row count,
+    sz = sum z and sx = sum x (one dict per name, keyed by slot)."""
+    found: dict[str, dict] = {name: {} for name in ("gz", "cross", "gx", "rows", "sums", "target_sums")}
+    consumer = slots[0].consumer
     for dense, shadow in runs:
-        found = {"x": [], "z": []}
-        for which, run in (("x", dense), ("z", shadow)):
-            named = run.order.named
-            run.restore()
-            run.run_until(named[last], slots, lambda s, xr, out=found[which]: out.append((s, xr)),
-                          save_at=named[first])
-        for (slots_d, xd), (_, xs) in zip(found["x"], found["z"]):
-            for slot in slots_d:
-                a = xd[:, slot.offset : slot.offset + slot.size]
-                b = xs[:, slot.offset : slot.offset + slot.size]
-                _accumulate(gz, slot.key, products(b))
-                _accumulate(cross, slot.key, products(a, b))
-                _accumulate(gx, slot.key, products(a))
-                rows[slot.key] = rows.get(slot.key, 0) + a.shape[0]
-                if sums is not None:
-                    _accumulate(sums, slot.key, column_sums(b))
-                    _accumulate(target_sums, slot.key, column_sums(a))
-    return gz, cross, gx, rows
+        for run in (dense, shadow):
+            run.run_until(run.order.named[node], before=True)
+        xd, xs = dense.consumer_rows(consumer), shadow.consumer_rows(consumer)
+        for slot in slots:
+            a = xd[:, slot.offset : slot.offset + slot.size]
+            b = xs[:, slot.offset : slot.offset + slot.size]
+            _accumulate(found["gz"], slot.key, products(b))
+            _accumulate(found["cross"], slot.key, products(a, b))
+            if slot.key not in known_gx:
+                _accumulate(found["gx"], slot.key, products(a))
+            found["rows"][slot.key] = found["rows"].get(slot.key, 0) + a.shape[0]
+            _accumulate(found["sums"], slot.key, column_sums(b))
+            _accumulate(found["target_sums"], slot.key, column_sums(a))
+    return found
 
 
-def graph_order(gm: fx.GraphModule, groups) -> list:
-    """Groups sorted by the position of their first consumer in the graph."""
+def ahead_of_decision(gm: fx.GraphModule, groups) -> list:
+    """Per group, the consumer slots that come after its first consumer node (a residual group's later blocks):
+    the group is decided at its first consumer, so their selection statistics come from a dense pre-pass. The
+    result holds views of the groups with only those slots (groups without any are left out)."""
     order = _node_order(gm)
-    return sorted(groups, key=lambda g: min(order[s.consumer.node] for s in g.consumers))
+    ahead = []
+    for g in groups:
+        first = min(order[s.consumer.node] for s in g.consumers)
+        later = [s for s in g.consumers if order[s.consumer.node] > first]
+        if later:
+            ahead.append(dataclasses.replace(g, consumers=later))
+    return ahead
+
+
+def sequential_gram_bytes(gm: fx.GraphModule, groups) -> int:
+    """Peak memory of sequential calibration's statistics: the dense pre-pass's Grams of the slots ahead of their
+    group's decision, plus the three Grams (Gz, C, Gx) of the slots at the widest consumer node."""
+    at_node: dict[str, int] = {}
+    for g in groups:
+        for s in g.consumers:
+            at_node[s.consumer.node] = at_node.get(s.consumer.node, 0) + 3 * 8 * s.size * s.size
+    return gram_bytes(ahead_of_decision(gm, groups)) + max(at_node.values(), default=0)
+
+
+def _select_ahead(ctx, group, ahead: dict) -> None:
+    """Select for ``group`` at its first consumer: the slots there have their statistics on the compressed model;
+    the later ones lend theirs from the dense pre-pass (``ahead``: grams, sums, rows) for the selection only (they
+    go back to ``ahead``: when the pass reaches their consumer, the dense Gram is its Gx)."""
+    from grailc.passes.select import select_group
+
+    lent = [s.key for s in group.consumers if s.key in ahead["grams"] and s.key not in ctx.grams]
+    stores = {"grams": ctx.grams, "sums": ctx.sums, "rows": ctx.rows}
+    for key in lent:
+        for name, store in stores.items():
+            store[key] = ahead[name].pop(key)
+    select_group(ctx, group)
+    for key in lent:
+        for name, store in stores.items():
+            ahead[name][key] = store.pop(key)
 
 
 def calibrate_sequentially(ctx, batches) -> None:
-    """Group by group in graph order: statistics on the partially compressed model against the dense one, then
-    select and compensate, so that each consumer reconstructs the *dense* input from the compressed channels.
+    """One pass through the graph, all batches in lockstep, consumer by consumer: at each consumer, its input's
+    statistics on the partially compressed model (the *shadow*) against the dense one; a group is selected at
+    its first consumer, and every consumer slot is compensated when the pass reaches it, so that each consumer
+    reconstructs the *dense* input from what the compressed model actually gives it there (everything upstream
+    of it already compressed and compensated, the earlier blocks of its own residual group included).
 
-    The compressed part is simulated on a full-width shadow copy: each consumer's columns become W B on the kept
-    channels and zero elsewhere and its bias b + W c, which computes exactly what the narrowed model computes.
-    Sums stay in ``ctx.sums`` (z) and ``ctx.target_sums`` (x); the Grams of a finished group are dropped.
+    A group whose consumers sit at several nodes (a residual stage) is selected before the pass has seen its
+    later consumers: for the selection only, those take their statistics from one dense pre-pass
+    (``ahead_of_decision``). The compressed part is simulated on a full-width shadow copy: each consumer's
+    columns become W B on the kept channels and zero elsewhere and its bias b + W c, which computes exactly what
+    the narrowed model computes. Sums stay in ``ctx.sums`` (z) and ``ctx.target_sums`` (x); Grams are dropped
+    once their slot is compensated.
 
-    Each group's pass resumes, per batch, from the point where the previous group's consumers begin (nothing
-    before it changed), so the cost is the sum over groups of the span from the previous group's first consumer
-    to this group's last, not groups x depth. Memory: per batch, the live activations of the dense and the
-    shadow run and one saved point of each, i.e. about four times the activations of all calibration batches at
-    the widest point of the graph.
+    Cost: one dense and one shadow forward pass with three Gram products (Gz, C, Gx) per consumer slot, plus the
+    pre-pass (a dense forward, one product per slot ahead, which is then that slot's Gx). Memory: per batch, the
+    live activations of the dense and the shadow run (twice the activations of all calibration batches at the
+    widest point of the graph), and ``sequential_gram_bytes``.
     """
     from grailc.passes.compensate import compensate_group
-    from grailc.passes.select import select_group
 
     shadow = copy.deepcopy(ctx.gm)
-    groups = graph_order(ctx.gm, ctx.deps.prunable())
+    groups = ctx.deps.prunable()
     if ctx.recipe.budget:  # the counts are planned on the dense model before anything is compressed
         from grailc.passes.select.global_budget import plan
 
         ctx.planned = plan(ctx, final_statistics(norms=record_sq_norms(ctx.gm, groups, batches))["norms"])
+    ahead_sums: dict = {}
+    ahead_grams, ahead_rows = record_grams(ctx.gm, ahead_of_decision(ctx.gm, groups), batches, sums=ahead_sums)
+    ahead = final_statistics(grams=ahead_grams, sums=ahead_sums, rows=ahead_rows)
     dense_order, shadow_order = GraphOrder(ctx.gm), GraphOrder(shadow)
     runs = [(Resumable(dense_order, x), Resumable(shadow_order, x)) for x in batches]
-    for g in tqdm(groups, desc="sequential", unit="group", disable=not ctx.progress, leave=False):
-        sums, target_sums = {}, {}
-        gz, cross, gx, rows = record_cross_grams(runs, g, sums, target_sums)
-        _check_finite_statistics(ctx.gm, gz, batches)
-        final = final_statistics(gz=gz, cross=cross, gx=gx, rows=rows, sums=sums, target_sums=target_sums)
-        gz, cross, gx, rows = final["gz"], final["cross"], final["gx"], final["rows"]
+    at_node = _slots_by_node(groups)
+    by_id = {g.id: g for g in groups}
+    group_of = {slot.key: g.id for g in groups for slot in g.consumers}
+    position = _node_order(ctx.gm)
+    for node in tqdm(sorted(at_node, key=position.__getitem__), desc="sequential", unit="consumer",
+                     disable=not ctx.progress, leave=False):
+        slots = at_node[node]
+        final = final_statistics(**record_consumer_inputs(runs, node, slots, known_gx=ahead["grams"].keys()))
+        for slot in slots:  # a slot ahead of its group's decision: its Gx is the pre-pass's dense Gram
+            if slot.key in ahead["grams"]:
+                final["gx"][slot.key] = ahead["grams"].pop(slot.key)
+                ahead["sums"].pop(slot.key), ahead["rows"].pop(slot.key)
+        _check_finite_statistics(ctx.gm, final["gz"], batches)
         ctx.sums.update(final["sums"])
         ctx.target_sums.update(final["target_sums"])
-        ctx.grams.update(gz)
-        ctx.cross.update(cross)
-        ctx.target_grams.update(gx)
-        ctx.rows.update(rows)
-        select_group(ctx, g)
-        compensate_group(ctx, g)
-        decision = ctx.decisions.get(g.id)
-        if decision is not None:
-            for slot in g.consumers:
+        ctx.grams.update(final["gz"])
+        ctx.cross.update(final["cross"])
+        ctx.target_grams.update(final["gx"])
+        ctx.rows.update(final["rows"])
+        for g in (by_id[i] for i in dict.fromkeys(group_of[slot.key] for slot in slots)):
+            if g.id not in ctx.done:
+                _select_ahead(ctx, g, ahead)
+                ctx.done.add(g.id)
+            here = dataclasses.replace(g, consumers=[slot for slot in slots if group_of[slot.key] == g.id])
+            compensate_group(ctx, here)
+            decision = ctx.decisions.get(g.id)
+            for slot in here.consumers if decision is not None else ():
                 fold = ctx.folds.get(slot.key)
                 weight = get_param(shadow, slot.consumer.weight)
-                B = fold.B if fold is not None else None
                 if fold is not None and fold.offset is not None:
                     add_to_bias(shadow, slot.consumer,
                                 offset_shift(shadow, slot.consumer, weight, slot.offset, slot.size, fold.offset))
                     shadow.recompile()
-                    shadow_order.update()  # a bias may have been added: new nodes
+                B = fold.B if fold is not None else None
                 set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.map(decision.map), B))
-        for slot in g.consumers:  # a finished group's statistics are not needed again
+        shadow_order.update()  # a bias may have been added: new nodes
+        for _, run in runs:  # this consumer and the ones after it read the new weights
+            run.resync(shadow_order.named[node])
+        for slot in slots:  # a compensated slot's Grams are not needed again
             for store in (ctx.grams, ctx.cross, ctx.target_grams):
                 store.pop(slot.key, None)
-        ctx.done.add(g.id)
 
 
 @register_pass
@@ -416,14 +436,14 @@ class Calibrate(Pass):
     def run(self, ctx) -> None:
         groups = ctx.deps.prunable()
         sequential = ctx.recipe.sequential
-        need = 3 * max((gram_bytes([g]) for g in groups), default=0) if sequential else gram_bytes(groups)
+        need = sequential_gram_bytes(ctx.gm, groups) if sequential else gram_bytes(groups)
         budget = ctx.recipe.max_memory_bytes
         if need > budget:
             raise GrailcError(
                 f"calibration needs {format_bytes(need)} ({need} bytes) for its Gram matrices, over the memory "
                 f"budget of {format_bytes(budget)} ({budget} bytes); nothing was calibrated",
                 fix=f"raise --max-memory to at least {format_bytes(need)}, "
-                + ("" if sequential else "drop --one-shot (sequential calibration: memory of one group at a time), ")
+                + ("" if sequential else "drop --one-shot (sequential calibration holds fewer Grams at once), ")
                 + "or exclude the widest layers with a recipe 'exclude' pattern",
             )
         ctx.report["gram_memory_bytes"] = need

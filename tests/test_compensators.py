@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from grailc.passes.calibrate import GraphOrder, Resumable, record_cross_grams, record_grams
+from grailc.passes.calibrate import GraphOrder, Resumable, record_consumer_inputs, record_grams
 from grailc.passes.compensate import recon_error
 from grailc.passes.compensate.bias import mean_shift
 from grailc.passes.compensate.grail import affine_ridge_map, grail_bias, ridge_map
@@ -76,10 +76,11 @@ def test_sequential_sums_separate_what_the_model_sees_from_the_dense_target():
     with torch.no_grad():
         shadow.get_parameter(bias).add_(1.0)
     data = batches((8, 6))
-    sums, target_sums = {}, {}
     dense_order, shadow_order = GraphOrder(gm), GraphOrder(shadow)
     runs = [(Resumable(dense_order, (x,)), Resumable(shadow_order, (x,))) for x in data]
-    gz, cross, gx, rows = record_cross_grams(runs, hidden_group(deps), sums, target_sums)
+    slots = hidden_group(deps).consumers
+    found = record_consumer_inputs(runs, slots[0].consumer.node, slots)
+    gz, cross, sums, target_sums, rows = (found[k] for k in ("gz", "cross", "sums", "target_sums", "rows"))
     (key,) = gz
     x = torch.cat([F.relu(model[0](b)) for b in data]).detach().to(torch.float64)
     z = torch.cat([F.relu(model[0](b) + 1) for b in data]).detach().to(torch.float64)

@@ -8,16 +8,16 @@ import pytest
 from .helpers import FAST, assert_one_error_line, run_cli, save_pt2, tiny
 
 
-# two 16-channel groups of 16 * 16 * 8 B = 2 KiB each: one-shot holds both Grams (4 KiB), sequential one group's
-# three (Gz, C, Gx: 6 KiB)
-@pytest.mark.parametrize(("mode", "needs", "hint"), [("--one-shot", "4.00 KiB", "memory of one group at a time"),
+# two 16-channel groups of 16 * 16 * 8 B = 2 KiB each: one-shot holds both Grams (4 KiB), sequential the three
+# Grams of one consumer (Gz, C, Gx: 6 KiB)
+@pytest.mark.parametrize(("mode", "needs", "hint"), [("--one-shot", "4.00 KiB", "holds fewer Grams"),
                                                      ("--sequential", "6.00 KiB", "exclude")])
 def test_max_memory_refuses_before_calibration(tmp_path, capfd, monkeypatch, mode, needs, hint):
     def must_not_run(*args, **kwargs):
         raise AssertionError("calibration started despite the memory budget")
 
     monkeypatch.setattr(calibrate, "record_grams", must_not_run)
-    monkeypatch.setattr(calibrate, "record_cross_grams", must_not_run)
+    monkeypatch.setattr(calibrate, "record_consumer_inputs", must_not_run)
     path = save_pt2(tiny(width=16), tmp_path / "m.pt2")
 
     code, lines = run_cli([path, *FAST, mode, "--max-memory", "1KiB", "--out", tmp_path / "out"], capfd)

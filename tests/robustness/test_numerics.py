@@ -111,7 +111,7 @@ def test_compensation_worse_than_pruning_is_refused(tmp_path, capfd, monkeypatch
 def gram_dtypes(monkeypatch):
     """The dtypes of every Gram matrix calibration records."""
     seen = set()
-    one_shot, sequential = calibrate.record_grams, calibrate.record_cross_grams
+    one_shot, sequential = calibrate.record_grams, calibrate.record_consumer_inputs
 
     def recording(*args, **kwargs):
         grams, rows = one_shot(*args, **kwargs)
@@ -120,11 +120,11 @@ def gram_dtypes(monkeypatch):
 
     def recording_cross(*args, **kwargs):
         found = sequential(*args, **kwargs)
-        seen.update(g.dtype for store in found[:3] for g in store.values())
+        seen.update(g.dtype for name in ("gz", "cross", "gx") for g in found[name].values())
         return found
 
     monkeypatch.setattr(calibrate, "record_grams", recording)
-    monkeypatch.setattr(calibrate, "record_cross_grams", recording_cross)
+    monkeypatch.setattr(calibrate, "record_consumer_inputs", recording_cross)
     return seen
 
 
