@@ -11,6 +11,7 @@ import time
 from grailc.api import compress
 from grailc.fashion_mnist import accuracy, load_fashion_mnist, to_inputs
 from grailc.models.fashion_resnet import load_pretrained
+from grailc.outputs import check_output_folder
 from grailc.report import summary
 
 CALIB_IMAGES = 640
@@ -25,6 +26,7 @@ def calibration_batches(count: int = CALIB_IMAGES, batch: int = BATCH):
 
 def run_demo(args) -> int:
     start = time.perf_counter()
+    check_output_folder(args.out, args.force)  # before a minute of work, not after
     model = load_pretrained()
     batches = calibration_batches()
     test_images, test_labels = load_fashion_mnist("test")

@@ -128,6 +128,13 @@ class StagedOutput:
             raise RuntimeError("StagedOutput was discarded")
 
 
+def check_output_folder(out_dir, force: bool = False) -> None:
+    """Refuse, before any work, an output folder that ``StagedOutput`` would refuse at the end."""
+    out_dir = Path(os.path.abspath(out_dir))
+    _check_output_target(out_dir, force)
+    _check_not_a_working_folder(out_dir)
+
+
 def _check_output_target(out_dir: Path, force: bool) -> None:
     if not os.path.lexists(out_dir):
         return

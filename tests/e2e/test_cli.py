@@ -257,3 +257,16 @@ def test_demo_compresses_the_embedded_model_and_reports_accuracy(tmp_path, capsy
     assert accuracy["dense"] > 0.9
     assert accuracy["grail"] > accuracy["grail_one_shot"] > accuracy["plain"] + 0.3
     assert {"model.onnx", "model.pt2", "report.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_demo_refuses_an_existing_output_folder_before_the_work(tmp_path, capsys, monkeypatch):
+    import grailc.demo
+
+    def must_not_run():
+        raise AssertionError("the demo started compressing despite the existing output folder")
+
+    monkeypatch.setattr(grailc.demo, "load_pretrained", must_not_run)
+    out = tmp_path / "demo"
+    out.mkdir()
+    assert main(["demo", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.is_dir()
