@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lam", type=float, help="ridge, relative to mean(diag G[K,K]) (default 1e-3; 0.1 for hf: LLMs)")
     mode = c.add_mutually_exclusive_group()
     mode.add_argument("--sequential", action="store_true",
-                      help="calibrate group by group on the already-compressed upstream, against the dense model "
-                      "(the default: the most accurate, memory of one group at a time)")
+                      help="calibrate consumer by consumer, in one pass, on the already-compressed upstream, against "
+                      "the dense model (the default: the most accurate)")
     mode.add_argument("--one-shot", action="store_true",
                       help="calibrate every group on the dense model in one pass (faster, less accurate)")
     c.add_argument("--repair", action="store_true",

@@ -12,8 +12,8 @@ float64 for Grams, int64 for counts). The sums are exact up to the order of the 
 is the one-process compile up to rounding.
 
 Every process then runs the same deterministic selection and solve on the same sums. That is simpler than rank 0
-solving and broadcasting: sequential calibration needs each process's shadow model compressed group by group with
-the same maps before it can take the next group's statistics, so every process needs the decisions and maps
+solving and broadcasting: sequential calibration needs each process's shadow model compressed consumer by consumer with
+the same maps before it can take the next consumer's statistics, so every process needs the decisions and maps
 anyway, and recomputing them costs one solve per group against a broadcast of every map. ``agree`` then checks
 that all processes hold bitwise the same compressed weights (one fingerprint compared), so a process that computed
 something else (different hardware or libraries rounding differently) is a verification failure, never a silently

@@ -83,7 +83,7 @@ class Recipe:
     compensate: str = "auto"
     lam: float = 1e-3
     magnitude_norm: int = 1
-    sequential: bool = True  # Grams group by group on the already-compressed upstream (False: one-shot, dense)
+    sequential: bool = True  # Grams consumer by consumer on the already-compressed upstream (False: one-shot, dense)
     repair: bool = False  # the 'repair' pass after 'apply': BatchNorm statistics re-estimated on calibration data
     # the 'reconstruct' pass after 'apply' (and 'repair'): windows trained with Adam against the dense model
     reconstruct: str = "off"  # off | block | layer | group
