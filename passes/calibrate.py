@@ -396,7 +396,7 @@ def calibrate_sequentially(ctx, batches) -> None:
         for slot in slots:  # a slot ahead of its group's decision: its Gx is the pre-pass's dense Gram
             if slot.key in ahead["grams"]:
                 final["gx"][slot.key] = ahead["grams"].pop(slot.key)
-                ahead["sums"].pop(slot.key), ahead["rows"].pop(slot.key)
+                del ahead["sums"][slot.key], ahead["rows"][slot.key]
         _check_finite_statistics(ctx.gm, final["gz"], batches)
         ctx.sums.update(final["sums"])
         ctx.target_sums.update(final["target_sums"])
@@ -418,9 +418,9 @@ def calibrate_sequentially(ctx, batches) -> None:
                     add_to_bias(shadow, slot.consumer,
                                 offset_shift(shadow, slot.consumer, weight, slot.offset, slot.size, fold.offset))
                     shadow.recompile()
+                    shadow_order.update()  # a bias may have been added: new nodes
                 B = fold.B if fold is not None else None
                 set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.map(decision.map), B))
-        shadow_order.update()  # a bias may have been added: new nodes
         for _, run in runs:  # this consumer and the ones after it read the new weights
             run.resync(shadow_order.named[node])
         for slot in slots:  # a compensated slot's Grams are not needed again

@@ -65,7 +65,7 @@ def repair_batch_norms(gm: fx.GraphModule, batches: list) -> dict:
     mean_moves, std_ratios = [], []
     for n in norms:  # graph order: each sees the repaired upstream
         for run in runs:  # every batch up to this BatchNorm
-            run.run_until(order.nodes[order.index[n] - 1])
+            run.run_until(n, before=True)
         mean_node, var_node, eps = n.args[3], n.args[4], float(n.args[BATCH_NORMS[n.target][1]])
         old_mean, old_var = get_param(gm, mean_node.target), get_param(gm, var_node.target)
         mean, var = moments([run.runner.env[n.args[0]] for run in runs])

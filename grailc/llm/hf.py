@@ -84,7 +84,7 @@ def reshape_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]
     """Give the named parameters new (empty) tensors of the given shapes, and fix the owning modules' sizes."""
     for name, shape in shapes.items():
         current = model.get_parameter(name)
-        _replace(model, name, torch.empty(shape, dtype=current.dtype, device=current.device))
+        replace_parameter(model, name, torch.empty(shape, dtype=current.dtype, device=current.device))
 
 
 def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module) -> None:
@@ -93,10 +93,10 @@ def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module) -> None:
     own = dict(module.named_parameters())
     for name, value in compressed.named_parameters():
         if name in own:
-            _replace(module, name, value.to(own[name].dtype))
+            replace_parameter(module, name, value.to(own[name].dtype))
 
 
-def _replace(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     """Set a parameter to ``value`` (any shape) and keep its module's size attributes in step."""
     set_param(model, name, value)
     owner_name = name.rpartition(".")[0]

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from grailc.distributed import all_reduce_stats
 from grailc.errors import RecipeError
+from grailc.llm.hf import replace_parameter
 
 F64 = torch.float64
 SCORES = ("wanda", "residual")
@@ -146,16 +147,6 @@ def kept_width(d: int, ratio: float, multiple_of: int) -> int:
     return n_keep(d, ratio, multiple_of)
 
 
-def _set_weight(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    """Give ``module.<name>`` a new parameter (any shape) and keep a Linear's or Embedding's sizes in step."""
-    old = getattr(module, name)
-    setattr(module, name, torch.nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=False))
-    if isinstance(module, torch.nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, torch.nn.Embedding):
-        module.num_embeddings, module.embedding_dim = module.weight.shape
-
-
 class _NormFit:
     """Statistics of one norm over the calibration tokens: x the dense output (d), z the narrowed one (k, weight
     w_K, before its scale a): sum x x^T, sum x z^T, sum z z^T and the sums."""
@@ -236,23 +227,23 @@ def _stop_with_output(module, args, out):
 
 
 def _narrow_norm(norm, keep: torch.Tensor, scale: float = 1.0) -> None:
-    _set_weight(norm, "weight", norm.weight.detach()[keep.to(norm.weight.device)] * scale)
+    replace_parameter(norm, "weight", norm.weight.detach()[keep.to(norm.weight.device)] * scale)
 
 
 def _narrow_writer(lin: torch.nn.Linear, keep: torch.Tensor) -> None:
     idx = keep.to(lin.weight.device)
-    _set_weight(lin, "weight", lin.weight.detach()[idx])
+    replace_parameter(lin, "weight", lin.weight.detach()[idx])
     if lin.bias is not None:
-        _set_weight(lin, "bias", lin.bias.detach()[idx])
+        replace_parameter(lin, "bias", lin.bias.detach()[idx])
 
 
 def _narrow_reader(lin: torch.nn.Linear, keep: torch.Tensor, fit: dict) -> None:
     """W' = W B (W[:, K] without a map); b' = b + W c with an offset."""
     W = lin.weight.detach()
     if fit["c"] is not None and lin.bias is not None:
-        _set_weight(lin, "bias", lin.bias.detach() + (W.to(F64) @ fit["c"].to(W.device)).to(W.dtype))
+        replace_parameter(lin, "bias", lin.bias.detach() + (W.to(F64) @ fit["c"].to(W.device)).to(W.dtype))
     new = W[:, keep.to(W.device)] if fit["B"] is None else (W.to(F64) @ fit["B"].to(W.device)).to(W.dtype)
-    _set_weight(lin, "weight", new)
+    replace_parameter(lin, "weight", new)
 
 
 def _record(name: str, fit: dict) -> dict:
@@ -348,7 +339,7 @@ def prune_hidden(model, batches: list[torch.Tensor], recipe, *, device=None, hom
     norm.weight.mul_(fit["scale"])
     head = model.lm_head.weight.detach()  # d wide: the embedding itself when tied
     embed = model.model.embed_tokens
-    _set_weight(embed, "weight", embed.weight.detach()[:, keep.to(embed.weight.device)])
+    replace_parameter(embed, "weight", embed.weight.detach()[:, keep.to(embed.weight.device)])
     if tied and not untie:
         model.lm_head.weight = embed.weight
         model.lm_head.in_features = embed.weight.shape[1]

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from grailc.distributed import shard, world
 from grailc.errors import RecipeError
 from grailc.llm.hf import adopt_weights, head_dim_of, layer_widths
-from grailc.llm.stream import resident
+from grailc.llm.stream import check_streamable, resident
 from grailc.recipe import Recipe
 
 STRUCTURES = ("uniform", "global", "incremental")
@@ -172,9 +172,8 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
     from grailc.recipe import TARGETS
 
     hidden = "embed" in {TARGETS[t] for t in recipe.targets}
-    if hidden and stream is not None:
-        raise RecipeError("the hidden (residual) width runs through every layer: it needs the whole model in memory, "
-                          "not streamed from disk", fix="drop --stream, or drop hidden from --targets")
+    if stream is not None:
+        check_streamable(recipe)
     if "vdims" in {TARGETS[t] for t in recipe.targets}:
         raise RecipeError("value dims inside heads cannot be pruned in a Hugging Face decoder layer: it has one "
                           "head_dim for queries, keys and values",
