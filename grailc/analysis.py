@@ -85,6 +85,7 @@ class State:
         self.unknown_ops: list[dict] = []
         self.param_users: dict[str, list[tuple[str, object]]] = {}
         self.node: fx.Node | None = None
+        self.settled: dict[fx.Node, Layout] = {}  # later nodes of a pattern a rule recognised (a channel shuffle)
 
     # -- reading ---------------------------------------------------------------------------------------
     def shape(self, arg) -> tuple | None:
@@ -165,7 +166,7 @@ class State:
 
     def align(self, a: Layout, b: Layout) -> bool:
         """Tie two layouts of the same positions element by element (False when they cannot line up)."""
-        if a.inner <= 0 or b.inner <= 0:
+        if a.inner <= 0 or b.inner <= 0 or a.order != b.order:
             return False
         bounds_a = [(o * a.inner, a.seg_length(s) * a.inner) for s, o in zip(a.segments, a.offsets())]
         bounds_b = [(o * b.inner, b.seg_length(s) * b.inner) for s, o in zip(b.segments, b.offsets())]
@@ -211,12 +212,12 @@ class State:
         self.consumers.append(fact)
 
     def carrier(self, layout: Layout, params: list[tuple[str, int]], size_args=(), tag=None, lossy=False,
-                node: fx.Node | None = None) -> None:
+                node: fx.Node | None = None, source: Layout | None = None) -> None:
         """Record what is sliced (or rewritten) along ``layout`` at this node (or at ``node``)."""
         node = node or self.node
         if params or size_args or tag or lossy:
             mod = param_module(params[0][0]) if params else module_of(node)
-            fact = Carrier(node.name, mod, layout, params, list(size_args), tag, lossy)
+            fact = Carrier(node.name, mod, layout, params, list(size_args), tag, lossy, source)
             for target, _ in params:
                 self.use_param(target, fact)
             self.carriers.append(fact)
@@ -245,12 +246,24 @@ class State:
         return self.opaque(why)
 
 
-def _tracked_inputs(st: State, node: fx.Node) -> bool:
+def _input_layouts(st: State, node: fx.Node) -> list[Layout]:
+    """The layouts of a node's tensor inputs (each of a tuple's), untracked ones left out."""
+    found = []
     for arg in node.all_input_nodes:
         lay = st.layouts.get(arg)
-        if any(isinstance(sub, Layout) for sub in (lay if isinstance(lay, tuple) else (lay,))):
-            return True
-    return False
+        found.extend(sub for sub in (lay if isinstance(lay, tuple) else (lay,)) if isinstance(sub, Layout))
+    return found
+
+
+def _tracked_inputs(st: State, node: fx.Node) -> bool:
+    return bool(_input_layouts(st, node))
+
+
+def _shuffled_input(st: State, node: fx.Node, rule) -> bool:
+    """An input in a channel shuffle's order reaching a rule that does not follow orders."""
+    if getattr(rule, "follows_order", False):
+        return False
+    return any(lay.order is not None for lay in _input_layouts(st, node))
 
 
 def analyse(gm: fx.GraphModule, table=None, value_dims: bool = False) -> Dependencies:
@@ -274,10 +287,14 @@ def analyse(gm: fx.GraphModule, table=None, value_dims: bool = False) -> Depende
                 for sub in lay if isinstance(lay, tuple) else (lay,):
                     if isinstance(sub, Layout):
                         st.pin(st.layout_of(sub), "model output")
+        elif node in st.settled:
+            st.layouts[node] = st.settled.pop(node)
         elif is_shape_only(node, st):
             st.layouts[node] = None
         elif node.op == "call_function" and node.target not in SOURCES and not _tracked_inputs(st, node):
             st.layouts[node] = None  # computed from constants and ids only: no channel flows through it
+        elif node.op == "call_function" and node.target in table and _shuffled_input(st, node, table[node.target]):
+            st.layouts[node] = st.opaque(f"{node.target} of channels in a channel shuffle's order")
         elif node.op == "call_function" and node.target in table:
             out = table[node.target](node, st)
             st.layouts[node] = out
@@ -316,9 +333,11 @@ def _gather(st: State) -> Dependencies:
             lay = fact.layout
             for i, (seg, off) in enumerate(zip(lay.segments, lay.offsets())):
                 per_unit = spaces.unit(seg.space) // lay.granule
-                getattr(group(seg.space), store).append(Slot(fact, i, off, lay.seg_length(seg), per_unit))
+                positions = lay.seg_positions(i) if lay.order is not None else None
+                getattr(group(seg.space), store).append(Slot(fact, i, off, lay.seg_length(seg), per_unit, positions))
     for car in st.carriers:
         car.layout = st.layout_of(car.layout)
+        car.source = st.layout_of(car.source) if car.source is not None else None
         for seg in car.layout.segments:
             g = group(seg.space)
             if car not in g.carriers:

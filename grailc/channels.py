@@ -22,6 +22,13 @@ index, so that broadcasting lines up) holds
 ``seg_axis`` and share the positions of ``axis`` (``[3, B, H, T, D]`` after a fused qkv projection). When ``outer``
 is set the axis also carries a leading factor, the batch: ``nn.MultiheadAttention`` views ``[T, B, H*D]`` as
 ``[T, B*H, D]``, whose index ``b*H + h`` is head ``h``.
+
+After a channel shuffle (ShuffleNet's view ``[N, g, C/g, H, W]``, transpose, view back) the channels no longer
+follow each other segment by segment: ``order`` then lists, per index of ``axis``, which channel of the stacked
+segments sits there (channel ``j`` of segment ``s`` is ``sum(sizes before s) + j``). Every channel of the segments
+sits at exactly one index (plain channels: ``granule`` and ``inner`` 1, no segment axis). Where a layout with an
+order is narrowed, the kept channels keep the relative order of their indices, and the indices that segment ``s``
+keeps take its kept channels in the order of its channel map (see :func:`grailc.surgery.narrowed_indices`).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class Layout:
     split: tuple[int, ...] = ()
     seg_axis: int | None = None
     outer: bool = False  # the axis also carries a leading factor: index i holds index i mod length (B*H of MHA)
+    order: tuple[int, ...] | None = None  # after a channel shuffle: the stacked channel at each index of ``axis``
 
     @property
     def size(self) -> int:
@@ -60,12 +68,14 @@ class Layout:
     @property
     def length(self) -> int:
         """Indices along ``axis`` (elements: ``length * inner``)."""
+        if self.order is not None:
+            return len(self.order)
         if self.seg_axis is not None:
             return self.seg_length(self.segments[0])
         return sum(self.seg_length(s) for s in self.segments)
 
     def offsets(self) -> list[int]:
-        """Index offset of each segment along ``axis``."""
+        """Index offset of each segment along ``axis`` (of the stacked channels when the layout has an order)."""
         if self.seg_axis is not None:
             return [0] * len(self.segments)
         out, start = [], 0
@@ -73,6 +83,15 @@ class Layout:
             out.append(start)
             start += self.seg_length(s)
         return out
+
+    def seg_positions(self, i: int) -> tuple[int, ...]:
+        """The index along ``axis`` of each channel of segment ``i``, in channel order."""
+        if self.order is None:
+            start = self.offsets()[i]
+            return tuple(range(start, start + self.seg_length(self.segments[i])))
+        first = sum(s.size for s in self.segments[:i])
+        where = {c: p for p, c in enumerate(self.order)}
+        return tuple(where[first + j] for j in range(self.segments[i].size))
 
     def with_axis(self, axis: int) -> Layout:
         return replace(self, axis=axis)

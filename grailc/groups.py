@@ -7,7 +7,8 @@
 
 A :class:`ChannelGroup` gathers the facts of one root space. Its ``size`` counts *units* (channels, heads, conv
 groups); a decision keeps whole units. Each producer and consumer sees the group through a *slot*: a segment of its
-weight dimension, ``offset .. offset + size`` in that dimension's indices, ``per_unit`` indices per unit.
+weight dimension, ``offset .. offset + size`` in that dimension's indices (or the listed ``positions`` after a
+channel shuffle), ``per_unit`` indices per unit.
 ``pinned`` is the reason the group cannot be pruned; ``lossy`` the reason pruning it is only approximate.
 """
 
@@ -54,19 +55,34 @@ class Carrier:
     # e.g. a view's size, a conv's groups, the sizes of a split
     size_args: list[tuple[int, int | None, int]] = field(default_factory=list)
     tag: str | None = None  # "attention" for the ops that make a group a group of heads, "value_dims" for the
-    # attention that reads value dims inside heads
+    # attention that reads value dims inside heads, "shuffle" for a channel shuffle
     lossy: bool = False  # normalisation over the channels: sliced, statistics approximated
+    source: Layout | None = None  # a channel shuffle's input: the rewrite gathers ``layout`` from it
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One segment of a producer's or consumer's weight dimension: indices ``offset .. offset+size``."""
+    """One segment of a producer's or consumer's weight dimension: indices ``offset .. offset+size``, or the
+    listed ``positions`` (one per index of the segment, in channel order) where a channel shuffle spread them."""
 
     fact: Producer | Consumer
     segment: int
     offset: int
     size: int
     per_unit: int  # indices per unit of the group
+    positions: tuple[int, ...] | None = None
+
+    def indices(self) -> torch.Tensor:
+        """The slot's indices of its weight dimension, in channel order."""
+        if self.positions is not None:
+            return torch.tensor(self.positions, dtype=torch.long)
+        return torch.arange(self.offset, self.offset + self.size)
+
+    def take(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The slot's indices of dim ``dim`` of ``x`` (a view where they are consecutive)."""
+        if self.positions is None:
+            return x.narrow(dim, self.offset, self.size)
+        return x.index_select(dim, self.indices().to(x.device))
 
     @property
     def consumer(self) -> Consumer:
@@ -118,6 +134,12 @@ class ChannelGroup:
         if self.lossy:
             return "embed"
         return {"heads": "heads", "value_dims": "vdims"}.get(self.kind, "channels")
+
+    @property
+    def shuffled(self) -> bool:
+        """Some consumer or carrier reads these channels in a channel shuffle's order (a selection, not a fold)."""
+        return (any(s.positions is not None for s in self.consumers)
+                or any(c.layout.order is not None for c in self.carriers))
 
     @property
     def granule(self) -> int:

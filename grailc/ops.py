@@ -19,9 +19,12 @@ channels sit on axis ``a``:
 * ``Reshape``       view/reshape/flatten/unflatten          merge following dims into ``inner``, split the axis
                                                             into [units, granule...] (heads), or move the dims
                                                             before it (window partitions)
+* channel shuffle   view [.., g, C/g, ..], transpose, view   an index map: the output's layout gets an ``order``
+                                                            (no tie); rewritten as one gather of the kept channels
 * ``Permute``       permute/transpose/unsqueeze/squeeze     the axes move
 * ``Select``        select/unbind on another dim: moves axes; on a segment axis: one segment each
-* ``Split``         split/chunk on the channel axis         segments (like cat in reverse); elsewhere: tie
+* ``Split``         split/chunk on the channel axis         segments (like cat in reverse); elsewhere: tie; after a
+                                                            shuffle each space splits into the parts of each output
 * ``Stack``         stack(tensors, dim)                     tie the inputs; a new dim appears
 * ``Concat``        cat on the channel axis                 segments back to back (offsets); elsewhere: tie
 * ``Reduce``        mean/sum/var over dims                  tie; over a with keepdim: lossy (a norm statistic)
@@ -31,7 +34,8 @@ channels sit on axis ``a``:
 * ``Matmul``        batched a @ b                           batch axes tied; contracting a channel axis pins
 * ``Getitem``       picks one layout of a tuple
 
-An op missing from the table pins every space it touches. Adding an op is one row here (and a handler in
+An op missing from the table pins every space it touches, and so does a row without ``follows_order`` that meets
+channels in a shuffle's order. Adding an op is one row here (and a handler in
 :mod:`grailc.surgery` only for a new weight layout).
 """
 
@@ -115,6 +119,8 @@ def _tuple_of(node: fx.Node, lay):
 class Elementwise:
     """y[c] = f(x[c]): the output keeps the input's channels."""
 
+    follows_order = True
+
     def __call__(self, node: fx.Node, st) -> Layout | None:
         return _tuple_of(node, st.layout(node.args[0]))
 
@@ -138,6 +144,8 @@ class Broadcast:
     the aligned axis is carried (sliced), also when it comes through ``expand`` or a dtype cast; any other input
     that is not tracked but spans the channels pins them: it could not be sliced.
     """
+
+    follows_order = True
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         tensors = [a for a in node.args if isinstance(a, fx.Node) and st.shape(a) is not None]
@@ -179,6 +187,8 @@ def _carry_chain(st, out: Layout, found) -> None:
 class Spatial:
     """Ops acting on the last ``dims`` axes only (pooling, interpolation): channels pass through."""
 
+    follows_order = True
+
     def __init__(self, dims: int = 2):
         self.dims = dims
 
@@ -193,6 +203,8 @@ class Spatial:
 
 class BatchNorm:
     """BatchNorm (eval): channel axis 1, per-channel parameters at the given argument positions."""
+
+    follows_order = True
 
     def __init__(self, param_args: tuple[int, ...]):
         self.param_args = param_args
@@ -254,6 +266,8 @@ class Conv:
     """conv(x, W, b, stride, padding, dilation, groups): W is [C_out, C_in/groups, *kernel]; transposed convs have
     W as [C_in, C_out/groups, *kernel] (rows and columns swapped)."""
 
+    follows_order = True
+
     groups_arg = 6
 
     def __init__(self, transposed: bool = False):
@@ -285,6 +299,8 @@ class Conv:
         (a depthwise conv is the case C_in/G = 1)."""
         c_out = out_shape[1]
         per_in, per_out = c_in // groups, c_out // groups
+        if lay.order is not None and not per_in == per_out == 1:
+            return st.opaque(f"grouped convolution (groups={groups}) on shuffled channels")
         out = st.fresh(out_shape, axis=axis)
         sizes = [seg.size // per_in * per_out for seg in lay.segments]
         parts = st.spaces.split(out.segments[0].space, sizes) if len(sizes) > 1 else [out.segments[0].space]
@@ -294,7 +310,7 @@ class Conv:
             aligned = all(st.spaces.align(seg.space, per_in, p, per_out) for seg, p in zip(lay.segments, parts))
         if not aligned:
             return st.opaque(f"grouped convolution (groups={groups}) whose blocks cross the tracked channels")
-        out = Layout(axis, tuple(Segment(p, st.spaces.sizes[p]) for p in parts))
+        out = Layout(axis, tuple(Segment(p, st.spaces.sizes[p]) for p in parts), order=lay.order)
         params = [(weight, 0)] + ([(bias_t, 0)] if bias_t else [])
         st.carrier(out, params, size_args=[(self.groups_arg, None, per_out)])
         return out
@@ -338,6 +354,8 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
     first = min(_pos(a, nd_s) for a in lay.axes())
     if nd_d >= nd_s - first and _same_dims(src[first:], dst[nd_d - (nd_s - first):]):
         return lay  # only dims before the channels change (window partitions, batch merges)
+    if lay.order is not None:
+        return "reshape of channels in a channel shuffle's order"
     p = _pos(lay.axis, nd_s)
     back = _segments_back_to_back(lay, src, dst, p) if lay.seg_axis is not None else None
     if back is not None:
@@ -387,23 +405,45 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
             if st.value_dims and j == 1 and len(lay.segments) == 1 and _feeds_value(st.node, q):
                 return _value_dims(st, lay, factors, q + 1 - nd_d)
             return _granules(st, lay, _prod(factors[1:]), q - nd_d, tuple(range(q + 1 - nd_d, q + j + 1 - nd_d)))
-    if _channel_shuffle(st.node, src, dst):
-        return ("channel shuffle (the channels viewed as [groups, C/groups] and transposed): the groups must keep "
-                "equally many channels, a count that one-to-one channel ties do not express")
     return "reshape that splits or mixes the channel axis"
 
 
-def _channel_shuffle(node: fx.Node, src: tuple, dst: tuple) -> bool:
-    """A reshape that merges two dims that a transpose swapped right after a reshape split them (ShuffleNet's
-    view [N, g, C/g, H, W], transpose(1, 2), view [N, C, H, W])."""
-    x = node.args[0]
-    while isinstance(x, fx.Node) and x.target in (aten.contiguous.default, aten.clone.default):
-        x = x.args[0]
-    if len(dst) != len(src) - 1 or not isinstance(x, fx.Node) or x.target != aten.transpose.int:
+SHUFFLE_ENDS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def channel_shuffle(node: fx.Node, st, lay: Layout, src: tuple, dst: tuple) -> bool:
+    """ShuffleNet's channel shuffle: ``view`` [.., C, ..] -> [.., g, C/g, ..], ``transpose`` of those two dims,
+    (``contiguous``), ``view`` back to [.., C, ..]. Output index ``j = c*g + i`` holds input index ``i*C/g + c``: an
+    index map, so the output's layout gets an ``order`` (the input's channels rearranged, no channel tied to
+    another) and the rewrite replaces the three ops by one gather of the kept channels. Settles the last view's
+    layout and returns True when ``node`` (the first view) starts such a pattern."""
+    p = _pos(lay.axis, len(src))
+    if (lay.granule != 1 or lay.inner != 1 or lay.split or lay.seg_axis is not None or lay.outer
+            or len(dst) != len(src) + 1 or not isinstance(src[p], int) or not isinstance(dst[p], int)
+            or dst[p] * dst[p + 1] != src[p] or not _same_dims(src[:p], dst[:p])
+            or not _same_dims(src[p + 1 :], dst[p + 2 :])):
         return False
-    before = x.args[0]
-    return (isinstance(before, fx.Node) and before.target in (aten.view.default, aten.reshape.default)
-            and len(tensor_dims(before)) == len(tensor_dims(before.args[0])) + 1)
+    transpose = _only_user(node)
+    last = _only_user(transpose) if transpose is not None else None
+    if last is not None and last.target in (aten.contiguous.default, aten.clone.default):
+        last = _only_user(last)
+    if (transpose is None or last is None or transpose.target != aten.transpose.int
+            or {_dim(d, len(dst)) for d in transpose.args[1:3]} != {p, p + 1}):
+        return False
+    if last.target not in SHUFFLE_ENDS or not _same_dims(tensor_dims(last), src):
+        return False
+    g, per = dst[p], dst[p + 1]
+    before = lay.order if lay.order is not None else tuple(range(src[p]))
+    order = tuple(before[(j % g) * per + j // g] for j in range(src[p]))
+    out = replace(lay, order=None if order == tuple(range(src[p])) else order)
+    st.settled[last] = out
+    st.carrier(out, [], tag="shuffle", node=last, source=lay)
+    return True
 
 
 def _segments_back_to_back(lay: Layout, src: tuple, dst: tuple, p: int) -> Layout | None:
@@ -548,6 +588,8 @@ class Reshape:
 
     A literal size of the channel axis in the target follows the kept width; a computed one pins."""
 
+    follows_order = True
+
     def __init__(self, kind: str):
         self.kind = kind
 
@@ -556,6 +598,8 @@ class Reshape:
         lay, src, dst = st.layout(x), st.shape(x), st.shape(node)
         if lay is None or src is None or dst is None:
             return None if lay is None else st.opaque("reshape of a tensor without shape")
+        if self.kind == "view" and channel_shuffle(node, st, lay, src, dst):
+            return None  # the shuffle's output layout is settled; the view and transpose inside it carry nothing
         out = reshape_layout(st, lay, src, dst)
         if isinstance(out, str):
             return st.opaque(out)
@@ -586,6 +630,8 @@ class Reshape:
 
 class Permute:
     """permute/transpose/unsqueeze/squeeze: the channel axes move with their dims."""
+
+    follows_order = True
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -711,6 +757,8 @@ class Split:
     """split/split_with_sizes/chunk: on the channel axis the outputs get consecutive channels (segments, or parts
     of one producer's space); on another dim every output keeps the layout."""
 
+    follows_order = True
+
     def __call__(self, node: fx.Node, st):
         x = node.args[0]
         lay, src = st.layout(x), st.shape(x)
@@ -725,12 +773,14 @@ class Split:
         if lay.inner != 1 or lay.granule != 1:
             return st.opaque("split of the channel axis inside granules")
         sizes = [int(v.shape[d]) for v in outs]
+        if lay.order is not None:
+            return _split_shuffled(st, lay, sizes)
         bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         seg_bounds = [0]
         for seg in lay.segments:
             seg_bounds.append(seg_bounds[-1] + seg.size)
         if set(bounds) <= set(seg_bounds):
-            st.carrier(lay, [], size_args=[(1, i, 1, tuple(j for j, start in enumerate(seg_bounds[:-1])
+            st.carrier(lay, [], size_args=[(1, i, 1, tuple(s.space for s, start in zip(lay.segments, seg_bounds)
                                                               if bounds[i] <= start < bounds[i + 1]))
                                            for i in range(len(sizes))])
             return tuple(Layout(lay.axis, tuple(s for s, start in zip(lay.segments, seg_bounds)
@@ -739,14 +789,55 @@ class Split:
             parts = st.spaces.split(lay.segments[0].space, sizes)
             if parts is not None:
                 whole = Layout(lay.axis, tuple(Segment(p, s) for p, s in zip(parts, sizes)))
-                st.carrier(whole, [], size_args=[(1, i, 1, i) for i in range(len(sizes))])  # sizes follow each part
+                st.carrier(whole, [], size_args=[(1, i, 1, (p,)) for i, p in enumerate(parts)])  # each part's width
                 return tuple(Layout(lay.axis, (Segment(p, s),)) for p, s in zip(parts, sizes))
         return st.opaque("split of the channel axis across tied channels")
+
+
+def _split_shuffled(st, lay: Layout, sizes: list[int]):
+    """split/chunk of channels in a shuffle's order: each output takes the indices of its range. A segment whose
+    channels fall into several outputs is split into parts, one per output (its channels must reach the outputs in
+    consecutive runs, first to last), so that every output holds whole spaces again; the split sizes follow the
+    kept channels of the parts each output holds."""
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    piece_at = [i for i, n in enumerate(sizes) for _ in range(n)]
+    starts = [sum(s.size for s in lay.segments[:i]) for i in range(len(lay.segments))]
+    where = {c: p for p, c in enumerate(lay.order)}
+    pieces: list[list[Segment]] = [[] for _ in sizes]
+    home = {}  # stacked channel -> (piece, index among the piece's segments, channel in that segment)
+    for seg, start in zip(lay.segments, starts):
+        of = [piece_at[where[start + j]] for j in range(seg.size)]
+        if of != sorted(of):
+            return st.opaque("split of shuffled channels that do not leave their producer in consecutive runs")
+        runs = [of.count(i) for i in dict.fromkeys(of)]
+        parts = st.spaces.split(seg.space, runs) if len(runs) > 1 else [seg.space]
+        if parts is None:
+            return st.opaque("split of shuffled channels whose producer's channels are tied elsewhere")
+        j = 0
+        for part, run in zip(parts, runs):
+            piece = of[j]
+            for k in range(run):
+                home[start + j + k] = (piece, len(pieces[piece]), k)
+            pieces[piece].append(Segment(part, run))
+            j += run
+    outs = []
+    for i in range(len(sizes)):
+        first = [sum(s.size for s in pieces[i][:n]) for n in range(len(pieces[i]))]
+        order = []
+        for p in range(bounds[i], bounds[i + 1]):
+            piece, n, k = home[lay.order[p]]
+            order.append(first[n] + k)
+        order = tuple(order)
+        outs.append(Layout(lay.axis, tuple(pieces[i]), order=None if order == tuple(range(len(order))) else order))
+    st.carrier(lay, [], size_args=[(1, i, 1, tuple(s.space for s in pieces[i])) for i in range(len(sizes))])
+    return tuple(outs)
 
 
 class Concat:
     """cat(tensors, dim): on the channel axis the segments follow each other; inside granules (rotary halves) or
     on another dim the inputs are tied, and an untracked input there must be a parameter (class token)."""
+
+    follows_order = True
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         tensors = node.args[0]
@@ -758,8 +849,17 @@ class Concat:
         d = _dim(node.args[1] if len(node.args) > 1 else 0, ndim) - ndim
         first = tracked[0]
         if all(lay.axis == d for lay in tracked) and len(tracked) == len(layouts):
+            segments = tuple(s for lay in tracked for s in lay.segments)
+            if any(lay.order is not None for lay in tracked):
+                if any(lay.granule != 1 or lay.seg_axis is not None for lay in tracked):
+                    return st.opaque("concat of shuffled channels with heads or stacked segments")
+                order, start = [], 0
+                for lay in tracked:
+                    order.extend(start + c for c in (lay.order if lay.order is not None else range(lay.size)))
+                    start += lay.size
+                return Layout(d, segments, order=tuple(order))
             if all(lay.inner == 1 and lay.granule == first.granule and lay.split == first.split for lay in tracked):
-                return replace(first, segments=tuple(s for lay in tracked for s in lay.segments))
+                return replace(first, segments=segments)
             return st.opaque("concat of channels laid out differently")
         if any(lay.axis == d for lay in tracked):
             return st.opaque("concat mixing the channel axis with another")
@@ -947,6 +1047,8 @@ class Pad:
 
 class Getitem:
     """operator.getitem on a tuple of layouts."""
+
+    follows_order = True
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         src, idx = node.args

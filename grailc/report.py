@@ -47,6 +47,7 @@ def group_records(deps, decisions: dict, folds: dict, rows: dict | None = None) 
                 "map": None if d is None else "select" if d.map.is_selection else "fold",
                 "pinned": g.pinned,
                 "approximate": g.lossy,
+                "shuffled": g.shuffled,  # read in a channel shuffle's order: selected, never folded
                 "producers": g.modules(),
                 "consumers": list(dict.fromkeys(s.fact.module for s in g.consumers)),
                 "carriers": sorted({c.module for c in g.carriers}),

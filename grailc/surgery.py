@@ -12,7 +12,8 @@ For the channel map of a space (kept channels K, or a fold; see :mod:`grailc.cha
                    positions and kernel taps (each tap weighted by the fraction of positions where it reads the
                    input, not zero padding: the mean output change); a consumer without a bias gets one.
 
-Along a multi-segment axis (after a concat) the maps of the segments stack block-diagonally.
+Along a multi-segment axis (after a concat) the maps of the segments stack block-diagonally; after a channel
+shuffle each segment's indices are listed (``Layout.order``) and the kept ones stay in their relative order.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import fx
 
 from grailc.channel_map import ChannelMap
 from grailc.channels import Layout
+from grailc.errors import GrailcError
 
 
 def get_param(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -46,19 +48,51 @@ def is_parameter(gm: fx.GraphModule, target: str) -> bool:
         return False
 
 
-def layout_map(layout: Layout, maps_of) -> ChannelMap:
-    """The channel map along ``layout.axis``. ``maps_of(space)`` gives (map of the group's units, channels per unit)
-    for a decided space, None otherwise; a unit of ``u`` channels covers ``u / granule`` indices. Segments stacked on
-    a segment axis share their indices (they are tied), so the first one says which."""
-    parts = []
+def segment_maps(layout: Layout, maps_of) -> list[ChannelMap]:
+    """The channel map of each segment over its indices along ``layout.axis``. ``maps_of(space)`` gives (map of
+    the group's units, channels per unit) for a decided space, None otherwise; a unit of ``u`` channels covers
+    ``u / granule`` indices. Segments stacked on a segment axis share their indices (they are tied), so the first
+    one says which."""
+    maps = []
     segments = layout.segments[:1] if layout.seg_axis is not None else layout.segments
     for seg in segments:
         found = maps_of(seg.space)
         if found is None or found[1] < layout.granule:
-            parts.append(ChannelMap.identity(layout.seg_length(seg)))
+            maps.append(ChannelMap.identity(layout.seg_length(seg)))
         else:
-            parts.append(found[0].per_index(found[1] // layout.granule))
-    return ChannelMap.stack(parts)
+            maps.append(found[0].per_index(found[1] // layout.granule))
+    return maps
+
+
+def narrowed_indices(layout: Layout, maps: list[ChannelMap]) -> list[torch.Tensor]:
+    """Where the compressed tensor holds each segment's new channels, in the order of its map: segment after
+    segment; with an order (after a channel shuffle), the kept channels keep the relative order of their indices
+    and the indices a segment keeps take its kept channels in the map's order (a selection only: a fold has no
+    index to keep)."""
+    if layout.order is None:
+        starts = [sum(m.k for m in maps[:i]) for i in range(len(maps))]
+        return [torch.arange(start, start + m.k) for start, m in zip(starts, maps)]
+    if not all(m.is_selection for m in maps):
+        raise GrailcError("a fold cannot merge channels that a channel shuffle spreads apart",
+                          fix="select channels in these groups (any selector but fold)")
+    held = [torch.tensor(layout.seg_positions(i))[m.keep].sort().values for i, m in enumerate(maps)]
+    rank = torch.full((layout.length,), -1, dtype=torch.long)
+    every = torch.cat(held).sort().values
+    rank[every] = torch.arange(len(every))
+    return [rank[h] for h in held]
+
+
+def layout_map(layout: Layout, maps_of) -> ChannelMap:
+    """The channel map along ``layout.axis`` (see :func:`segment_maps`): the segments' maps stacked
+    block-diagonally, or, after a channel shuffle, the selection that puts each kept index where
+    :func:`narrowed_indices` says."""
+    maps = segment_maps(layout, maps_of)
+    if layout.order is None:
+        return ChannelMap.stack(maps)
+    keep = torch.empty(sum(m.k for m in maps), dtype=torch.long)
+    for i, (m, where) in enumerate(zip(maps, narrowed_indices(layout, maps))):
+        keep[where] = torch.tensor(layout.seg_positions(i))[m.keep]
+    return ChannelMap.select(keep, layout.length)
 
 
 def map_tensor(x: torch.Tensor, layout: Layout, maps_of) -> torch.Tensor:
@@ -72,23 +106,35 @@ def map_tensor(x: torch.Tensor, layout: Layout, maps_of) -> torch.Tensor:
     return y.flatten(axis, axis + 1)
 
 
-def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
-    """One map per segment on dim ``dim`` (the input channels) of a consumer weight: segment s's columns become
-    ``W_s @ maps[s]``.
+def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor], targets: list[torch.Tensor],
+                  dim: int = 1) -> torch.Tensor:
+    """One map per segment on dim ``dim`` (the input channels) of a consumer weight: the new columns
+    ``targets[s]`` (see :func:`narrowed_indices`) become ``W[:, segment s] @ maps[s]``.
 
     ``maps[s]`` is a [size_s, k_s] matrix (a GRAIL map), or a 1-D index of kept columns (plain pruning, I[:, K]).
     """
     if dim == 0:  # transposed convolution: [C_in, C_out, ...]
-        return merge_columns(weight.transpose(0, 1), layout, maps).transpose(0, 1).contiguous()
+        return merge_columns(weight.transpose(0, 1), layout, maps, targets).transpose(0, 1).contiguous()
     out_dim = weight.shape[0]
     w = weight.reshape(out_dim, layout.length, layout.inner, -1)  # [O, C, inner, taps]
-    pieces = [map_columns(w[:, off : off + layout.seg_length(seg)], m) for seg, off, m in
-              zip(layout.segments, layout.offsets(), maps)]
-    merged = torch.cat(pieces, dim=1)
+    pieces = [map_columns(_positions(w, layout, i), m) for i, m in enumerate(maps)]
+    if layout.order is None:
+        merged = torch.cat(pieces, dim=1)
+    else:
+        merged = w.new_zeros(out_dim, sum(len(t) for t in targets), *w.shape[2:])
+        for piece, where in zip(pieces, targets):
+            merged[:, where.to(w.device)] = piece
     k_total = merged.shape[1]
     if weight.dim() == 2:
         return merged.reshape(out_dim, k_total * layout.inner)
     return merged.reshape(out_dim, k_total, *weight.shape[2:])
+
+
+def _positions(w: torch.Tensor, layout: Layout, i: int) -> torch.Tensor:
+    """Dim 1 of ``w`` at segment ``i``'s indices, in channel order."""
+    if layout.order is None:
+        return w.narrow(1, layout.offsets()[i], layout.seg_length(layout.segments[i]))
+    return w.index_select(1, torch.tensor(layout.seg_positions(i), device=w.device))
 
 
 def map_columns(cols: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -105,13 +151,14 @@ def mask_columns(weight: torch.Tensor, slot, cmap: ChannelMap, B: torch.Tensor |
     layout = slot.consumer.layout
     w = _columns_first(weight, slot).detach().clone(memory_format=torch.contiguous_format)
     view = w.view(w.shape[0], layout.length, layout.inner, -1)
-    cols = view[:, slot.offset : slot.offset + slot.size]
+    cols = slot.take(view)
     narrowed = map_columns(cols, B if B is not None else cmap.columns())  # [O, k, inner, taps]
     if cmap.is_selection:
-        cols.zero_()
-        cols[:, cmap.keep.to(cols.device)] = narrowed
+        masked = torch.zeros_like(cols)
+        masked[:, cmap.keep.to(cols.device)] = narrowed
     else:
-        cols.copy_(map_columns(narrowed, cmap.merge))
+        masked = map_columns(narrowed, cmap.merge)
+    view[:, slot.indices().to(view.device)] = masked
     return _columns_first(w, slot).contiguous()
 
 
@@ -125,7 +172,7 @@ def consumer_columns(weight: torch.Tensor, slot, dtype=torch.float64) -> torch.T
     CPU, where scores and solves are computed from the (CPU) statistics whatever device the model runs on."""
     layout = slot.consumer.layout
     weight = _columns_first(weight, slot)
-    w = weight.detach().reshape(weight.shape[0], layout.length, -1)[:, slot.offset : slot.offset + slot.size]
+    w = slot.take(weight.detach().reshape(weight.shape[0], layout.length, -1))
     return w.permute(0, 2, 1).reshape(-1, slot.size).to("cpu", dtype)
 
 
@@ -139,12 +186,13 @@ def takes_bias(gm: fx.GraphModule, consumer) -> bool:
     return bias is None or (isinstance(bias, fx.Node) and bias.op == "get_attr")
 
 
-def offset_shift(gm: fx.GraphModule, consumer, weight: torch.Tensor, start: int, size: int,
+def offset_shift(gm: fx.GraphModule, consumer, weight: torch.Tensor, index: torch.Tensor,
                  c: torch.Tensor) -> torch.Tensor:
-    """[O] float64: the mean output change of the consumer when its input channels start .. start + size move by
-    the constant c: W[:, start : start + size] summed over flattened positions and over kernel taps, each tap
-    weighted by the fraction of output positions where it reads the input rather than zero padding."""
-    w = weight.detach().reshape(weight.shape[0], consumer.layout.length, -1)[:, start : start + size]
+    """[O] float64: the mean output change of the consumer when its input channels ``index`` move by the constant
+    c: W[:, index] summed over flattened positions and over kernel taps, each tap weighted by the fraction of
+    output positions where it reads the input rather than zero padding."""
+    w = weight.detach().reshape(weight.shape[0], consumer.layout.length, -1)
+    w = w.index_select(1, index.to(w.device))
     w = w.to("cpu", torch.float64)  # with c and the coverage, which live on the CPU
     coverage = tap_coverage(gm, consumer) if consumer.kind == "conv" else None
     if coverage is not None and coverage.numel() == w.shape[-1]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from torch import fx
 
+from grailc.channels import Layout, Segment
 from grailc.passmanager import Pass, register_pass
 from grailc.surgery import (
     add_to_bias,
@@ -22,7 +24,9 @@ from grailc.surgery import (
     get_param,
     layout_map,
     merge_columns,
+    narrowed_indices,
     offset_shift,
+    segment_maps,
     set_param,
 )
 
@@ -41,16 +45,15 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
         done["consumer"].add(consumer.weight)
         maps, shift = [], None
         w = get_param(gm, consumer.weight)
-        for i, (seg, off) in enumerate(zip(consumer.layout.segments, consumer.layout.offsets())):
+        cmaps = segment_maps(replace(consumer.layout, seg_axis=None), maps_of)
+        for i, cmap in enumerate(cmaps):
             fold = folds.get(f"{consumer.node}[{i}]")
-            if fold is not None and fold.B is not None:
-                maps.append(fold.B)
-            else:
-                maps.append(layout_map(replace(consumer.layout, segments=(seg,), inner=1), maps_of).columns())
+            maps.append(fold.B if fold is not None and fold.B is not None else cmap.columns())
             if fold is not None and fold.offset is not None:  # b' = b + W c, from the dense columns
-                part = offset_shift(gm, consumer, w, off, consumer.layout.seg_length(seg), fold.offset)
+                part = offset_shift(gm, consumer, w, torch.tensor(consumer.layout.seg_positions(i)), fold.offset)
                 shift = part if shift is None else shift + part
-        set_param(gm, consumer.weight, merge_columns(w, consumer.layout, maps, consumer.dim))
+        targets = narrowed_indices(consumer.layout, cmaps)
+        set_param(gm, consumer.weight, merge_columns(w, consumer.layout, maps, targets, consumer.dim))
         if shift is not None:
             add_to_bias(gm, consumer, shift)
 
@@ -68,6 +71,9 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
     for car in deps.carriers:
         if not decided(car.layout):
             continue
+        if car.tag == "shuffle":
+            gather_shuffled(gm, nodes[car.node], car, maps_of)
+            continue
         cmap = layout_map(car.layout, maps_of)
         for target, dim in car.params:
             if target not in done["carrier"]:
@@ -78,9 +84,9 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
             args = list(node.args)
             for arg, pos, div, *segments in car.size_args:
                 value = cmap.k * car.layout.inner
-                if segments:  # the width of some segments only (the outputs of a split)
-                    part = [car.layout.segments[i] for i in _as_tuple(segments[0])]
-                    value = layout_map(replace(car.layout, segments=tuple(part)), maps_of).k * car.layout.inner
+                if segments:  # the width of some spaces only (the outputs of a split)
+                    part = deps.spaces.resolve([Segment(sid, deps.spaces.sizes[sid]) for sid in segments[0]])
+                    value = layout_map(Layout(car.layout.axis, part), maps_of).k
                 if pos is None:
                     args[arg] = value // div
                 else:
@@ -91,8 +97,30 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
             node.args = tuple(args)
 
 
-def _as_tuple(x) -> tuple:
-    return x if isinstance(x, tuple) else (x,)
+def gather_shuffled(gm, last: fx.Node, car, maps_of) -> None:
+    """A channel shuffle (view, transpose, view) becomes one gather: ``index_select`` of its input at the indices
+    that put each kept channel where :func:`~grailc.surgery.narrowed_indices` says the output holds it (the kept
+    counts of the two halves need not match, as the view to [.., g, C/g, ..] would require)."""
+    maps = segment_maps(car.layout, maps_of)
+    index = torch.empty(sum(m.k for m in maps), dtype=torch.long)
+    for out, src in zip(narrowed_indices(car.layout, maps), narrowed_indices(car.source, maps)):
+        index[out] = src
+    chain = [last.args[0]]  # (contiguous), transpose, the first view
+    if chain[0].target != torch.ops.aten.transpose.int:
+        chain.append(chain[0].args[0])
+    chain.append(chain[-1].args[0])
+    x = chain[-1].args[0]
+    name = f"{last.name}_channels"
+    gm.register_buffer(name, index.to(x.meta["val"].device if "val" in x.meta else "cpu"))
+    with gm.graph.inserting_before(last):
+        attr = gm.graph.get_attr(name)
+        gather = gm.graph.call_function(torch.ops.aten.index_select.default,
+                                        (x, x.meta["val"].dim() + car.layout.axis, attr))
+    gather.meta = dict(last.meta)
+    last.replace_all_uses_with(gather)
+    for node in [last, *chain]:
+        if not node.users:
+            gm.graph.erase_node(node)
 
 
 @register_pass

@@ -178,7 +178,7 @@ def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progre
 
     def add(slots, xr):
         for slot in slots:
-            part = xr[:, slot.offset : slot.offset + slot.size]
+            part = slot.take(xr)
             _accumulate(grams, slot.key, products(part))
             rows[slot.key] = rows.get(slot.key, 0) + part.shape[0]
             if sums is not None:
@@ -198,7 +198,7 @@ def record_sq_norms(gm: fx.GraphModule, groups, batches) -> dict[str, torch.Tens
 
     def add(slots, xr):
         for slot in slots:
-            part = xr[:, slot.offset : slot.offset + slot.size]
+            part = slot.take(xr)
             _accumulate(found, slot.key, part.square().sum(0, dtype=torch.float64))
 
     recorder = InputRecorder(gm, _slots_by_node(groups), add, check_nodes=False)
@@ -300,8 +300,8 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
             run.run_until(run.order.named[node], before=True)
         xd, xs = dense.consumer_rows(consumer), shadow.consumer_rows(consumer)
         for slot in slots:
-            a = xd[:, slot.offset : slot.offset + slot.size]
-            b = xs[:, slot.offset : slot.offset + slot.size]
+            a = slot.take(xd)
+            b = slot.take(xs)
             _accumulate(found["gz"], slot.key, products(b))
             _accumulate(found["cross"], slot.key, products(a, b))
             if slot.key not in known_gx:
@@ -416,7 +416,7 @@ def calibrate_sequentially(ctx, batches) -> None:
                 weight = get_param(shadow, slot.consumer.weight)
                 if fold is not None and fold.offset is not None:
                     add_to_bias(shadow, slot.consumer,
-                                offset_shift(shadow, slot.consumer, weight, slot.offset, slot.size, fold.offset))
+                                offset_shift(shadow, slot.consumer, weight, slot.indices(), fold.offset))
                     shadow.recompile()
                     shadow_order.update()  # a bias may have been added: new nodes
                 B = fold.B if fold is not None else None

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
+from grailc.passes.apply import rewrite
 from grailc.passes.verify import permutation_error
-from graph_checks import group_of, prune_and_compare, traced
+from graph_checks import group_of, masked_reference, prune_and_compare, traced
 from torch import nn
+
+from grailc.channel_map import ChannelMap
+from grailc.context import Decision
 
 
 @pytest.fixture(scope="module")
@@ -153,23 +159,64 @@ def test_shared_consumer_weight_pins_with_reason():
     assert group.pinned and "parameter shared.weight is shared by nodes" in group.pinned
 
 
-class Shuffled(nn.Module):
-    """Two branches concatenated and channel-shuffled, as in ShuffleNet: [N, 2, C/2, H, W] -> transpose -> [N, C]."""
+def shuffle(x, groups=2):
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
 
-    def __init__(self):
+
+class ShuffleBlocks(nn.Module):
+    """ShuffleNet v2 in small: a block of two branches, then blocks that split the shuffled channels in halves, pass
+    the first half on and transform the second, each ending in a channel shuffle."""
+
+    def __init__(self, c=12, blocks=2):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
-        self.out = nn.Conv2d(8, 5, 1)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left, self.right = nn.Conv2d(8, c // 2, 1), nn.Conv2d(8, c // 2, 1)
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(c // 2, c // 2, 1), nn.BatchNorm2d(c // 2), nn.ReLU(),
+                                                    nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2),
+                                                    nn.BatchNorm2d(c // 2), nn.Conv2d(c // 2, c // 2, 1))
+                                      for _ in range(blocks))
+        self.head = nn.Conv2d(c, 5, 1)
 
     def forward(self, x):
-        y = torch.cat([self.a(x), self.b(x)], 1)
-        n, c, h, w = y.shape
-        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
-        return self.out(y)
+        x = torch.relu(self.stem(x))
+        x = shuffle(torch.cat([self.left(x), self.right(x)], 1))
+        for branch in self.branches:
+            a, b = x.chunk(2, dim=1)
+            x = shuffle(torch.cat([a, branch(b)], 1))
+        return self.head(x)
 
 
-def test_channel_shuffle_pins_its_branches_and_says_why():
-    gm, deps = traced(Shuffled(), (1, 3, 8, 8))
-    for name in ("a", "b"):
-        assert "channel shuffle" in group_of(deps, name).pinned
-    assert permutation_error(gm, deps, [(torch.randn(2, 3, 8, 8),)]) <= 1e-5
+def test_channel_shuffle_is_an_index_map():
+    gm, deps = traced(ShuffleBlocks(), (1, 3, 8, 8))
+    assert all(g.pinned in (None, "model input", "model output") for g in deps.groups.values())
+    shuffled = [g for g in deps.prunable() if g.shuffled]
+    # each branch's output splits into the channels that go on and those the next block transforms
+    assert len(shuffled) >= 6 and sum(g.size for g in shuffled) == 12 + 6 * 2
+    second = [g for g in deps.prunable() if "left" in g.modules()
+              and any(s.consumer.module == "branches.0.0" for s in g.consumers)]
+    assert len(second) == 1 and second[0].size == 3  # left's channels 3..5, in the second half after the shuffle
+    assert [s.positions for s in second[0].consumers] == [(0, 2, 4)]
+    x = torch.randn(2, 3, 8, 8)
+    assert permutation_error(gm, deps, [(x,)]) <= 1e-5
+    g = torch.Generator().manual_seed(1)
+    for group in deps.prunable():
+        if group.size > 1:
+            keep = torch.randperm(group.size, generator=g)[: max(1, group.size // 2)].sort().values
+            prune_and_compare(gm, deps, group, keep, x)
+
+
+def test_pruned_shuffle_becomes_one_gather_and_halves_may_differ():
+    gm, deps = traced(ShuffleBlocks(), (1, 3, 8, 8))
+    # left's channels 3..5: the second half of the first shuffle, read by the first block's branch
+    left = next(g for g in deps.prunable() if g.modules() == ["left"] and g.size == 3
+                and any(s.consumer.module == "branches.0.0" for s in g.consumers))
+    keep = torch.tensor([0, 2])  # halves of 6 and 5 channels: no view to [N, 2, C/2] holds them
+    pruned = copy.deepcopy(gm)
+    rewrite(pruned, deps, {left.id: Decision(ChannelMap.select(keep, left.size))}, {})
+    pruned.recompile()
+    targets = [n.target for n in pruned.graph.nodes]
+    assert targets.count(torch.ops.aten.index_select.default) == 1  # the other shuffles stay as they were
+    assert targets.count(torch.ops.aten.transpose.int) == 2
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(pruned(x), masked_reference(gm, left, keep)(x), atol=1e-5, rtol=1e-4)

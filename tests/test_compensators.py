@@ -171,7 +171,7 @@ def test_tap_coverage_gives_the_mean_output_of_a_constant_input():
     c = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     weight = get_param(gm, consumer.weight)
     mean_out = F.conv2d(c.float()[None, :, None, None].expand(1, 3, 4, 4), weight, padding=1).mean((0, 2, 3))
-    torch.testing.assert_close(offset_shift(gm, consumer, weight, 0, 3, c).float(), mean_out)
+    torch.testing.assert_close(offset_shift(gm, consumer, weight, torch.arange(3), c).float(), mean_out)
 
 
 @pytest.mark.parametrize("compensate", ["bias", "grail+bias"])

@@ -7,13 +7,16 @@ from types import SimpleNamespace
 import torch
 from grailc.passes.select.slimgpt import DAMP, _SlotState
 
+from grailc.channels import Layout, Segment
+from grailc.groups import Consumer, Slot
+
 
 def _ctx_and_slot(W: torch.Tensor, G: torch.Tensor, per_unit: int = 1):
-    consumer = SimpleNamespace(weight="w", layout=SimpleNamespace(length=W.shape[1]), dim=1, kind="linear")
-    slot = SimpleNamespace(key="k", consumer=consumer, per_unit=per_unit, size=W.shape[1], offset=0)
+    layout = Layout(-1, (Segment(0, W.shape[1]),))
+    slot = Slot(Consumer("k", "", "linear", "w", 0, layout), 0, 0, W.shape[1], per_unit)
     gm = torch.nn.Module()
     gm.register_parameter("w", torch.nn.Parameter(W.clone(), requires_grad=False))
-    return SimpleNamespace(grams={"k": G}, gm=gm), slot
+    return SimpleNamespace(grams={slot.key: G}, gm=gm), slot
 
 
 def _compensated_error(W, H, keep):

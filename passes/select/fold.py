@@ -11,6 +11,8 @@ compensation W' = W U sums a cluster's columns. GRAIL compensates through the sa
 Merging is exact only where every unit of a cluster carries the same signal; between a producer and a consumer
 there is usually a nonlinearity, so the merged channel is the activation of the averaged pre-activation, an
 approximation, and BatchNorm variances are averaged too (``--repair`` re-estimates them).
+
+Channels that a channel shuffle spreads apart (ShuffleNet) cannot be merged: there each cluster keeps its medoid.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def unit_features(ctx, group) -> torch.Tensor:
     parts = []
     for slot in group.producers:
         w = get_param(ctx.gm, slot.fact.weight).detach().to("cpu", torch.float64).movedim(slot.fact.dim, 0)
-        rows = w[slot.offset : slot.offset + slot.size].reshape(group.size, -1)
+        rows = slot.take(w, 0).reshape(group.size, -1)
         parts.append(rows / rows.square().sum(1).mean().sqrt().clamp_min(1e-300))
     return torch.cat(parts, dim=1)
 
@@ -49,4 +51,19 @@ def fold(ctx, group) -> ChannelMap:
     from grailc.passes.select import units_kept
 
     k = units_kept(ctx, group)
-    return ChannelMap.fold(cluster(unit_features(ctx, group), k, ctx.recipe.calib.seed), k)
+    features = unit_features(ctx, group)
+    labels = cluster(features, k, ctx.recipe.calib.seed)
+    if group.shuffled:
+        return ChannelMap.select(medoids(features, labels), group.size)
+    return ChannelMap.fold(labels, k)
+
+
+def medoids(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The unit nearest each cluster's mean (sorted): a fold's representatives, for groups whose channels a
+    channel shuffle spreads apart, where merged channels would have no index to sit at."""
+    picked = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        mean = features[members].mean(0)
+        picked.append(members[(features[members] - mean).square().sum(1).argmin()])
+    return torch.stack(picked).sort().values

@@ -15,6 +15,6 @@ def magnitude(ctx, group) -> torch.Tensor:
     score = torch.zeros(group.size, dtype=torch.float64)
     for slot in group.producers:
         w = get_param(ctx.gm, slot.fact.weight).detach().to("cpu", torch.float64).movedim(slot.fact.dim, 0)
-        rows = w[slot.offset : slot.offset + slot.size]
+        rows = slot.take(w, 0)
         score += slot.to_units(rows.reshape(rows.shape[0], -1).norm(p=q, dim=1))
     return score

@@ -126,6 +126,21 @@ def test_every_selector_and_compensator_prints_its_summary(selector, compensate,
     assert mlp["kept"] % 8 == 0
 
 
+@pytest.mark.parametrize("selector", ["auto", "fold"])
+def test_shufflenet_prunes_through_its_channel_shuffles(selector, tmp_path, capsys):
+    """Every branch width prunes; where a shuffle spreads a group's channels apart, fold keeps cluster medoids."""
+    out = tmp_path / "out"
+    code = main(["compress", "torchvision:shufflenet_v2_x0_5", "--calib", "random", "--input-shape", "1,3,64,64",
+                 "--calib-batches", "2", "--batch-size", "4", "--held-out", "1", "--ratio", "0.5",
+                 "--selector", selector, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    shuffled = [g for g in report["groups"] if g["shuffled"] and g["kept"] < g["size"]]
+    assert len(shuffled) > 20 and all(g["map"] == "select" for g in shuffled)
+    assert report["params_after"] < 0.6 * report["params_before"]
+    assert report["verification"]["permutation_error"] <= 1e-5 and report["onnx"]["relative_diff"] < 1e-3
+
+
 def test_a_failure_after_the_outputs_exist_says_so(tmp_path, capsys, monkeypatch):
     """An error after the output folder is committed must not claim that nothing was written."""
     from grailc.models.fashion_vit import FashionViT

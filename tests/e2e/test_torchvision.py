@@ -8,7 +8,7 @@ import torchvision
 
 import grailc
 
-MODELS = ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121"]
+MODELS = ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121", "shufflenet_v2_x0_5"]
 
 
 def random_batches(count=3, batch=4, side=64, seed=0):
