@@ -319,6 +319,8 @@ class Conv:
 class Linear:
     """linear(x, W, b): W is [out, in]; x's last axis holds the channels (``inner`` elements each)."""
 
+    follows_order = True
+
     def __call__(self, node: fx.Node, st) -> Layout | None:
         x, w = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
@@ -354,7 +356,11 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
     first = min(_pos(a, nd_s) for a in lay.axes())
     if nd_d >= nd_s - first and _same_dims(src[first:], dst[nd_d - (nd_s - first):]):
         return lay  # only dims before the channels change (window partitions, batch merges)
-    if lay.order is not None:
+    if lay.order is not None:  # fine where every index of the channel axis stays one index (dims merge around it)
+        out = reshape_layout(st, replace(lay, order=None), src, dst)
+        if (isinstance(out, Layout) and out.length == lay.length and out.granule == 1 and not out.split
+                and out.seg_axis is None and not out.outer):
+            return replace(out, order=lay.order)
         return "reshape of channels in a channel shuffle's order"
     p = _pos(lay.axis, nd_s)
     back = _segments_back_to_back(lay, src, dst, p) if lay.seg_axis is not None else None
@@ -898,6 +904,8 @@ class Stack:
 class Reduce:
     """mean/sum/amax/var(x, dims, keepdim): channels pass through unless reduced over; a reduction over the
     channels kept as a size-1 axis is a normalisation statistic (RMSNorm): lossy."""
+
+    follows_order = True
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         x = node.args[0]

@@ -1,5 +1,6 @@
 """Property tests: random networks built from the supported families (conv chains, residual adds, concat and split,
-depthwise and grouped blocks, flatten heads, channels-last MLP blocks, attention blocks with heads). For each:
+depthwise and grouped blocks, ShuffleNet units with their channel shuffle, flatten heads, channels-last MLP blocks,
+attention blocks with heads). For each:
 
 * keeping every unit in a random order reproduces the outputs (the permutation check);
 * a random ratio compresses, verifies and gives finite outputs of the original shape;
@@ -61,6 +62,22 @@ class Depthwise(nn.Module):
         return self.pw(F.gelu(self.dw(x)))
 
 
+class ShuffleUnit(nn.Module):
+    """ShuffleNet v2: the first half passes, the second goes through a branch, then a channel shuffle of g groups."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.groups = groups
+        self.branch = nn.Sequential(nn.Conv2d(c // 2, c // 2, 1), nn.BatchNorm2d(c // 2), nn.ReLU(),
+                                    nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2), nn.Conv2d(c // 2, c // 2, 1))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = y.shape
+        return y.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
 class ChannelsLastMLP(nn.Module):
     """ConvNeXt-style: permute to channels-last, LayerNorm-free MLP with a layer scale, permute back, residual."""
 
@@ -106,6 +123,8 @@ def block(kind: str, c: int, param: int) -> nn.Module:
         return Depthwise(c, c if param % 2 else 2)
     if kind == "mlp":
         return ChannelsLastMLP(c)
+    if kind == "shuffle":
+        return ShuffleUnit(c, 4 if param % 2 else 2)
     return AttentionBlock(c, heads=2 if param % 2 else 4, explicit=kind == "attention_explicit")
 
 
@@ -124,7 +143,7 @@ class RandomNet(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-KINDS = ["conv", "residual", "concat", "depthwise", "mlp", "attention", "attention_explicit"]
+KINDS = ["conv", "residual", "concat", "depthwise", "shuffle", "mlp", "attention", "attention_explicit"]
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
