@@ -68,8 +68,9 @@ class ShuffleUnit(nn.Module):
     def __init__(self, c, groups):
         super().__init__()
         self.groups = groups
-        self.branch = nn.Sequential(nn.Conv2d(c // 2, c // 2, 1), nn.BatchNorm2d(c // 2), nn.ReLU(),
-                                    nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2), nn.Conv2d(c // 2, c // 2, 1))
+        h = c // 2
+        self.branch = nn.Sequential(nn.Conv2d(h, h, 1), nn.BatchNorm2d(h), nn.ReLU(),
+                                    nn.Conv2d(h, h, 3, padding=1, groups=h), nn.Conv2d(h, h, 1))
 
     def forward(self, x):
         a, b = x.chunk(2, dim=1)
