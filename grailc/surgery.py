@@ -137,27 +137,29 @@ def _positions(w: torch.Tensor, layout: Layout, i: int) -> torch.Tensor:
     return w.index_select(1, torch.tensor(layout.seg_positions(i), device=w.device))
 
 
-def map_columns(cols: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def map_columns(cols: torch.Tensor, m: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
     """[O, C, inner, taps] columns through a map on C: a 1-D index keeps columns, a [C, k] matrix merges them
-    (in float64)."""
+    (in ``dtype``)."""
     if m.dim() == 1:
         return cols.index_select(1, m.to(cols.device))
-    return torch.einsum("ocit,ck->okit", cols.to(torch.float64), m.to(cols.device, torch.float64)).to(cols.dtype)
+    return torch.einsum("ocit,ck->okit", cols.to(dtype), m.to(cols.device, dtype)).to(cols.dtype)
 
 
 def mask_columns(weight: torch.Tensor, slot, cmap: ChannelMap, B: torch.Tensor | None) -> torch.Tensor:
     """Full-width twin of a merge: the consumer reads the old channels x, the compressed one z = R x, so the slot's
-    columns become W B R (W[:, K] B on K and 0 elsewhere for a selection; B None: the map's plain spread U)."""
+    columns become W B R (W[:, K] B on K and 0 elsewhere for a selection; B None: the map's plain spread U). For
+    the shadow of sequential calibration, so merged in float32 (``apply`` merges in float64)."""
     layout = slot.consumer.layout
     w = _columns_first(weight, slot).detach().clone(memory_format=torch.contiguous_format)
     view = w.view(w.shape[0], layout.length, layout.inner, -1)
     cols = slot.take(view)
-    narrowed = map_columns(cols, B if B is not None else cmap.columns())  # [O, k, inner, taps]
+    work = torch.promote_types(cols.dtype, torch.float32)
+    narrowed = map_columns(cols, B if B is not None else cmap.columns(), work)  # [O, k, inner, taps]
     if cmap.is_selection:
         masked = torch.zeros_like(cols)
         masked[:, cmap.keep.to(cols.device)] = narrowed
     else:
-        masked = map_columns(narrowed, cmap.merge)
+        masked = map_columns(narrowed, cmap.merge, work)
     view[:, slot.indices().to(view.device)] = masked
     return _columns_first(w, slot).contiguous()
 

@@ -144,6 +144,8 @@ def _node_order(gm: fx.GraphModule) -> dict[str, int]:
 
 
 PRODUCT_ROWS = 16384  # rows per float32 product; the chunk sums are accumulated in float64
+GX_EVERY = 8  # sequential calibration's dense Gram Gx, read only by the reported errors, from every 8th row
+PREPASS_EVERY = 4  # its dense pre-pass, read only to select residual groups, runs every 4th batch
 
 
 def row_dtype(x: torch.Tensor) -> torch.dtype:
@@ -287,12 +289,11 @@ class Resumable:
                 env[n] = self.runner.run_node(n)
 
 
-def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, slots: list,
-                           known_gx=frozenset()) -> dict[str, dict]:
+def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, slots: list) -> dict[str, dict]:
     """Run every batch's dense and shadow run on to the input of consumer ``node`` (not running it) and return,
     per consumer slot there: Gz = sum z z^T on the compressed shadow, C = sum x z^T against the dense inputs x,
-    Gx = sum x x^T (not for the slots in ``known_gx``, whose dense Gram was taken already), the row count,
-    sz = sum z and sx = sum x (one dict per name, keyed by slot)."""
+    Gx = sum x x^T estimated from every ``GX_EVERY``-th row (scaled up: only the reported errors read it, never a
+    decision), the row count, sz = sum z and sx = sum x (one dict per name, keyed by slot)."""
     found: dict[str, dict] = {name: {} for name in ("gz", "cross", "gx", "rows", "sums", "target_sums")}
     consumer = slots[0].consumer
     for dense, shadow in runs:
@@ -302,10 +303,10 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
         for slot in slots:
             a = slot.take(xd)
             b = slot.take(xs)
+            some = a[::GX_EVERY]
             _accumulate(found["gz"], slot.key, products(b))
             _accumulate(found["cross"], slot.key, products(a, b))
-            if slot.key not in known_gx:
-                _accumulate(found["gx"], slot.key, products(a))
+            _accumulate(found["gx"], slot.key, products(some).mul_(a.shape[0] / some.shape[0]))
             found["rows"][slot.key] = found["rows"].get(slot.key, 0) + a.shape[0]
             _accumulate(found["sums"], slot.key, column_sums(b))
             _accumulate(found["target_sums"], slot.key, column_sums(a))
@@ -336,10 +337,25 @@ def sequential_gram_bytes(gm: fx.GraphModule, groups) -> int:
     return gram_bytes(ahead_of_decision(gm, groups)) + max(at_node.values(), default=0)
 
 
+def prepass(gm: fx.GraphModule, ahead: list, batches) -> dict[str, dict]:
+    """The dense statistics (grams, sums, rows) of the slots ``ahead`` of their group's decision, from every
+    ``PREPASS_EVERY``-th batch, scaled up to all of them: they only rank channels, next to the statistics the
+    first consumer takes from every batch."""
+    some = batches[::PREPASS_EVERY]
+    scale = sum(x[0].shape[0] for x in batches) / sum(x[0].shape[0] for x in some)
+    sums: dict = {}
+    grams, rows = record_grams(gm, ahead, some, sums=sums)
+    found = final_statistics(grams=grams, sums=sums, rows=rows)
+    for name in ("grams", "sums"):
+        found[name] = {key: value * scale for key, value in found[name].items()}
+    found["rows"] = {key: round(value * scale) for key, value in found["rows"].items()}
+    return found
+
+
 def _select_ahead(ctx, group, ahead: dict) -> None:
     """Select for ``group`` at its first consumer: the slots there have their statistics on the compressed model;
-    the later ones lend theirs from the dense pre-pass (``ahead``: grams, sums, rows) for the selection only (they
-    go back to ``ahead``: when the pass reaches their consumer, the dense Gram is its Gx)."""
+    the later ones lend theirs from the dense pre-pass (``ahead``: grams, sums, rows) for the selection only; they
+    are dropped after it."""
     from grailc.passes.select import select_group
 
     lent = [s.key for s in group.consumers if s.key in ahead["grams"] and s.key not in ctx.grams]
@@ -349,8 +365,8 @@ def _select_ahead(ctx, group, ahead: dict) -> None:
             store[key] = ahead[name].pop(key)
     select_group(ctx, group)
     for key in lent:
-        for name, store in stores.items():
-            ahead[name][key] = store.pop(key)
+        for store in stores.values():
+            del store[key]
 
 
 def calibrate_sequentially(ctx, batches) -> None:
@@ -361,16 +377,16 @@ def calibrate_sequentially(ctx, batches) -> None:
     of it already compressed and compensated, the earlier blocks of its own residual group included).
 
     A group whose consumers sit at several nodes (a residual stage) is selected before the pass has seen its
-    later consumers: for the selection only, those take their statistics from one dense pre-pass
-    (``ahead_of_decision``). The compressed part is simulated on a full-width shadow copy: each consumer's
-    columns become W B on the kept channels and zero elsewhere and its bias b + W c, which computes exactly what
-    the narrowed model computes. Sums stay in ``ctx.sums`` (z) and ``ctx.target_sums`` (x); Grams are dropped
-    once their slot is compensated.
+    later consumers: for the selection only, those take their statistics from a dense pre-pass over every
+    ``PREPASS_EVERY``-th batch (``ahead_of_decision``, ``prepass``). The compressed part is simulated on a
+    full-width shadow copy: each consumer's columns become W B on the kept channels and zero elsewhere and its
+    bias b + W c, which computes exactly what the narrowed model computes. Sums stay in ``ctx.sums`` (z) and
+    ``ctx.target_sums`` (x); Grams are dropped once their slot is compensated.
 
-    Cost: one dense and one shadow forward pass with three Gram products (Gz, C, Gx) per consumer slot, plus the
-    pre-pass (a dense forward, one product per slot ahead, which is then that slot's Gx). Memory: per batch, the
-    live activations of the dense and the shadow run (twice the activations of all calibration batches at the
-    widest point of the graph), and ``sequential_gram_bytes``.
+    Cost: one dense and one shadow forward pass with two Gram products (Gz, C) per consumer slot and an eighth
+    of one (Gx), plus the pre-pass (a quarter of a dense forward and of one product per slot ahead). Memory: per
+    batch, the live activations of the dense and the shadow run (twice the activations of all calibration
+    batches at the widest point of the graph), and ``sequential_gram_bytes``.
     """
     from grailc.passes.compensate import compensate_group
 
@@ -380,9 +396,7 @@ def calibrate_sequentially(ctx, batches) -> None:
         from grailc.passes.select.global_budget import plan
 
         ctx.planned = plan(ctx, final_statistics(norms=record_sq_norms(ctx.gm, groups, batches))["norms"])
-    ahead_sums: dict = {}
-    ahead_grams, ahead_rows = record_grams(ctx.gm, ahead_of_decision(ctx.gm, groups), batches, sums=ahead_sums)
-    ahead = final_statistics(grams=ahead_grams, sums=ahead_sums, rows=ahead_rows)
+    ahead = prepass(ctx.gm, ahead_of_decision(ctx.gm, groups), batches)
     dense_order, shadow_order = GraphOrder(ctx.gm), GraphOrder(shadow)
     runs = [(Resumable(dense_order, x), Resumable(shadow_order, x)) for x in batches]
     at_node = _slots_by_node(groups)
@@ -392,11 +406,7 @@ def calibrate_sequentially(ctx, batches) -> None:
     for node in tqdm(sorted(at_node, key=position.__getitem__), desc="sequential", unit="consumer",
                      disable=not ctx.progress, leave=False):
         slots = at_node[node]
-        final = final_statistics(**record_consumer_inputs(runs, node, slots, known_gx=ahead["grams"].keys()))
-        for slot in slots:  # a slot ahead of its group's decision: its Gx is the pre-pass's dense Gram
-            if slot.key in ahead["grams"]:
-                final["gx"][slot.key] = ahead["grams"].pop(slot.key)
-                del ahead["sums"][slot.key], ahead["rows"][slot.key]
+        final = final_statistics(**record_consumer_inputs(runs, node, slots))
         _check_finite_statistics(ctx.gm, final["gz"], batches)
         ctx.sums.update(final["sums"])
         ctx.target_sums.update(final["target_sums"])

@@ -37,19 +37,24 @@ def _units_to_remove(ctx, group) -> int:
 
 
 class _SlotState:
-    """One consumer slot: its columns and inverse Gram, both narrowed as units go."""
+    """One consumer slot: its columns and inverse Gram, both narrowed as units go. The columns W [rows, size] are
+    held as a factor F with F^T F = W^T W (W itself, or the R of W = QR where W has more rows than columns: a conv
+    has output channels times kernel taps rows); every update multiplies W on the right, so F takes it alike."""
 
     def __init__(self, ctx, slot):
         G = ctx.grams[slot.key].to(torch.float64)
         d = DAMP * torch.diagonal(G).mean().clamp_min(1e-300)
         self.per_unit = slot.per_unit
-        self.W = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float64)
+        W = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float64)
+        self.W = torch.linalg.qr(W, mode="r").R if W.shape[0] > W.shape[1] else W
         self.Hinv = torch.cholesky_inverse(torch.linalg.cholesky(G + d * torch.eye(G.shape[0], dtype=G.dtype)))
-        self.total = float(torch.einsum("ij,jk,ik->", self.W, G, self.W)) or 1.0
+        self.total = float(((self.W @ G) * self.W).sum()) or 1.0
 
     def scores(self) -> torch.Tensor:
         """dE of removing each alive unit alone, relative to the consumer's output energy."""
         p = self.per_unit
+        if p == 1:
+            return self.W.square().sum(0) / torch.diagonal(self.Hinv) / self.total
         n = self.W.shape[1] // p  # alive units, in column-block order
         blocks = self.Hinv.reshape(n, p, n, p).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [n, p, p]
         Wb = self.W.reshape(self.W.shape[0], n, p).permute(1, 0, 2)  # [n, rows, p]
