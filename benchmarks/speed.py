@@ -5,11 +5,14 @@
 
 For every model (random weights: speed does not depend on them) and ratio, grailc compresses it (data-free, a few
 random batches) and Torch-Pruning's magnitude pruner prunes a copy at the same channel ratio (where it can prune the
-model); each pruned model is exported the way ``grailc compress`` exports (``grailc.export.save_onnx``) and measured
-against the dense export with :func:`grailc.bench.compare` (interleaved runs, median of per-pair ratios). Columns:
-``MACs`` = MACs after / before, ``latency`` = measured latency after / before, ``realised`` = their quotient, the
-measured speed-up as a fraction of the ideal (MACs) one. ``--multiple-of`` repeats grailc's rows with every kept
-width rounded to that multiple. The plot (matplotlib, when installed) shows ``realised`` per model.
+model). SmolLM2 (shipped weights, token ids in) is compressed layer by layer (MLP widths and attention heads, as
+``grailc compress hf:``) and measured on sequences of 128 tokens, MACs per sequence from
+``grailc.llm.export.decoder_macs``; each pruned model is exported the way ``grailc compress`` exports
+(``grailc.export.save_onnx``) and measured against the dense export with :func:`grailc.bench.compare` (interleaved
+runs, median of per-pair ratios). Columns: ``MACs`` = MACs after / before, ``latency`` = measured latency after /
+before, ``realised`` = their quotient, the measured speed-up as a fraction of the ideal (MACs) one.
+``--multiple-of`` repeats grailc's rows with every kept width rounded to that multiple. The plot (matplotlib, when
+installed) shows ``realised`` per model.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ MODELS = {  # name: (source, builder name)
     "deit_s": ("timm", "deit_small_patch16_224"),
 }
 TRANSFORMERS = {"deit_s"}
+LLMS = {"smollm2": "SmolLM2-135M-Instruct"}  # shipped weights (grailc.llm.shipped); token ids in, logits out
+LLM_TOKENS = 128  # sequence length of the decoder measurements (grailc compress hf: --bench measures the same)
 
 
 def build(name: str) -> torch.nn.Module:
@@ -80,9 +85,30 @@ def torch_pruning(model: torch.nn.Module, ratio: float, shape) -> torch.nn.Modul
     return model.eval()
 
 
-def measure(dense: tuple[Path, int], pruned: tuple[Path, int], settings: Settings) -> list[dict]:
+def decoder_onnx(model, path: Path) -> tuple[Path, int]:
+    """A decoder LM exported as ``grailc compress hf:`` exports it, and its MACs per sequence of LLM_TOKENS."""
+    from grailc.llm.export import decoder_macs, export_decoder_onnx
+
+    export_decoder_onnx(model, torch.randint(0, model.config.vocab_size, (1, 64)), path)
+    return path, decoder_macs(model, LLM_TOKENS)
+
+
+def compress_decoder(model, ratio: float, multiple: int) -> torch.nn.Module:
+    """grailc's layer-by-layer compression of MLP widths and attention heads on random token ids (speed depends on
+    the widths only)."""
+    from grailc.api import make_recipe
+    from grailc.llm.layerwise import compress_layers
+
+    small = copy.deepcopy(model)
+    windows = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    recipe = make_recipe(ratio=ratio, targets=["mlp", "heads"], multiple_of=multiple, calib_batch_size=4, lam=0.1)
+    compress_layers(small, windows, recipe.resolved(llm=True))
+    return small
+
+
+def measure(dense: tuple[Path, int], pruned: tuple[Path, int], settings: Settings, shapes=None) -> list[dict]:
     ideal = dense[1] / pruned[1]
-    bench = compare(dense[0], pruned[0], settings, ideal=ideal)
+    bench = compare(dense[0], pruned[0], settings, shapes, ideal=ideal)
     return [{"batch": r["batch"], "macs": pruned[1] / dense[1], "latency": 1 / r["speedup"],
              "realised": r["realised_fraction_of_ideal"], "speedup": r["speedup"],
              "dense_ms": r["dense_ms"]["median"], "pruned_ms": r["compressed_ms"]["median"]} for r in bench["runs"]]
@@ -90,7 +116,7 @@ def measure(dense: tuple[Path, int], pruned: tuple[Path, int], settings: Setting
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=[*MODELS, *LLMS], choices=[*MODELS, *LLMS])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--multiple-of", type=int, nargs="+", default=[1],
                         help="grailc rows for each of these (1: exact widths; 8: every kept width a multiple of 8)")
@@ -113,21 +139,33 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            model = build(name)
-            dense = onnx_of(model, shape, Path(tmp) / f"{name}.onnx")
+            llm = name in LLMS
+            if llm:
+                from grailc.llm.hf import load_causal_lm
+                from grailc.llm.shipped import smollm2_folder
+
+                model = load_causal_lm(smollm2_folder())[0]
+                dense = decoder_onnx(model, Path(tmp) / f"{name}.onnx")
+            else:
+                model = build(name)
+                dense = onnx_of(model, shape, Path(tmp) / f"{name}.onnx")
             g = torch.Generator().manual_seed(0)
             calib = [torch.randn(2, *shape[1:], generator=g) for _ in range(3)]
             for ratio in args.ratios:
                 methods = [("grailc" + (f" mult {m}" if m > 1 else ""), m) for m in args.multiple_of]
-                methods += [] if args.no_torch_pruning else [("torch-pruning", None)]
+                methods += [] if args.no_torch_pruning or llm else [("torch-pruning", None)]
                 for method, multiple in methods:
                     start = time.perf_counter()
                     try:
-                        small = torch_pruning(model, ratio, shape) if multiple is None else grailc.compress(
-                            model, calib=calib, ratio=ratio, multiple_of=multiple, calib_held_out=1,
-                            sequential=False, measure_latency=False).module  # speed: the sizes matter, not values
-                        pruned = onnx_of(small, shape, Path(tmp) / "pruned.onnx")
-                        results = measure(dense, pruned, settings)
+                        if llm:
+                            pruned = decoder_onnx(compress_decoder(model, ratio, multiple), Path(tmp) / "pruned.onnx")
+                            results = measure(dense, pruned, settings, [[1, LLM_TOKENS]])
+                        else:
+                            small = torch_pruning(model, ratio, shape) if multiple is None else grailc.compress(
+                                model, calib=calib, ratio=ratio, multiple_of=multiple, calib_held_out=1,
+                                sequential=False, measure_latency=False).module  # speed: sizes matter, not values
+                            pruned = onnx_of(small, shape, Path(tmp) / "pruned.onnx")
+                            results = measure(dense, pruned, settings)
                     except Exception as e:  # a pruner that cannot handle the model: say so, go on
                         print(f"{name:18} {ratio:>5.2f} {method:16} failed: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0][:100] if str(e).strip() else ''}", flush=True)

@@ -69,18 +69,19 @@ def settings_from(args) -> Settings:
 
 def check_compress_flags(args, recipe) -> None:
     """Refuse ``compress --bench`` up front where nothing could be measured, before the compile runs."""
-    if args.model.startswith("hf:"):
-        raise GrailcError("--bench is not available for hf: decoder LLMs yet (the dense decoder is not exported)",
-                          fix="drop --bench; measure out/model.onnx with grailc bench OUT --dense FILE.onnx")
+    if getattr(args, "stream", False):
+        raise GrailcError("--bench measures the ONNX models, which --stream does not write",
+                          fix="drop --bench; export and measure on a machine that holds the model")
     if not recipe.export.onnx:
         raise GrailcError("--bench measures the ONNX models, but --no-onnx (or the recipe) turns the export off",
                           fix="drop --no-onnx, or drop --bench")
 
 
 def _sample_shapes(report: dict) -> list[list[int]] | None:
+    """One sample's shape per input: the recipe's input shape, or a decoder LM's token ids ([1, macs_tokens])."""
     shape = (report.get("recipe") or {}).get("input_shape")
     if not shape:
-        return None
+        return [[1, report["macs_tokens"]]] if report.get("macs_tokens") else None
     return shape if isinstance(shape[0], list) else [shape]
 
 
@@ -90,6 +91,8 @@ def measure(dense: Path, compressed: Path, report: dict, settings: Settings, log
     ideal = before / after if before and after else None
     record = compare(dense, compressed, settings, _sample_shapes(report), ideal, log)
     record["macs_before"], record["macs_after"] = before, after
+    if report.get("macs_tokens"):
+        record["tokens"] = report["macs_tokens"]
     record["dense"], record["compressed"] = dense.name, compressed.name
     return record
 

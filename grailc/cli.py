@@ -473,6 +473,10 @@ def _run_compress_llm(args, argv, recipe, start) -> int:
         _WRITTEN.append(out)
     if table is not None:
         print(table)
+        if "bench" in report:
+            from grailc.bench import table as bench_table
+
+            print(bench_table(report["bench"]))
         print(f"wrote {out}/ ({time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -19,6 +19,7 @@ LLM_LAM = 0.1
 # reconstruct's learning rate for hf: models: on SmolLM2 (8 layers, 2,048 tokens each) 3e-3 overfit (perplexity
 # 38.9 -> 64.2) where 1e-4 gained a little (38.9 -> 37.9); see README, Local reconstruction
 LLM_RECONSTRUCT_LR = 1e-4
+BENCH_TOKENS = 128  # the sequence length --bench measures decoders at (MACs per sequence of this many tokens)
 
 
 def model_folder(spec: str) -> Path:
@@ -37,7 +38,8 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
     """Compress an HF causal LM layer by layer (each layer on ``device``; default the CPU) into the staged output;
     returns the report and the folder. ``staged`` None (a data-parallel process other than rank 0): compress only,
     write nothing."""
-    from grailc.llm.export import export_decoder_onnx
+    from grailc.bench_command import COMPRESSED, DENSE, measure, settings_from
+    from grailc.llm.export import decoder_macs, export_decoder_onnx
     from grailc.llm.hf import load_causal_lm, save_causal_lm
     from grailc.llm.layerwise import compress_layers, decoder_parts, parse_layers
     from grailc.llm.text import calibration_windows, check_text_file, read_tokens
@@ -64,6 +66,10 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
     params_before = count_params(model)
     only = parse_layers(args.layers, len(decoder_parts(model)[0]))
     recipe = recipe.resolved(llm=True)
+    macs_before = decoder_macs(model, BENCH_TOKENS)
+    bench = getattr(args, "bench", False) and staged is not None
+    if bench:  # the dense decoder, exported before it is compressed in place
+        dense_onnx = export_decoder_onnx(model, windows[:1, : min(64, windows.shape[1])], staged.path(DENSE))
     report = compress_layers(model, windows, recipe, structure=args.structure, only=only,
                              progress=not args.quiet and staged is not None, device=device, stream=stream)
     if staged is None:
@@ -80,6 +86,9 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
                                                    "reconstruct_optimizer")},
         "params_before": params_before,
         "params_after": count_params(model),
+        "macs_before": macs_before,  # per sequence of macs_tokens tokens (grailc.llm.export.decoder_macs)
+        "macs_after": decoder_macs(model, BENCH_TOKENS),
+        "macs_tokens": BENCH_TOKENS,
         "saved_as": {"config": "a plain Hugging Face folder (uniform widths)",
                      "shapes": "config + grailc_shapes.json (per-layer widths): load with grailc"}[fmt],
         "timings": {"load": round(t_load, 3), "compress": report["seconds"]},
@@ -97,6 +106,9 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
                                              staged.path("model.onnx"))
         report["onnx"]["path"] = "model.onnx"
         report["timings"]["export"] = round(time.perf_counter() - t0, 3)
+    if bench:
+        report["bench"] = measure(staged.path(DENSE), staged.path(COMPRESSED), report, settings_from(args))
+        report["bench"]["dense_onnx"] = {k: dense_onnx[k] for k in ("max_abs_diff", "relative_diff", "opset")}
     atomic_write_text(staged.path("report.json"), json.dumps(report, indent=2, default=str))
     return report, staged.staging_dir
 

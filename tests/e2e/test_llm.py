@@ -225,3 +225,27 @@ def test_per_layer_widths_compressed_again_still_load(tiny_folder, tmp_path, cap
     model, tokenizer = load_causal_lm(second)
     ids = _windows(tokenizer, HAMLET, 2, 24)
     assert torch.isfinite(_logits(model, ids)).all()
+
+
+def test_cli_bench_measures_the_dense_and_compressed_decoders(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{shakespeare_text(MACBETH)}", "--calib-samples",
+               "8", "--seq-len", "32", "--ratio", "0.5", "--targets", "mlp,heads", "--bench", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert {"dense.onnx", "model.onnx"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    bench = report["bench"]
+    assert report["macs_tokens"] == bench["tokens"] == 128 and report["macs_after"] < report["macs_before"]
+    assert bench["ideal_speedup"] == pytest.approx(report["macs_before"] / report["macs_after"])
+    assert [r["batch"] for r in bench["runs"]] == [1, 32] and bench["dense_onnx"]["relative_diff"] < 1e-3
+    assert all(r["speedup"] > 0 for r in bench["runs"]) and "ideal speed-up (MACs before / after)" in printed.out
+    assert main(["bench", str(out), "--batch", "2", "--repeats", "3", "--warmup", "1", "--quiet"]) == 0
+    assert [r["batch"] for r in json.loads((out / "report.json").read_text())["bench"]["runs"]] == [2]
+
+
+def test_cli_bench_with_stream_is_refused_before_the_work(tiny_folder, tmp_path, capsys):
+    rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{shakespeare_text(MACBETH)}", "--stream",
+               "--bench", "--out", str(tmp_path / "out")])
+    assert rc != 0 and "--stream does not write" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
