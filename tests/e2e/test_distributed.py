@@ -127,13 +127,23 @@ LLM_CASES = {
     "wanda_sp": ["--selector", "wanda_sp"],
     # FLAP's global plan (fluctuation scores from summed Grams and sums over every layer), then bias + GRAIL
     "flap-global": ["--selector", "flap", "--structure", "global", "--compensate", "grail+bias"],
+    # every process reads each layer's weights from disk for its turn; rank 0 writes the shards
+    "stream": ["--selector", "wanda_sp", "--stream"],
 }
+
+
+def all_weights(folder) -> dict:
+    """Every tensor of the folder's safetensors files (one file, or the shards --stream writes)."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(path))
+    return found
 
 
 @pytest.mark.parametrize("case", LLM_CASES)
 def test_llm_two_processes_give_the_one_process_model(tiny_folder, tmp_path, case, one_thread):
-    from safetensors.torch import load_file
-
     args = [f"hf:{tiny_folder}", "--calib", f"text:{shakespeare_text(MACBETH)}", *LLM_DATA, *LLM_CASES[case]]
     assert main(["compress", *args, "--out", str(tmp_path / "one")]) == 0
     torchrun([*args, "--device", "cpu", "--out", str(tmp_path / "two")], tmp_path)
@@ -148,7 +158,9 @@ def test_llm_two_processes_give_the_one_process_model(tiny_folder, tmp_path, cas
             errors, rel=1e-9)
     if case == "flap-global":
         assert two["global_plan"]["kept"] == one["global_plan"]["kept"]
-    assert_same_weights(*(load_file(tmp_path / d / "model.safetensors") for d in ("one", "two")))
+    assert_same_weights(*(all_weights(tmp_path / d) for d in ("one", "two")))
+    if case == "stream":
+        assert one["stream"] and two["stream"] and len(list((tmp_path / "two").glob("*.safetensors"))) > 1
 
 
 # -- refusals and --device, in one process -------------------------------------------------------------------------
