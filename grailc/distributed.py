@@ -222,12 +222,15 @@ def check_recipe(recipe) -> None:
     if not active():
         return
     fix = f"run it in one process (without torchrun), or drop it from the data-parallel run ({LAUNCH})"
+    if recipe.reconstruct != "off" and recipe.selector == "wanda_pp":
+        raise RecipeError(
+            f"Wanda++'s regional optimisation (--reconstruct {recipe.reconstruct}, which --selector wanda_pp turns "
+            f"on for hf: models) is not data-parallel: it trains on the calibration batches, and under torchrun each "
+            f"of the {world()} processes holds only its share of them",
+            fix="give --reconstruct off to run Wanda++'s selection alone data-parallel, or run in one process")
     if recipe.reconstruct != "off":
         raise RecipeError(
             f"--reconstruct {recipe.reconstruct} is not data-parallel: it trains with Adam on the calibration "
             f"batches, and under torchrun each of the {world()} processes holds only its share of them, so each "
             "would train on different data", fix=fix)
-    if recipe.selector == "wanda_pp":
-        raise RecipeError(
-            "--selector wanda_pp is not data-parallel: its regional gradients are averaged over this process's "
-            "calibration samples only", fix=fix)
+

@@ -20,7 +20,8 @@ The *region* is the graph handed to :func:`grailc.compress`: on the ``hf:`` path
 paper's decoder block), fed the outputs of the already compressed layers before it; for a CNN or ViT it is the whole
 model, so L_n is the norm of its logits. Gradients are taken on the dense graph (``ctx.gm`` before ``apply``), once
 per compile for every consumer (cached in ``ctx.cache``), at the cost of one forward and one backward per sample.
-A graph traced with a fixed batch size takes each of its batches as one sample.
+A graph traced with a fixed batch size takes each of its batches as one sample. Data-parallel (``torchrun``), each
+process takes its share of the samples and the sums of squares and the sample count are summed over the processes.
 
 The second half of Wanda++, regional optimisation (RO: after pruning, a few RMSprop steps on the block's weights to
 match the dense block's output), is the ``reconstruct`` pass with ``reconstruct = "layer"`` and
@@ -34,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_leaves
 
+from grailc.distributed import all_reduce_stats
 from grailc.errors import CalibrationError
 from grailc.registry import selector
 from grailc.surgery import consumer_columns, get_param
@@ -108,7 +110,10 @@ def regional_gradients(ctx) -> dict[str, torch.Tensor]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    found = {t: (s / len(samples)).sqrt().cpu() for t, s in sq.items()}  # held on the CPU, like the scores
+    # data-parallel: each process summed over its share of the samples; the sums and the count are summed over all
+    summed = all_reduce_stats({**{("sq", t): s for t, s in sq.items()}, ("samples", ""): len(samples)})
+    count = summed[("samples", "")]
+    found = {t: (summed[("sq", t)] / count).sqrt().cpu() for t in sq}  # held on the CPU, like the scores
     bad = next((t for t, g in found.items() if not bool(torch.isfinite(g).all())), None)
     if bad is not None:
         raise CalibrationError(f"wanda_pp: the regional gradient of {bad} is not finite",

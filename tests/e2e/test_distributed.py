@@ -91,6 +91,8 @@ CNN_CASES = {
     "sequential+budget+repair": ["--budget", "params=0.5", "--compensate", "grail+bias", "--repair"],
     # one-shot: Grams, sums, SlimGPT's greedy OBS selection on them
     "one-shot+gram": ["--one-shot", "--selector", "gram", "--compensate", "grail+bias", "--no-onnx"],
+    # Wanda++'s regional gradients: per-sample squared gradients and the sample count summed over the processes
+    "one-shot+wanda_pp": ["--one-shot", "--selector", "wanda_pp", "--no-onnx"],
 }
 
 
@@ -195,8 +197,9 @@ def test_passes_that_are_not_data_parallel_are_refused(monkeypatch):
     _pretend_two_processes(monkeypatch)
     with pytest.raises(RecipeError, match="--reconstruct layer is not data-parallel"):
         make_recipe(reconstruct="layer")
-    with pytest.raises(RecipeError, match="wanda_pp is not data-parallel"):
-        make_recipe(selector="wanda_pp")
+    make_recipe(selector="wanda_pp")  # its regional gradients are summed over the processes
+    with pytest.raises(RecipeError, match="give --reconstruct off to run Wanda"):
+        make_recipe(selector="wanda_pp", reconstruct="layer")
 
 
 def test_only_compress_runs_under_torchrun(monkeypatch, tmp_path, capsys):
