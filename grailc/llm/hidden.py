@@ -29,6 +29,8 @@ float64 Grams.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm import tqdm
 
@@ -141,10 +143,12 @@ def hidden_scores(model, batches: list[torch.Tensor], score: str, device, home, 
     return total
 
 
-def kept_width(d: int, ratio: float, multiple_of: int) -> int:
+def kept_width(d: int, ratio: float, multiple_of: int, heads: int = 1) -> int:
+    """(1 - ratio) d, rounded to a multiple of ``multiple_of`` and of the query head count: a Hugging Face config
+    requires hidden_size to be a multiple of num_attention_heads (even where head_dim is given)."""
     from grailc.passes.select import n_keep
 
-    return n_keep(d, ratio, multiple_of)
+    return n_keep(d, ratio, math.lcm(max(1, multiple_of), max(1, heads)))
 
 
 class _NormFit:
@@ -268,7 +272,7 @@ def prune_hidden(model, batches: list[torch.Tensor], recipe, *, device=None, hom
     home = home or next(model.parameters()).device
     device = device or home
     d = model.model.embed_tokens.weight.shape[1]
-    k = kept_width(d, recipe.ratio, recipe.multiple_of)
+    k = kept_width(d, recipe.ratio, recipe.multiple_of, getattr(model.config, "num_attention_heads", 1))
     scores = hidden_scores(model, batches, score, device, home, progress)
     if recipe.selector == "random":
         scores = torch.rand(d, generator=torch.Generator().manual_seed(recipe.calib.seed), dtype=F64)

@@ -86,6 +86,16 @@ def test_multiple_of_rounds_the_kept_width(tiny_folder, tokenizer):
     assert report["hidden"]["kept"] == 48 and model.config.hidden_size == 48
 
 
+def test_kept_width_is_a_multiple_of_the_heads_so_the_config_saves(tiny_folder, tokenizer, tmp_path):
+    """Hugging Face configs require hidden_size to be a multiple of num_attention_heads: 0.7 x 64 = 44.8 -> 44."""
+    model, _ = load_causal_lm(tiny_folder)
+    recipe = make_recipe(ratio=0.3, targets=["hidden"], calib_batch_size=4)
+    report = compress_layers(model, calibration_windows(_tokens(tokenizer, MACBETH), 4, 16), recipe)
+    assert report["hidden"]["kept"] == 44 and model.config.num_attention_heads == 4
+    save_causal_lm(model, tokenizer, tmp_path / "out")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.hidden_size == 44
+
+
 def test_grail_beats_plain_slicing_on_held_out_text(tiny_folder, tokenizer):
     """The logits of held-out text against the dense model's: GRAIL through the norms against plain slicing, with
     and without the norms' scale fitted."""
