@@ -360,7 +360,10 @@ def run_groups(args) -> int:
     deps = ctx.deps
     print(f"{'id':>5} {'kind':9} {'units':>6} {'x ch':>5} {'prod':>4} {'cons':>4}  producers / pinned because")
     for g in deps.groups.values():
-        names = ", ".join(g.modules()[:3]) + (" ..." if len(g.modules()) > 3 else "")
+        # a producer split into parts (q, k, v of a fused projection; a branch a shuffle spreads) shows its rows
+        labels = list(dict.fromkeys(f"{p.fact.module}[{p.offset}:{p.offset + p.size}]"
+                                    if len(p.fact.layout.segments) > 1 else p.fact.module for p in g.producers))
+        names = ", ".join(labels[:3]) + (" ..." if len(labels) > 3 else "")
         print(f"{g.id:>5} {g.kind:9} {g.size:>6} {g.granule:>5} {len(g.producers):>4} {len(g.consumers):>4}  {names}"
               + (f"\n{'':38}approximate: {g.lossy}" if g.lossy else "")
               + (f"\n{'':38}pinned: {g.pinned}" if g.pinned else ""))

@@ -285,3 +285,10 @@ def test_demo_refuses_an_existing_output_folder_before_the_work(tmp_path, capsys
     out.mkdir()
     assert main(["demo", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.is_dir()
+
+
+def test_groups_shows_the_rows_of_split_producers(capsys):
+    assert main(["groups", "torchvision:shufflenet_v2_x0_5", "--input-shape", "1,3,64,64"]) == 0
+    out = capsys.readouterr().out
+    assert "stage2.0.branch1.2[12:24]" in out and "stage2.0.branch1.2[0:3]" in out
+    assert out.strip().splitlines()[-1] == "88 groups, 86 prunable"
