@@ -342,10 +342,11 @@ def prepass(gm: fx.GraphModule, ahead: list, batches) -> dict[str, dict]:
     ``PREPASS_EVERY``-th batch, scaled up to all of them: they only rank channels, next to the statistics the
     first consumer takes from every batch."""
     some = batches[::PREPASS_EVERY]
-    scale = sum(x[0].shape[0] for x in batches) / sum(x[0].shape[0] for x in some)
     sums: dict = {}
     grams, rows = record_grams(gm, ahead, some, sums=sums)
-    found = final_statistics(grams=grams, sums=sums, rows=rows)
+    samples = {"all": sum(x[0].shape[0] for x in batches), "read": sum(x[0].shape[0] for x in some)}
+    found = final_statistics(grams=grams, sums=sums, rows=rows, samples=samples)  # the counts of every process
+    scale = found["samples"]["all"] / found["samples"]["read"]
     for name in ("grams", "sums"):
         found[name] = {key: value * scale for key, value in found[name].items()}
     found["rows"] = {key: round(value * scale) for key, value in found["rows"].items()}
