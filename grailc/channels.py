@@ -115,6 +115,14 @@ class Layout:
         return replace(self, axis=axis, split=split, seg_axis=seg)
 
 
+def take(x: torch.Tensor, dim: int, start: int, size: int, positions: tuple[int, ...] | None) -> torch.Tensor:
+    """Indices ``start .. start + size`` of dim ``dim`` (a view), or the listed ``positions`` where a channel
+    shuffle spread them."""
+    if positions is None:
+        return x.narrow(dim, start, size)
+    return x.index_select(dim, torch.tensor(positions, device=x.device))
+
+
 def unit_indices(units: torch.Tensor, per_unit: int) -> torch.Tensor:
     """Indices of whole units: unit u covers ``u*per_unit .. u*per_unit + per_unit - 1`` (order of ``units`` kept)."""
     units = units.to(torch.long)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from grailc.channel_map import ChannelMap
-from grailc.channels import Layout, Spaces
+from grailc.channels import Layout, Spaces, take
 
 
 @dataclass
@@ -80,9 +80,7 @@ class Slot:
 
     def take(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The slot's indices of dim ``dim`` of ``x`` (a view where they are consecutive)."""
-        if self.positions is None:
-            return x.narrow(dim, self.offset, self.size)
-        return x.index_select(dim, self.indices().to(x.device))
+        return take(x, dim, self.offset, self.size, self.positions)
 
     @property
     def consumer(self) -> Consumer:

@@ -808,11 +808,10 @@ def _split_shuffled(st, lay: Layout, sizes: list[int]):
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     piece_at = [i for i, n in enumerate(sizes) for _ in range(n)]
     starts = [sum(s.size for s in lay.segments[:i]) for i in range(len(lay.segments))]
-    where = {c: p for p, c in enumerate(lay.order)}
     pieces: list[list[Segment]] = [[] for _ in sizes]
     home = {}  # stacked channel -> (piece, index among the piece's segments, channel in that segment)
-    for seg, start in zip(lay.segments, starts):
-        of = [piece_at[where[start + j]] for j in range(seg.size)]
+    for i, (seg, start) in enumerate(zip(lay.segments, starts)):
+        of = [piece_at[p] for p in lay.seg_positions(i)]
         if of != sorted(of):
             return st.opaque("split of shuffled channels that do not leave their producer in consecutive runs")
         runs = [of.count(i) for i in dict.fromkeys(of)]
@@ -829,11 +828,7 @@ def _split_shuffled(st, lay: Layout, sizes: list[int]):
     outs = []
     for i in range(len(sizes)):
         first = [sum(s.size for s in pieces[i][:n]) for n in range(len(pieces[i]))]
-        order = []
-        for p in range(bounds[i], bounds[i + 1]):
-            piece, n, k = home[lay.order[p]]
-            order.append(first[n] + k)
-        order = tuple(order)
+        order = tuple(first[home[lay.order[p]][1]] + home[lay.order[p]][2] for p in range(bounds[i], bounds[i + 1]))
         outs.append(Layout(lay.axis, tuple(pieces[i]), order=None if order == tuple(range(len(order))) else order))
     st.carrier(lay, [], size_args=[(1, i, 1, tuple(s.space for s in pieces[i])) for i in range(len(sizes))])
     return tuple(outs)

@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from grailc.channel_map import ChannelMap
-from grailc.channels import Layout
+from grailc.channels import Layout, take
 from grailc.errors import GrailcError
 
 
@@ -117,7 +117,10 @@ def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor]
         return merge_columns(weight.transpose(0, 1), layout, maps, targets).transpose(0, 1).contiguous()
     out_dim = weight.shape[0]
     w = weight.reshape(out_dim, layout.length, layout.inner, -1)  # [O, C, inner, taps]
-    pieces = [map_columns(_positions(w, layout, i), m) for i, m in enumerate(maps)]
+    pieces = []
+    for i, (seg, off, m) in enumerate(zip(layout.segments, layout.offsets(), maps)):
+        positions = layout.seg_positions(i) if layout.order is not None else None
+        pieces.append(map_columns(take(w, 1, off, layout.seg_length(seg), positions), m))
     if layout.order is None:
         merged = torch.cat(pieces, dim=1)
     else:
@@ -128,13 +131,6 @@ def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor]
     if weight.dim() == 2:
         return merged.reshape(out_dim, k_total * layout.inner)
     return merged.reshape(out_dim, k_total, *weight.shape[2:])
-
-
-def _positions(w: torch.Tensor, layout: Layout, i: int) -> torch.Tensor:
-    """Dim 1 of ``w`` at segment ``i``'s indices, in channel order."""
-    if layout.order is None:
-        return w.narrow(1, layout.offsets()[i], layout.seg_length(layout.segments[i]))
-    return w.index_select(1, torch.tensor(layout.seg_positions(i), device=w.device))
 
 
 def map_columns(cols: torch.Tensor, m: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
