@@ -233,4 +233,3 @@ def check_recipe(recipe) -> None:
             f"--reconstruct {recipe.reconstruct} is not data-parallel: it trains with Adam on the calibration "
             f"batches, and under torchrun each of the {world()} processes holds only its share of them, so each "
             "would train on different data", fix=fix)
-
