@@ -106,6 +106,41 @@ def compress_decoder(model, ratio: float, multiple: int) -> torch.nn.Module:
     return small
 
 
+def dense_onnx(name: str, shape, path: Path) -> tuple[torch.nn.Module, tuple[Path, int]]:
+    """The model (SmolLM2's shipped weights, else random) and its export to ``path`` with its MACs."""
+    if name in LLMS:
+        from grailc.llm.hf import load_causal_lm
+        from grailc.llm.shipped import smollm2_folder
+
+        model = load_causal_lm(smollm2_folder())[0]
+        return model, decoder_onnx(model, path)
+    model = build(name)
+    return model, onnx_of(model, shape, path)
+
+
+def random_calib(shape) -> list[torch.Tensor]:
+    """Three random batches of two: data-free compression, for speed (sizes matter, not values)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, *shape[1:], generator=g) for _ in range(3)]
+
+
+def methods(multiples: list[int], with_torch_pruning: bool) -> list[tuple[str, int | None]]:
+    """(row name, multiple) for grailc at each ``--multiple-of``, and Torch-Pruning (multiple None)."""
+    rows = [("grailc" + (f" mult {m}" if m > 1 else ""), m) for m in multiples]
+    return rows + ([("torch-pruning", None)] if with_torch_pruning else [])
+
+
+def pruned_onnx(model, llm: bool, ratio: float, multiple: int | None, shape, calib, path: Path) -> tuple[Path, int]:
+    """The model pruned at ``ratio`` (grailc with kept widths multiples of ``multiple``; Torch-Pruning when None)
+    and exported to ``path``, and its MACs."""
+    if llm:
+        return decoder_onnx(compress_decoder(model, ratio, multiple), path)
+    small = torch_pruning(model, ratio, shape) if multiple is None else grailc.compress(
+        model, calib=calib, ratio=ratio, multiple_of=multiple, calib_held_out=1, sequential=False,
+        measure_latency=False).module  # speed: sizes matter, not values
+    return onnx_of(small, shape, path)
+
+
 def measure(dense: tuple[Path, int], pruned: tuple[Path, int], settings: Settings, shapes=None) -> list[dict]:
     ideal = dense[1] / pruned[1]
     bench = compare(dense[0], pruned[0], settings, shapes, ideal=ideal)
@@ -140,32 +175,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             llm = name in LLMS
-            if llm:
-                from grailc.llm.hf import load_causal_lm
-                from grailc.llm.shipped import smollm2_folder
-
-                model = load_causal_lm(smollm2_folder())[0]
-                dense = decoder_onnx(model, Path(tmp) / f"{name}.onnx")
-            else:
-                model = build(name)
-                dense = onnx_of(model, shape, Path(tmp) / f"{name}.onnx")
-            g = torch.Generator().manual_seed(0)
-            calib = [torch.randn(2, *shape[1:], generator=g) for _ in range(3)]
+            model, dense = dense_onnx(name, shape, Path(tmp) / f"{name}.onnx")
+            calib = random_calib(shape)
             for ratio in args.ratios:
-                methods = [("grailc" + (f" mult {m}" if m > 1 else ""), m) for m in args.multiple_of]
-                methods += [] if args.no_torch_pruning or llm else [("torch-pruning", None)]
-                for method, multiple in methods:
+                for method, multiple in methods(args.multiple_of, not (args.no_torch_pruning or llm)):
                     start = time.perf_counter()
                     try:
-                        if llm:
-                            pruned = decoder_onnx(compress_decoder(model, ratio, multiple), Path(tmp) / "pruned.onnx")
-                            results = measure(dense, pruned, settings, [[1, LLM_TOKENS]])
-                        else:
-                            small = torch_pruning(model, ratio, shape) if multiple is None else grailc.compress(
-                                model, calib=calib, ratio=ratio, multiple_of=multiple, calib_held_out=1,
-                                sequential=False, measure_latency=False).module  # speed: sizes matter, not values
-                            pruned = onnx_of(small, shape, Path(tmp) / "pruned.onnx")
-                            results = measure(dense, pruned, settings)
+                        pruned = pruned_onnx(model, llm, ratio, multiple, shape, calib, Path(tmp) / "pruned.onnx")
+                        results = measure(dense, pruned, settings, [[1, LLM_TOKENS]] if llm else None)
                     except Exception as e:  # a pruner that cannot handle the model: say so, go on
                         print(f"{name:18} {ratio:>5.2f} {method:16} failed: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0][:100] if str(e).strip() else ''}", flush=True)

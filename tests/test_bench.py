@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from grailc.bench import Settings, compare, interleaved_ms, quartiles, random_feed, session, table
+from grailc.bench import Settings, bound_call, compare, interleaved_ms, quartiles, random_feed, session, table
 from grailc.errors import GrailcError
 from grailc.export import save_onnx
 from grailc.trace import capture, export
@@ -55,6 +57,19 @@ def test_feed_has_the_batch_and_the_report_shapes(tmp_path):
     assert (ids_feed == 1).all()  # a valid token id whatever the vocabulary
 
 
+def test_sessions_do_not_spin_and_bound_calls_give_the_model_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    sess = session(onnx_file(model, [(1, 3, 8, 8)], tmp_path / "m.onnx"), "CPUExecutionProvider", threads=2)
+    options = sess.get_session_options()
+    for pool in ("intra_op", "inter_op"):  # two sessions in one process must not take the cores from each other
+        assert options.get_session_config_entry(f"session.{pool}.allow_spinning") == "0"
+    feed = random_feed(sess, 2)
+    (out,) = bound_call(sess, feed, "CPUExecutionProvider")().copy_outputs_to_cpu()
+    expected = model(torch.from_numpy(next(iter(feed.values())))).detach().numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_compare_measures_both_models_at_every_batch(tmp_path):
     torch.manual_seed(0)
     dense = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 3))
@@ -76,3 +91,23 @@ def test_compare_measures_both_models_at_every_batch(tmp_path):
 def test_an_unknown_or_missing_provider_is_refused(tmp_path):
     with pytest.raises(GrailcError, match="unknown provider"):
         compare(tmp_path / "a.onnx", tmp_path / "b.onnx", Settings(provider="metal"))
+
+
+def test_a_graph_travels_without_its_weights_and_runs_refilled(tmp_path):
+    """benchmarks/speed_remote.py: strip the float initialisers, refill them with random values of their shapes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed_remote", Path(__file__).parents[1] / "benchmarks" /
+                                                  "speed_remote.py")
+    remote = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(remote)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(), torch.nn.Conv2d(64, 8, 1))
+    path = onnx_file(model, [(1, 3, 16, 16)], tmp_path / "m.onnx")
+    remote.strip(path, tmp_path / "s.onnx")
+    assert (tmp_path / "s.onnx").stat().st_size < path.stat().st_size / 4
+    filled = remote.refill(tmp_path / "s.onnx", tmp_path / "f.onnx")
+    original, refilled = (session(p, "CPUExecutionProvider") for p in (path, filled))
+    feed = random_feed(original, 2)
+    a, b = original.run(None, feed)[0], refilled.run(None, feed)[0]
+    assert a.shape == b.shape and not np.allclose(a, b) and np.isfinite(b).all() and b.std() > 0
