@@ -289,13 +289,19 @@ class Resumable:
                 env[n] = self.runner.run_node(n)
 
 
-def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, slots: list) -> dict[str, dict]:
+def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, slots: list,
+                           kept: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Run every batch's dense and shadow run on to the input of consumer ``node`` (not running it) and return,
     per consumer slot there: Gz = sum z z^T on the compressed shadow, C = sum x z^T against the dense inputs x,
     Gx = sum x x^T estimated from every ``GX_EVERY``-th row (scaled up: only the reported errors read it, never a
-    decision), the row count, sz = sum z and sx = sum x (one dict per name, keyed by slot)."""
+    decision), the row count, sz = sum z and sx = sum x (one dict per name, keyed by slot).
+
+    ``kept``: for the slots whose group was already selected (at an earlier consumer node), the kept indices K of
+    the slot. Compensation and its errors read only Gz[K, K] and C[:, K], so only those are formed (the rest of
+    the matrices stays zero): at half width 3/8 of the two full products."""
     found: dict[str, dict] = {name: {} for name in ("gz", "cross", "gx", "rows", "sums", "target_sums")}
     consumer = slots[0].consumer
+    kept = kept or {}
     for dense, shadow in runs:
         for run in (dense, shadow):
             run.run_until(run.order.named[node], before=True)
@@ -304,13 +310,47 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
             a = slot.take(xd)
             b = slot.take(xs)
             some = a[::GX_EVERY]
-            _accumulate(found["gz"], slot.key, products(b))
-            _accumulate(found["cross"], slot.key, products(a, b))
+            K = kept.get(slot.key)
+            if K is None:
+                _accumulate(found["gz"], slot.key, products(b))
+                _accumulate(found["cross"], slot.key, products(a, b))
+            else:
+                bk = b[:, K]
+                _accumulate(found["gz"], slot.key, _embed(products(bk), K, K, b.shape[1]))
+                _accumulate(found["cross"], slot.key, _embed(products(a, bk), None, K, b.shape[1]))
             _accumulate(found["gx"], slot.key, products(some).mul_(a.shape[0] / some.shape[0]))
             found["rows"][slot.key] = found["rows"].get(slot.key, 0) + a.shape[0]
             _accumulate(found["sums"], slot.key, column_sums(b))
             _accumulate(found["target_sums"], slot.key, column_sums(a))
     return found
+
+
+def _embed(block: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor, size: int) -> torch.Tensor:
+    """A [size, size] zero matrix holding ``block`` at ``rows`` (all rows when None) x ``cols``."""
+    out = block.new_zeros(size, size)
+    if rows is None:
+        out[:, cols] = block
+    else:
+        out[rows[:, None], cols] = block
+    return out
+
+
+def kept_indices(ctx, slots: list, group_of: dict[str, int]) -> dict[str, torch.Tensor]:
+    """For the slots whose group was selected before (at an earlier consumer node) with a selection, the slot's
+    kept indices K (empty when the group keeps everything: nothing is compensated); folds read all of Gz and C."""
+    kept = {}
+    for slot in slots:
+        gid = group_of[slot.key]
+        if gid not in ctx.done:
+            continue
+        decision = ctx.decisions.get(gid)
+        if decision is None:
+            kept[slot.key] = torch.zeros(0, dtype=torch.long)
+            continue
+        cmap = slot.map(decision.map)
+        if cmap.is_selection:
+            kept[slot.key] = cmap.keep
+    return kept
 
 
 def ahead_of_decision(gm: fx.GraphModule, groups) -> list:
@@ -384,10 +424,11 @@ def calibrate_sequentially(ctx, batches) -> None:
     bias b + W c, which computes exactly what the narrowed model computes. Sums stay in ``ctx.sums`` (z) and
     ``ctx.target_sums`` (x); Grams are dropped once their slot is compensated.
 
-    Cost: one dense and one shadow forward pass with two Gram products (Gz, C) per consumer slot and an eighth
-    of one (Gx), plus the pre-pass (a quarter of a dense forward and of one product per slot ahead). Memory: per
-    batch, the live activations of the dense and the shadow run (twice the activations of all calibration
-    batches at the widest point of the graph), and ``sequential_gram_bytes``.
+    Cost: one dense and one shadow forward pass with two Gram products (Gz, C) per consumer slot (only their kept
+    rows and columns where the group was selected at an earlier node) and an eighth of one (Gx), plus the pre-pass
+    (a quarter of a dense forward and of one product per slot ahead). Memory: per batch, the live activations of
+    the dense and the shadow run (twice the activations of all calibration batches at the widest point of the
+    graph), and ``sequential_gram_bytes``.
     """
     from grailc.passes.compensate import compensate_group
 
@@ -407,7 +448,7 @@ def calibrate_sequentially(ctx, batches) -> None:
     for node in tqdm(sorted(at_node, key=position.__getitem__), desc="sequential", unit="consumer",
                      disable=not ctx.progress, leave=False):
         slots = at_node[node]
-        final = final_statistics(**record_consumer_inputs(runs, node, slots))
+        final = final_statistics(**record_consumer_inputs(runs, node, slots, kept_indices(ctx, slots, group_of)))
         _check_finite_statistics(ctx.gm, final["gz"], batches)
         ctx.sums.update(final["sums"])
         ctx.target_sums.update(final["target_sums"])

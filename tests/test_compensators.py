@@ -89,6 +89,25 @@ def test_sequential_sums_separate_what_the_model_sees_from_the_dense_target():
     torch.testing.assert_close(cross[key], x.T @ z)
 
 
+def test_sequential_products_of_a_selected_group_are_its_kept_block_only():
+    model = mlp()
+    gm, deps = traced(model, (1, 6))
+    data = batches((8, 6))
+    order = GraphOrder(gm)
+    slots = hidden_group(deps).consumers
+    K = torch.tensor([1, 4, 5, 9, 15])
+    found = [record_consumer_inputs([(Resumable(order, (x,)), Resumable(order, (x,))) for x in data],
+                                    slots[0].consumer.node, slots, kept) for kept in (None, {slots[0].key: K})]
+    (key,) = found[0]["gz"]
+    full, part = ({name: f[name][key] for name in ("gz", "cross")} for f in found)
+    torch.testing.assert_close(part["gz"][K[:, None], K], full["gz"][K[:, None], K])
+    torch.testing.assert_close(part["cross"][:, K], full["cross"][:, K])
+    rest = torch.ones(16, dtype=torch.bool)
+    rest[K] = False
+    assert part["cross"][:, rest].abs().max() == 0 and part["gz"][rest].abs().max() == 0
+    torch.testing.assert_close(found[1]["gx"][key], found[0]["gx"][key])  # the errors' denominators: all of Gx
+
+
 def test_affine_recon_error_matches_the_data():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 6, generator=g, dtype=torch.float64) + 2
