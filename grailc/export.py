@@ -40,7 +40,10 @@ def ort_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-ONNX_OPSET = 23  # the newest opset torch.onnx supports; sdpa becomes one Attention node
+# opset 21, not the newest (23): ONNX Runtime 1.31's CUDA provider has no MaxPool-22 kernel, so at 23 a ResNet's
+# max-pool ran on the CPU between two device copies (on an H100, two thirds of ResNet-18's time at batch 64). On
+# the CPU provider 21 and 23 ran equally fast (ResNet-50, MobileNetV3). sdpa is exported as matmuls and softmax.
+ONNX_OPSET = 21
 
 
 def save_onnx(ep: torch.export.ExportedProgram, example: tuple[torch.Tensor, ...], path: Path,
