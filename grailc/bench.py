@@ -13,7 +13,9 @@ depending on which session was created last).
 The ideal speed-up is MACs before / MACs after; ``realised`` is the measured speed-up over the ideal one.
 
 Execution providers: the CPU EP here; on a GPU the CUDA EP, and the TensorRT EP where its libraries load, each in
-fp32 and fp16 (the graph converted to float16 inside, float32 inputs and outputs kept).
+fp32 and fp16 (the graph converted to float16 inside, float32 inputs and outputs kept). On a GPU provider each
+model is first run once with ONNX Runtime's profiler, and the nodes that ran on another provider (no kernel there,
+so ONNX Runtime put them on the CPU between two device copies) are reported (``nodes_elsewhere``) and logged.
 """
 
 from __future__ import annotations
@@ -86,11 +88,15 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def session(path: Path, provider: str, threads: int | None = None):
-    """An ONNX Runtime session on ``provider`` (CPU as fallback for unsupported nodes) with all graph optimisations."""
+def session(path: Path, provider: str, threads: int | None = None, profile_prefix: str | None = None):
+    """An ONNX Runtime session on ``provider`` (CPU as fallback for unsupported nodes) with all graph optimisations;
+    ``profile_prefix``: ONNX Runtime's profiler on, writing there."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see the module docstring
@@ -186,8 +192,15 @@ def compare(dense: Path, compressed: Path, settings: Settings, shapes: list[list
                         log(f"{provider} is not usable here (ONNX Runtime fell back to {used}); skipped")
                     continue
                 fixed = batch_axis_fixed(sessions[0])
+                elsewhere = {} if provider == CPU else {  # nodes the provider has no kernel for
+                    name: placement(p, provider, random_feed(sessions[0], fixed or 1, shapes), Path(tmp))
+                    for name, p in zip(("dense", "compressed"), paths)}
+                if log and any(elsewhere.values()):
+                    log(f"{provider} {precision}: nodes that ran on another provider (ONNX Runtime has no kernel "
+                        f"for them there; each costs two device copies): {elsewhere}")
                 for batch in dict.fromkeys([fixed] if fixed else settings.batches):
-                    runs.append(_measure(sessions, batch, shapes, settings, provider, precision, ideal, fixed))
+                    run = _measure(sessions, batch, shapes, settings, provider, precision, ideal, fixed)
+                    runs.append({**run, "nodes_elsewhere": elsewhere} if elsewhere else run)
     return {
         "onnxruntime": _ort_version(),
         "threads": settings.threads or "default (one per physical core)",
@@ -196,6 +209,33 @@ def compare(dense: Path, compressed: Path, settings: Settings, shapes: list[list
         "ideal_speedup": ideal,
         "runs": runs,
     }
+
+
+def nodes_elsewhere(events: list[dict], provider: str) -> list[str]:
+    """The nodes that an ONNX Runtime profile (the events of its JSON file) shows running on a provider other than
+    ``provider``, as ``op (node)``; the device copies around them are left out."""
+    found: dict[str, str] = {}
+    for e in events:
+        args = e.get("args", {})
+        name = e.get("name", "")
+        if e.get("cat") == "Node" and name.endswith("_kernel_time") and args.get("provider", provider) != provider:
+            if args.get("op_name") not in ("MemcpyToHost", "MemcpyFromHost"):
+                found[name.removesuffix("_kernel_time")] = args.get("op_name", "?")
+    return [f"{op} ({node})" for node, op in found.items()]
+
+
+def placement(path: Path, provider: str, feed: dict, folder: Path) -> list[str]:
+    """Run ``path`` once on ``provider`` with ONNX Runtime's profiler on: the nodes that ran elsewhere
+    (:func:`nodes_elsewhere`; ONNX Runtime falls back to the CPU for a node its provider has no kernel for)."""
+    import json
+
+    sess = session(path, provider, profile_prefix=str(folder / "profile"))
+    sess.run(None, feed)
+    profile = Path(sess.end_profiling())
+    try:
+        return nodes_elsewhere(json.loads(profile.read_text()), provider)
+    finally:
+        profile.unlink(missing_ok=True)
 
 
 def bound_call(sess, feed: dict, provider: str) -> Callable[[], object]:
@@ -277,4 +317,5 @@ def table(bench: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Settings", "compare", "interleaved_ms", "quartiles", "providers", "random_feed", "table"]
+__all__ = ["Settings", "compare", "interleaved_ms", "nodes_elsewhere", "placement", "quartiles", "providers",
+           "random_feed", "table"]

@@ -9,7 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from grailc.bench import Settings, bound_call, compare, interleaved_ms, quartiles, random_feed, session, table
+from grailc.bench import (
+    Settings,
+    bound_call,
+    compare,
+    interleaved_ms,
+    nodes_elsewhere,
+    placement,
+    quartiles,
+    random_feed,
+    session,
+    table,
+)
 from grailc.errors import GrailcError
 from grailc.export import save_onnx
 from grailc.trace import capture, export
@@ -111,3 +122,22 @@ def test_a_graph_travels_without_its_weights_and_runs_refilled(tmp_path):
     feed = random_feed(original, 2)
     a, b = original.run(None, feed)[0], refilled.run(None, feed)[0]
     assert a.shape == b.shape and not np.allclose(a, b) and np.isfinite(b).all() and b.std() > 0
+
+
+def test_a_profile_shows_which_nodes_ran_off_the_provider(tmp_path):
+    """The placement check reads ONNX Runtime's own profile: on the CPU provider every node ran on the CPU, so
+    asked about the CUDA provider, every node (and no device copy) is reported."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+    path = onnx_file(model, [(1, 3, 16, 16)], tmp_path / "m.onnx")
+    feed = random_feed(session(path, "CPUExecutionProvider"), 1)
+    assert placement(path, "CPUExecutionProvider", feed, tmp_path) == []
+    off = placement(path, "CUDAExecutionProvider", feed, tmp_path)
+    assert {"Conv", "MaxPool"} <= {x.split()[0] for x in off}  # with the CPU's layout reorders; ReLU fused
+    assert not list(tmp_path.glob("profile*"))  # the profile files are removed
+    def node(name, op, provider):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "args": {"op_name": op, "provider": provider}}
+
+    events = [node("n1", "MaxPool", "CPUExecutionProvider"), node("c", "MemcpyToHost", "CPUExecutionProvider"),
+              node("n2", "Conv", "CUDAExecutionProvider"), {"cat": "Session", "name": "model_run", "args": {}}]
+    assert nodes_elsewhere(events, "CUDAExecutionProvider") == ["MaxPool (n1)"]
