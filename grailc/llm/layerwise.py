@@ -218,7 +218,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
         block = DecoderBlock(layers[i], rotary)
-        with resident(stream, i, write=True), on_device(layers[i], device, home):
+        with resident(stream, i, write=True, traced=i in chosen), on_device(layers[i], device, home):
             if i not in chosen:
                 with torch.no_grad():
                     batches = [block(x) for x in batches]
@@ -328,7 +328,7 @@ def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool
                                    leave=False)):
         block = DecoderBlock(layer, model.model.rotary_emb)
         home = next(model.parameters()).device  # the embedding's: a streamed layer is on meta until its turn
-        with resident(stream, i, write=False), on_device(layer, device or home, home):
+        with resident(stream, i, write=False, traced=i in chosen), on_device(layer, device or home, home):
             if i not in chosen:
                 batches = [block(x) for x in batches]
                 continue
