@@ -192,9 +192,11 @@ def compare(dense: Path, compressed: Path, settings: Settings, shapes: list[list
                         log(f"{provider} is not usable here (ONNX Runtime fell back to {used}); skipped")
                     continue
                 fixed = batch_axis_fixed(sessions[0])
-                elsewhere = {} if provider == CPU else {  # nodes the provider has no kernel for
-                    name: placement(p, provider, random_feed(sessions[0], fixed or 1, shapes), Path(tmp))
-                    for name, p in zip(("dense", "compressed"), paths)}
+                elsewhere = {}  # on a GPU provider: the nodes it has no kernel for
+                if provider != CPU:
+                    feed = random_feed(sessions[0], fixed or 1, shapes)
+                    elsewhere = {name: placement(p, provider, feed, Path(tmp))
+                                 for name, p in zip(("dense", "compressed"), paths)}
                 if log and any(elsewhere.values()):
                     log(f"{provider} {precision}: nodes that ran on another provider (ONNX Runtime has no kernel "
                         f"for them there; each costs two device copies): {elsewhere}")

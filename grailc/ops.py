@@ -828,7 +828,7 @@ def _split_shuffled(st, lay: Layout, sizes: list[int]):
     outs = []
     for i in range(len(sizes)):
         first = [sum(s.size for s in pieces[i][:n]) for n in range(len(pieces[i]))]
-        order = tuple(first[home[lay.order[p]][1]] + home[lay.order[p]][2] for p in range(bounds[i], bounds[i + 1]))
+        order = tuple(first[n] + k for _, n, k in (home[lay.order[p]] for p in range(bounds[i], bounds[i + 1])))
         outs.append(Layout(lay.axis, tuple(pieces[i]), order=None if order == tuple(range(len(order))) else order))
     st.carrier(lay, [], size_args=[(1, i, 1, tuple(s.space for s in pieces[i])) for i in range(len(sizes))])
     return tuple(outs)

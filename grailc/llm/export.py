@@ -68,4 +68,3 @@ def decoder_macs(model, tokens: int) -> int:
     attention = sum(layer.self_attn.q_proj.out_features + layer.self_attn.o_proj.in_features
                     for layer in decoder_parts(model)[0])
     return linear * tokens + attention * tokens * tokens
-
