@@ -144,7 +144,6 @@ def _node_order(gm: fx.GraphModule) -> dict[str, int]:
 
 
 PRODUCT_ROWS = 16384  # rows per float32 product; the chunk sums are accumulated in float64
-GX_EVERY = 8  # sequential calibration's dense Gram Gx, read only by the reported errors, from every 8th row
 PREPASS_EVERY = 4  # its dense pre-pass, read only to select residual groups, runs every 4th batch
 
 
@@ -293,8 +292,9 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
                            kept: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Run every batch's dense and shadow run on to the input of consumer ``node`` (not running it) and return,
     per consumer slot there: Gz = sum z z^T on the compressed shadow, C = sum x z^T against the dense inputs x,
-    Gx = sum x x^T estimated from every ``GX_EVERY``-th row (scaled up: only the reported errors read it, never a
-    decision), the row count, sz = sum z and sx = sum x (one dict per name, keyed by slot).
+    Gx = sum x x^T (only the reported errors read it, never a decision; from all rows, the rows C and Gz come
+    from, so that every error is the norm of an actual residual), the row count, sz = sum z and sx = sum x (one
+    dict per name, keyed by slot).
 
     ``kept``: for the slots whose group was already selected (at an earlier consumer node), the kept indices K of
     the slot. Compensation and its errors read only Gz[K, K] and C[:, K], so only those are formed (the rest of
@@ -309,7 +309,6 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
         for slot in slots:
             a = slot.take(xd)
             b = slot.take(xs)
-            some = a[::GX_EVERY]
             K = kept.get(slot.key)
             if K is None:
                 _accumulate(found["gz"], slot.key, products(b))
@@ -318,7 +317,7 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
                 bk = b[:, K]
                 _accumulate(found["gz"], slot.key, _embed(products(bk), K, K, b.shape[1]))
                 _accumulate(found["cross"], slot.key, _embed(products(a, bk), None, K, b.shape[1]))
-            _accumulate(found["gx"], slot.key, products(some).mul_(a.shape[0] / some.shape[0]))
+            _accumulate(found["gx"], slot.key, products(a))
             found["rows"][slot.key] = found["rows"].get(slot.key, 0) + a.shape[0]
             _accumulate(found["sums"], slot.key, column_sums(b))
             _accumulate(found["target_sums"], slot.key, column_sums(a))
@@ -425,7 +424,7 @@ def calibrate_sequentially(ctx, batches) -> None:
     ``ctx.target_sums`` (x); Grams are dropped once their slot is compensated.
 
     Cost: one dense and one shadow forward pass with two Gram products (Gz, C) per consumer slot (only their kept
-    rows and columns where the group was selected at an earlier node) and an eighth of one (Gx), plus the pre-pass
+    rows and columns where the group was selected at an earlier node) and a third (Gx), plus the pre-pass
     (a quarter of a dense forward and of one product per slot ahead). Memory: per batch, the live activations of
     the dense and the shadow run (twice the activations of all calibration batches at the widest point of the
     graph), and ``sequential_gram_bytes``.
