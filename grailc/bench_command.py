@@ -71,7 +71,8 @@ def check_compress_flags(args, recipe) -> None:
     """Refuse ``compress --bench`` up front where nothing could be measured, before the compile runs."""
     if getattr(args, "stream", False):
         raise GrailcError("--bench measures the ONNX models, which --stream does not write",
-                          fix="drop --bench; export and measure on a machine that holds the model")
+                          fix="drop --bench; `grailc export OUT/` writes the ONNX model afterwards, on a machine "
+                              "that holds the compressed model")
     if not recipe.export.onnx:
         raise GrailcError("--bench measures the ONNX models, but --no-onnx (or the recipe) turns the export off",
                           fix="drop --no-onnx, or drop --bench")

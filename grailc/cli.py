@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--stream", action="store_true", help="read each decoder layer's weights from the "
                      "safetensors files only when its turn comes and write it out as its own shard, instead of "
                      "loading the whole model: CPU memory holds one layer, the embedding and head and the "
-                     "calibration activations; the output is the same folder (no ONNX export: give --no-onnx)")
+                     "calibration activations; the output is the same folder (no ONNX export: give --no-onnx, then run "
+                     "grailc export OUT/ where the compressed model fits in memory)")
     llm.add_argument("--device", default="auto", help="auto | cpu | cuda: where hf: decoder LLMs compute, one layer "
                      "on the device at a time (auto: CUDA when available; under torchrun the GPU of LOCAL_RANK); "
                      "other models compile on the CPU (default auto)")
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     from grailc.llm.evaluate import add_parser as add_eval_parser
 
     add_eval_parser(sub, EPILOG)
+
+    from grailc.llm.export_command import add_parser as add_export_parser
+
+    add_export_parser(sub)
 
     d = sub.add_parser("demo", help="compress the embedded Fashion-MNIST ResNet and measure its test accuracy")
     d.add_argument("--ratio", type=float, default=0.5)
@@ -172,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             from grailc.llm.evaluate import run_eval
 
             return run_eval(args)
+        if args.command == "export":
+            from grailc.llm.export_command import run_export
+
+            return run_export(args)
         return run_compress(args, argv)
     except KeyboardInterrupt:
         print(f"grailc: interrupted; {_what_was_written()}", file=sys.stderr)

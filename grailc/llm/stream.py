@@ -28,7 +28,7 @@ from grailc.errors import GrailcError, RecipeError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 ONNX_SKIPPED = ("not exported: --stream never holds the whole model, which the ONNX export needs; pass --no-onnx "
-                "with --stream, and export from the output folder on a machine that can hold it")
+                "with --stream, then run `grailc export OUT/` on a machine that can hold the compressed model")
 
 
 def check_streamable(recipe) -> None:
