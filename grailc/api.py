@@ -27,6 +27,7 @@ from grailc.passmanager import run_pipeline
 from grailc.recipe import CalibSpec, ExportSpec, Recipe
 from grailc.report import group_records, summary, versions
 from grailc.trace import Inputs, capture, check_input_count, input_names, model_dtype, static_batch
+from grailc.trace_reuse import Traces
 
 
 @dataclasses.dataclass
@@ -200,6 +201,7 @@ def compress(
     progress: bool = False,
     measure_latency: bool = True,
     sharded: bool = False,
+    traces: Traces | None = None,
     **overrides,
 ) -> Result:
     """Compress ``model`` (an nn.Module or ExportedProgram) and verify the result; see :class:`Recipe` for options.
@@ -213,7 +215,8 @@ def compress(
     Under ``torchrun`` (see :mod:`grailc.distributed`) every process passes the same ``calib``, and the batches
     fitted are shared among the processes (batch i to rank i % W), the held-out ones kept whole on each;
     ``sharded=True`` says that ``calib`` already is this process's share (the layer-by-layer LLM driver shards its
-    token windows itself).
+    token windows itself). ``traces`` (:class:`grailc.trace.Traces`): graphs traced before, reused for a model built
+    like one of them instead of tracing it again (the layer-by-layer driver passes one for all its decoder layers).
     """
     if input_shape:  # the recipe holds one shape, or a list of shapes for a model with several inputs
         shapes = [list(s) for s in input_shape] if isinstance(input_shape[0], (tuple, list)) else [list(input_shape)]
@@ -246,7 +249,7 @@ def compress(
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    gm, example = capture(model, shapes, data=batches[0])
+    gm, example = capture(model, shapes, data=batches[0], traces=traces)
     timings["trace"] = round(time.perf_counter() - start, 4)
     if static_batch(gm) is not None:  # a graph fixed to one batch size is fed batches of that size
         fit = batches_for(gm, fit)

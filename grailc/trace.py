@@ -7,6 +7,10 @@ use any batch size and the ONNX model takes any batch), static otherwise.
 
 A model's inputs are always a tuple of tensors (one per positional input, batch dimension first, the same batch
 size for all); a model with one input gets a 1-tuple.
+
+``traces`` (:class:`grailc.trace_reuse.Traces`) keeps the graphs traced for one caller (the layer-by-layer LLM
+driver): a module built like one traced before gets a copy of that graph with its own tensors bound in instead of
+a new ``torch.export``.
 """
 
 from __future__ import annotations
@@ -74,19 +78,27 @@ def trace(module: torch.nn.Module, example: Inputs) -> tuple[fx.GraphModule, tor
     return gm, ep
 
 
-def capture(model, shapes: list[tuple[int, ...]], data: Inputs | None = None) -> tuple[fx.GraphModule, Inputs]:
+def capture(model, shapes: list[tuple[int, ...]], data: Inputs | None = None,
+            traces=None) -> tuple[fx.GraphModule, Inputs]:
     """Trace an nn.Module or ExportedProgram for inputs of ``shapes`` (one per input): the graph and its example
-    inputs. Integer inputs (token ids, masks) cannot be made up: theirs come from ``data``, a calibration batch."""
+    inputs. Integer inputs (token ids, masks) cannot be made up: theirs come from ``data``, a calibration batch.
+    ``traces``: graphs traced before, one of which is reused when it fits (:class:`grailc.trace_reuse.Traces`); a
+    new trace joins them."""
     check_input_count(input_names(model), shapes)
     _check_input_shapes(model, shapes)
     module = _graph_of(model)
     with _quiet_torch():
-        example = _runnable_example(module, shapes, model_dtype(model), data)
+        example, output = _runnable_example(module, shapes, model_dtype(model), data)
+        gm = traces.reuse(module, shapes, example, output) if traces is not None else None
+        if gm is not None:
+            return gm, example
         try:
             gm, _ = trace(module, example)
         except TraceError as e:
             _quote_source_line(e)
             raise
+        if traces is not None:
+            traces.remember(gm, module, shapes, example)
     return gm, example
 
 
@@ -202,8 +214,10 @@ def _graph_of(model):
     return model.eval() if not isinstance(model, fx.GraphModule) else model
 
 
-def _runnable_example(module, shapes: list[tuple[int, ...]], dtype: torch.dtype, data: Inputs | None) -> Inputs:
-    """Run the model once before tracing, so that a wrong input shape is not reported as a tracing failure.
+def _runnable_example(module, shapes: list[tuple[int, ...]], dtype: torch.dtype,
+                      data: Inputs | None) -> tuple[Inputs, object]:
+    """Run the model once before tracing, so that a wrong input shape is not reported as a tracing failure: the
+    example inputs and the model's output on them.
 
     A batch of at least 2 comes first (it lets the batch axis be exported dynamic); a model that only runs on the
     batch it was written for (say ``x.view(1, -1)``) gets exactly ``shapes[0][0]``.
@@ -212,15 +226,13 @@ def _runnable_example(module, shapes: list[tuple[int, ...]], dtype: torch.dtype,
     example = example_inputs(shapes, dtype, data, device=device)
     try:
         with torch.no_grad():
-            module(*example)
-        return example
+            return example, module(*example)
     except Exception as e:  # any failure on the plain model is about its input
         if example[0].shape[0] != shapes[0][0]:
             try:
                 exact = example_inputs(shapes, dtype, data, batch=shapes[0][0], device=device)
                 with torch.no_grad():
-                    module(*exact)
-                return exact
+                    return exact, module(*exact)
             except Exception:  # report the first failure, on the usual example
                 pass
         text = str(e).strip().splitlines()

@@ -205,6 +205,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     """compress_layers with the first layer's inputs (this process's share, on ``device``) and the rotary
     embedding on ``device``."""
     from grailc.api import compress
+    from grailc.trace_reuse import Traces
 
     layers, rotary = decoder_parts(model)
     head_dim = head_dim_of(model.config)
@@ -215,6 +216,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     report = {"layers": [], "structure": structure, **sizes, "device": str(device), "processes": world()}
     if plan is not None:
         report["global_plan"] = plan
+    traces = Traces()  # every layer built like one traced before reuses its graph
     for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
         block = DecoderBlock(layers[i], rotary)
@@ -226,7 +228,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
             before = layer_widths(layers[i], head_dim)
             ratios = plan["ratios"][i] if plan is not None else None
             result = compress(block, calib=batches, recipe=_layer_recipe(recipe, ratios), measure_latency=False,
-                              sharded=True)
+                              sharded=True, traces=traces)
             adopt_weights(block, result.module)
             with torch.no_grad():
                 batches = [block(x) for x in batches]
@@ -238,6 +240,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
             "groups": [{k: g[k] for k in ("kind", "size", "kept", "recon_error_plain", "recon_error_grail",
                                            "compensation_refused")} for g in groups],
             "permutation_error": result.report.get("verification", {}).get("permutation_error"),
+            "graph": traces.last,
             **_reconstruct_record(result.report),
             "seconds": round(time.perf_counter() - t0, 3),
             "peak_rss_mib": round(_peak_rss_mib(), 1),
@@ -276,13 +279,14 @@ def incremental_plan(count: int, chosen: set[int], ratio: float) -> dict:
     return {"ratios": ratios, "per_layer": {i: round(ratios[i][KIND_PATTERN["channels"]], 4) for i in layers}}
 
 
-def layer_statistics(block: torch.nn.Module, batches: list[torch.Tensor], recipe: Recipe):
-    """Trace, analyse and calibrate one block (no selection): the Context holding its groups, Grams and sums."""
+def layer_statistics(block: torch.nn.Module, batches: list[torch.Tensor], recipe: Recipe, traces=None):
+    """Trace (or reuse a graph of ``traces``), analyse and calibrate one block (no selection): the Context holding
+    its groups, Grams and sums."""
     from grailc.context import Context
     from grailc.passmanager import run_pipeline
     from grailc.trace import capture
 
-    gm, example = capture(block, [tuple(batches[0].shape)], data=(batches[0],))
+    gm, example = capture(block, [tuple(batches[0].shape)], data=(batches[0],), traces=traces)
     dense = dataclasses.replace(_layer_recipe(recipe, None), sequential=False)  # scores of the dense layer
     ctx = Context(gm=gm, reference=gm, example=example, recipe=dense, calib=[(x,) for x in batches], progress=False)
     run_pipeline(ctx, ["analyse", "calibrate"])
@@ -320,8 +324,10 @@ def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool
     unit per group). ``batches`` (this process's share, on ``device``) feed layer 0; each layer is scored on
     ``device``; with ``stream`` each dense layer is read from disk for its scores and freed again."""
     from grailc.recipe import TARGETS
+    from grailc.trace_reuse import Traces
 
     targets = {TARGETS[t] for t in recipe.targets}
+    traces = Traces()
     units = []  # (score, cost, layer, kind)
     sizes: dict[tuple[int, str], int] = {}
     for i, layer in enumerate(tqdm(model.model.layers, desc="scores", unit="layer", disable=not progress,
@@ -332,7 +338,7 @@ def global_plan(model, batches, recipe: Recipe, chosen: set[int], progress: bool
             if i not in chosen:
                 batches = [block(x) for x in batches]
                 continue
-            ctx = layer_statistics(block, batches, recipe)
+            ctx = layer_statistics(block, batches, recipe, traces)
             for group in ctx.deps.prunable():
                 if group.target not in targets or group.size < 2:
                     continue
