@@ -63,9 +63,11 @@ class Context:
     data_free: bool = False
     deps: Dependencies | None = None
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # consumer slot key -> G (float64)
-    # sequential calibration only: C = sum x z^T (dense x, compressed z) and Gx = sum x x^T; absent: both are G
+    # sequential calibration only: C = sum x z^T (dense x, compressed z); absent: G. error_sample: the statistics,
+    # Gx = sum x x^T included, of a sample of the rows, which the reported errors are estimated from (absent: all
+    # rows, Gx = C = G)
     cross: dict[str, torch.Tensor] = field(default_factory=dict)
-    target_grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    error_sample: dict[str, SlotStats] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)  # consumer slot key -> positions behind its Gram
     # consumer slot key -> s = sum x (float64, [size]) of the input the model sees (z in sequential calibration), so
     # ctx.sums[key] / ctx.rows[key] is the per-channel input mean; target_sums: sequential only, the dense x

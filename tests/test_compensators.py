@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from grailc.passes.calibrate import GraphOrder, Resumable, record_consumer_inputs, record_grams
+from grailc.passes.calibrate import GraphOrder, Resumable, products, record_consumer_inputs, record_grams
 from grailc.passes.compensate import recon_error
 from grailc.passes.compensate.bias import mean_shift
 from grailc.passes.compensate.grail import affine_ridge_map, grail_bias, ridge_map
@@ -105,7 +105,26 @@ def test_sequential_products_of_a_selected_group_are_its_kept_block_only():
     rest = torch.ones(16, dtype=torch.bool)
     rest[K] = False
     assert part["cross"][:, rest].abs().max() == 0 and part["gz"][rest].abs().max() == 0
-    torch.testing.assert_close(found[1]["gx"][key], found[0]["gx"][key])  # the errors' denominators: all of Gx
+    torch.testing.assert_close(found[1]["sample_gx"][key], found[0]["sample_gx"][key])  # the errors' denominators
+
+
+def test_sequential_error_sample_holds_every_eighth_row_of_a_large_batch():
+    """The reported errors' statistics: Gx, C, Gz and the sums of the same rows, every 8th of a batch of 8 x 64
+    rows or more, all rows of a smaller batch; the statistics that decide come from all rows."""
+    model = mlp()
+    gm, deps = traced(model, (1, 6))
+    order = GraphOrder(gm)
+    slots = hidden_group(deps).consumers
+    for size, every in ((512, 8), (300, 4), (40, 1)):
+        data = batches((size, 6), count=2)
+        found = record_consumer_inputs([(Resumable(order, (x,)), Resumable(order, (x,))) for x in data],
+                                       slots[0].consumer.node, slots)
+        (key,) = found["gz"]
+        x = torch.cat([F.relu(model[0](b))[::every] for b in data]).detach().to(torch.float64)
+        assert found["sample_rows"][key] == x.shape[0] and found["rows"][key] == 2 * size
+        for name in ("sample_gx", "sample_gz", "sample_cross"):
+            torch.testing.assert_close(found[name][key], x.T @ x, rtol=1e-6, atol=1e-6)  # float32 products
+        torch.testing.assert_close(found["sample_sums"][key], x.sum(0), rtol=1e-6, atol=1e-6)
 
 
 def test_affine_recon_error_matches_the_data():
@@ -256,3 +275,15 @@ def test_sequential_errors_are_norms_of_residuals_even_on_few_rows():
     errors = [g[k] for g in result.report["groups"] for k in ("recon_error_plain", "recon_error_grail")
               if g.get(k) is not None]
     assert errors and min(errors) >= -1e-9
+
+
+@pytest.mark.parametrize(("rows", "width"), [(20000, 7), (20000, 512), (20000, 513), (20000, 1100), (1500, 1100)])
+def test_products_match_float64_and_are_symmetric(rows, width):
+    """a^T a, formed on and above the diagonal only past 512 columns and with at least twice as many rows (then
+    exactly symmetric), equals the float64 product to float32 rounding; a^T b is the plain product."""
+    g = torch.Generator().manual_seed(width)
+    a, b = torch.randn(rows, width, generator=g), torch.randn(rows, 3, generator=g)
+    G = products(a)
+    assert G.dtype == torch.float64 and (width <= 512 or rows < 2 * width or torch.equal(G, G.T))
+    for ours, exact in ((G, a.double().T @ a.double()), (products(a, b), a.double().T @ b.double())):
+        assert (ours - exact).abs().max() <= 1e-5 * exact.abs().max()

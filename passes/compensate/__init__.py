@@ -11,10 +11,14 @@ summed over all n calibration positions (exact for 1x1 convs and linear layers, 
 is the dense input and z the input the compressed model sees: z = x (Gx = C = Gz = G, sx = sz = s) unless
 calibration ran sequentially.
 Plain pruning is B = U (I[:, K] for a selection), c = 0. A compensation whose error exceeds plain pruning's is
-refused for that slot.
+refused for that slot; the comparison reads all rows (the difference of two errors has no Gx term). After
+sequential calibration the *reported* errors are estimated from the statistics of a sample of the rows
+(``ctx.error_sample``: Gx, C, Gz and the sums of the same rows), so that each is the norm of an actual residual.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from tqdm import tqdm
@@ -27,11 +31,13 @@ from grailc.registry import COMPENSATORS, compensator, load_builtin
 from grailc.surgery import consumer_columns, get_param, takes_bias
 
 
-def recon_error(stats: SlotStats, H: torch.Tensor, B: torch.Tensor | None, cmap: ChannelMap,
-                c: torch.Tensor | None = None) -> float:
-    """<E, H> / <Gx, H> with E as in the module docstring and H = M^T M ([size, size], formed once per slot), at
-    size^2 k per call: <E, H> = <Gx, H> - 2 <H B, C_K> + <B^T H B, R Gz R^T> - 2 r^T H c + n c^T H c.
-    ``B`` None is plain pruning, B = U, read by indexing for a selection (no products)."""
+def error_terms(H: torch.Tensor, B: torch.Tensor | None, cmap: ChannelMap, c: torch.Tensor | None,
+                *stats: SlotStats) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per statistics given, (<E, H> - <Gx, H>, <Gx, H>) with E as in the module docstring and H = M^T M
+    ([size, size], formed once per slot): <E, H> - <Gx, H> = -2 <H B, C_K> + <B^T H B, R Gz R^T> - 2 r^T H c
+    + n c^T H c, which has no Gx term (two maps are compared by it alone); the second term None where ``Gx`` is.
+    H B and B^T H B are formed once for all (size^2 k). ``B`` None is plain pruning, B = U, read by indexing for
+    a selection (no products)."""
     if B is None:
         HB = cmap.spread_cols(H)
         BtHB = cmap.spread_cols(HB.T).T
@@ -40,26 +46,59 @@ def recon_error(stats: SlotStats, H: torch.Tensor, B: torch.Tensor | None, cmap:
         B = B.to(torch.float64)
         HB = H @ B
         BtHB = B.T @ HB
-    num = -2 * (HB * cmap.cols(stats.C)).sum() + (BtHB * cmap.gram(stats.Gz)).sum()
-    if c is not None:
-        r = stats.sx - B @ cmap.vec(stats.sz)
-        Hc = H @ c.to(torch.float64)
-        num = num - 2 * (r @ Hc) + stats.rows * (c.to(torch.float64) @ Hc)
-    den = (stats.Gx * H).sum()
+    Hc = None if c is None else H @ c.to(torch.float64)
+    found = []
+    for st in stats:
+        num = -2 * (HB * cmap.cols(st.C)).sum() + (BtHB * cmap.gram(st.Gz)).sum()
+        if c is not None:
+            r = st.sx - B @ cmap.vec(st.sz)
+            num = num - 2 * (r @ Hc) + st.rows * (c.to(torch.float64) @ Hc)
+        found.append((num, None if st.Gx is None else (st.Gx * H).sum()))
+    return found
+
+
+def as_error(num: torch.Tensor, den: torch.Tensor) -> float:
+    """<E, H> / <Gx, H> from ``error_terms``' pair (0 where the consumer reads nothing of the input)."""
     return float((den + num) / den) if den > 0 else 0.0
 
 
+def recon_error(stats: SlotStats, H: torch.Tensor, B: torch.Tensor | None, cmap: ChannelMap,
+                c: torch.Tensor | None = None) -> float:
+    """<E, H> / <Gx, H> (``error_terms``)."""
+    return as_error(*error_terms(H, B, cmap, c, stats)[0])
+
+
 def slot_stats(ctx, slot) -> SlotStats:
-    """The slot's statistics; the sums only where the consumer can take a bias."""
+    """The slot's statistics over all rows (Gx None after sequential calibration, which forms it only for the
+    error sample); the sums only where the consumer can take a bias."""
     G = ctx.grams[slot.key]
     sz = ctx.sums.get(slot.key) if takes_bias(ctx.gm, slot.consumer) else None
     sx = ctx.target_sums.get(slot.key, sz) if sz is not None else None
-    return SlotStats(G, ctx.cross.get(slot.key, G), ctx.target_grams.get(slot.key, G), sz, sx, ctx.rows[slot.key])
+    sequential = slot.key in ctx.cross
+    return SlotStats(G, ctx.cross.get(slot.key, G), None if sequential else G, sz, sx, ctx.rows[slot.key])
+
+
+def error_stats(ctx, slot, stats: SlotStats) -> SlotStats:
+    """The statistics the slot's reported errors come from: the error sample of sequential calibration, else
+    ``stats`` (all rows)."""
+    sample = ctx.error_sample.get(slot.key)
+    if sample is None:
+        return stats
+    return sample if stats.sz is not None else dataclasses.replace(sample, sz=None, sx=None)
 
 
 @compensator("none")
 def no_compensation(stats, cmap, lam):
     return None, None, None
+
+
+def worse_than_plain(plain: tuple, ours: tuple, reported: tuple, rows: int, reported_rows: int) -> bool:
+    """Whether a map reconstructs worse than plain pruning on all rows: the ``error_terms`` numerators of all
+    rows compared (``plain``, ``ours``; no Gx term), with a tolerance of 1e-9 of plain pruning's error plus 1e-12
+    of the denominator, taken from ``reported`` (plain pruning's terms on the error sample, scaled to all rows)
+    where all rows have no Gx."""
+    den = plain[1] if plain[1] is not None else reported[1] * rows / max(1, reported_rows)
+    return bool(ours[0] - plain[0] > 1e-9 * (den + plain[0]) + 1e-12 * den)
 
 
 def compensate_group(ctx, group) -> None:
@@ -73,15 +112,18 @@ def compensate_group(ctx, group) -> None:
     for slot in group.consumers:
         cmap = slot.map(decision.map)
         stats = slot_stats(ctx, slot)
+        reported = error_stats(ctx, slot, stats)
+        both = (stats,) if reported is stats else (stats, reported)  # all rows, and the error sample if any
         m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float64)
         H = m.T @ m
-        fold = Fold(None, recon_error_plain=recon_error(stats, H, None, cmap))
+        plain = error_terms(H, None, cmap, None, *both)
+        fold = Fold(None, recon_error_plain=as_error(*plain[-1]))
         B, c, fallback = solve(stats, cmap, ctx.recipe.lam)
         if B is not None or c is not None:
-            err = recon_error(stats, H, B, cmap, c)
-            fold.recon_error_grail, fold.fallback = err, fallback
+            ours = error_terms(H, B, cmap, c, *both)
+            fold.recon_error_grail, fold.fallback = as_error(*ours[-1]), fallback
             finite = all(t is None or bool(torch.isfinite(t).all()) for t in (B, c))
-            if err > fold.recon_error_plain * (1 + 1e-9) + 1e-12 or not finite:
+            if not finite or worse_than_plain(plain[0], ours[0], plain[-1], stats.rows, reported.rows):
                 fold.refused = True
             else:
                 fold.B, fold.offset = B, c

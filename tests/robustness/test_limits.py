@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import grailc.passes.calibrate as calibrate
 import pytest
+import torch
+from torch import nn
 
-from .helpers import FAST, assert_one_error_line, run_cli, save_pt2, tiny
+from .helpers import FAST, INPUT_SHAPE, assert_one_error_line, run_cli, save_pt2, tiny
 
 
-# two 16-channel groups of 16 * 16 * 8 B = 2 KiB each: one-shot holds both Grams (4 KiB), sequential the three
-# Grams of one consumer (Gz, C, Gx: 6 KiB)
-@pytest.mark.parametrize(("mode", "needs", "hint"), [("--one-shot", "4.00 KiB", "holds fewer Grams"),
-                                                     ("--sequential", "6.00 KiB", "exclude")])
-def test_max_memory_refuses_before_calibration(tmp_path, capfd, monkeypatch, mode, needs, hint):
+# two 16-channel groups of 16 * 16 * 8 B = 2 KiB each: one-shot holds both Grams (4 KiB), sequential the five
+# Grams of one consumer (Gz, C, and the error sample's Gz, C, Gx: 10 KiB)
+@pytest.mark.parametrize(("mode", "budget", "needs", "hint"), [
+    ("--one-shot", "1KiB", "4.00 KiB", "exclude"),
+    ("--sequential", "1KiB", "10.00 KiB", "exclude"),
+    ("--one-shot", "3KiB", "4.00 KiB", "exclude")])
+def test_max_memory_refuses_before_calibration(tmp_path, capfd, monkeypatch, mode, budget, needs, hint):
     def must_not_run(*args, **kwargs):
         raise AssertionError("calibration started despite the memory budget")
 
@@ -20,9 +24,24 @@ def test_max_memory_refuses_before_calibration(tmp_path, capfd, monkeypatch, mod
     monkeypatch.setattr(calibrate, "record_consumer_inputs", must_not_run)
     path = save_pt2(tiny(width=16), tmp_path / "m.pt2")
 
-    code, lines = run_cli([path, *FAST, mode, "--max-memory", "1KiB", "--out", tmp_path / "out"], capfd)
+    code, lines = run_cli([path, *FAST, mode, "--max-memory", budget, "--out", tmp_path / "out"], capfd)
 
     assert code == 2
-    line = assert_one_error_line(lines, f"needs {needs}", "1.00 KiB", "--max-memory", hint)
-    assert ("drop --one-shot" in line) == (mode == "--one-shot")  # never the advice to do what was done
+    line = assert_one_error_line(lines, f"needs {needs}", budget.replace("KiB", ".00 KiB"), "--max-memory", hint)
+    assert "drop --one-shot" not in line  # sequential needs more here: never advise what would not fit
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_shot_over_budget_names_sequential_where_it_fits(tmp_path, capfd):
+    """Seven 16-channel groups: one-shot holds seven Grams (14 KiB), sequential five of one consumer (10 KiB)."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(INPUT_SHAPE[1], 16, 3, padding=1), nn.ReLU()]
+    for _ in range(7):
+        layers += [nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()]
+    path = save_pt2(nn.Sequential(*layers).eval(), tmp_path / "m.pt2")
+
+    code, lines = run_cli([path, *FAST, "--one-shot", "--max-memory", "12KiB", "--out", tmp_path / "out"], capfd)
+
+    assert code == 2
+    assert_one_error_line(lines, "needs 14.00 KiB", "drop --one-shot (sequential calibration needs 10.00 KiB here)")
     assert not (tmp_path / "out").exists()

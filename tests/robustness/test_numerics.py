@@ -120,7 +120,7 @@ def gram_dtypes(monkeypatch):
 
     def recording_cross(*args, **kwargs):
         found = sequential(*args, **kwargs)
-        seen.update(g.dtype for name in ("gz", "cross", "gx") for g in found[name].values())
+        seen.update(g.dtype for name in ("gz", "cross", "sample_gx") for g in found[name].values())
         return found
 
     monkeypatch.setattr(calibrate, "record_grams", recording)
