@@ -121,6 +121,40 @@ def test_cnn_two_processes_give_the_one_process_model(cnn_files, tmp_path, case,
     assert_same_weights(*weights)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_give_the_one_process_model(cnn_files, tmp_path, one_thread):
+    """Two "nodes" of one process each (``torchrun --nnodes 2 --node-rank r``, static rendezvous at 127.0.0.1), as
+    on two machines: both processes have LOCAL_RANK 0, ranks 0 and 1; node 1 writes nothing, node 0 the model one
+    process writes."""
+    args = [str(cnn_files / "net.pt2"), "--calib", str(cnn_files / "calib.pt"), *CNN_DATA, "--one-shot",
+            "--selector", "gram", "--no-onnx"]
+    assert main(["compress", *args, "--quiet", "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    port = str(free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                               str(r), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                               "-m", "grailc", "compress", *args, "--out", str(tmp_path / "two")],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, out[-3000:] + err[-3000:]
+    assert outputs[0][0].count("wrote ") == 1 and "wrote " not in outputs[1][0]  # node 0 alone writes
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert two["distributed"]["processes"] == 2
+    assert [g["calibration_rows"] for g in two["groups"]] == [g["calibration_rows"] for g in one["groups"]]
+    weights = [torch.export.load(str(tmp_path / d / "model.pt2")).module().state_dict() for d in ("one", "two")]
+    assert_same_weights(*weights)
+
+
 # 8 windows of 32 tokens in batches of 2: 4 batches, 2 per process
 LLM_DATA = ["--calib-samples", "8", "--seq-len", "32", "--batch-size", "2", "--ratio", "0.5", "--targets",
             "mlp,heads", "--no-onnx", "--quiet"]
