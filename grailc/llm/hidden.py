@@ -5,10 +5,11 @@ every ``o_proj`` and ``down_proj`` row (the writers) and every RMSNorm weight ar
 sit behind an RMSNorm, y = w * h / rms(h), whose mean square over the k kept channels differs from the one over d:
 this is the approximation, and why the report marks the group ``approximate``.
 
-1. **Scores** (a pass over the dense model): for every norm n and its consumers W (q/k/v, gate/up, lm_head), the
-   Wanda-like score s_n[c] = ||x_c|| * sum_W ||W[:, c]|| (x the norm's output over the calibration tokens),
-   normalised to sum 1 per norm so that each of the 2L + 1 norms weighs the same; K is the top k of sum_n s_n
-   (``score="residual"``: ||h_c|| of the norm's input instead, the residual stream's own energy).
+1. **Scores** (a pass over the dense model): for every norm n, the residual stream's own energy s_n[c] = ||h_c||
+   over the calibration tokens (h the norm's input), normalised to sum 1 per norm so that each of the 2L + 1 norms
+   weighs the same; K is the top k of sum_n s_n (``score="wanda"``: the Wanda-like ||x_c|| * sum_W ||W[:, c]|| of
+   the norm's output x and its consumers W, q/k/v, gate/up, lm_head; with GRAIL on SmolLM2 the residual energy
+   gave perplexity 66.96 against 68.43 at ratio 0.1 and 135.91 against 157.95 at 0.2, README "The hidden width").
 2. **Rewrite** (a second pass, layer by layer): the dense stream x and the narrowed model's stream z are carried
    side by side. Per norm, the narrowed norm (weight w_K) gives z; ``correction="fit"`` scales its weight by a, the
    least-squares fit of the consumers' outputs, min_a sum ||W x - a W[:, K] z||^2 (the correction for the mean
@@ -257,7 +258,7 @@ def _record(name: str, fit: dict) -> dict:
 
 @torch.no_grad()
 def prune_hidden(model, batches: list[torch.Tensor], recipe, *, device=None, home=None, progress: bool = False,
-                 score: str = "wanda", correction: str = "off", untie: bool = False):
+                 score: str = "residual", correction: str = "off", untie: bool = False):
     """Narrow the residual width of ``model`` in place to (1 - ratio) d channels (multiple of ``multiple_of``);
     ``batches`` are the hidden states entering layer 0 (on ``device``). Returns (report, the narrowed batches)."""
     from grailc.llm.layerwise import DecoderBlock, _Captured, decoder_parts, on_device
