@@ -170,11 +170,11 @@ def _upper_product(a: torch.Tensor, out: torch.Tensor, lo: int, hi: int) -> None
     out[lo:mid, mid:hi] = a[:, lo:mid].T @ a[:, mid:hi]
 
 
-def products(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def products(a: torch.Tensor, b: torch.Tensor | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
     """a^T b (a^T a when b is None) in float64: ``PRODUCT_ROWS`` rows at a time multiplied in the rows' dtype and
-    the chunk products summed in float64; a wide a^T a only on and above the diagonal (``_upper_product``),
-    mirrored once at the end."""
-    out = None
+    the chunk products summed in float64 (added in place into ``into`` when given: no float64 copy per batch); a
+    wide a^T a only on and above the diagonal (``_upper_product``), mirrored once at the end."""
+    out = into
     symmetric = b is None and a.shape[1] > 2 * SYMMETRIC_BLOCK and a.shape[0] >= 2 * a.shape[1]
     for start in range(0, max(1, a.shape[0]), PRODUCT_ROWS):
         pa = a[start : start + PRODUCT_ROWS]
@@ -184,7 +184,7 @@ def products(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         else:
             chunk = pa.T @ (pa if b is None else b[start : start + PRODUCT_ROWS])
         out = chunk.to(torch.float64) if out is None else out.add_(chunk)
-    if symmetric:
+    if symmetric:  # what ``into`` held is symmetric: mirroring the sum's upper triangle adds the new lower one
         out = out.triu().add_(out.triu(1).T)
     return out
 
@@ -195,7 +195,12 @@ def column_sums(a: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate(store: dict, key: str, value: torch.Tensor) -> None:
-    store[key] = store[key] + value if key in store else value
+    store[key] = store[key].add_(value) if key in store else value
+
+
+def _add_products(store: dict, key: str, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    """store[key] += a^T b (``products``, in place)."""
+    store[key] = products(a, b, into=store.get(key))
 
 
 def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progress: bool = False,
@@ -206,7 +211,7 @@ def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progre
     def add(slots, xr):
         for slot in slots:
             part = slot.take(xr)
-            _accumulate(grams, slot.key, products(part))
+            _add_products(grams, slot.key, part)
             rows[slot.key] = rows.get(slot.key, 0) + part.shape[0]
             if sums is not None:
                 _accumulate(sums, slot.key, column_sums(part))
@@ -327,13 +332,9 @@ def error_sample(rows: torch.Tensor) -> torch.Tensor:
 def _take_pair(found: dict, prefix: str, key: str, a: torch.Tensor, b: torch.Tensor, K: torch.Tensor | None):
     """Add the products of dense rows ``a`` and shadow rows ``b`` to ``found`` (names with ``prefix``): Gz and C,
     only their kept block where the group's kept indices ``K`` are known; the sums and the row count."""
-    if K is None:
-        _accumulate(found[prefix + "gz"], key, products(b))
-        _accumulate(found[prefix + "cross"], key, products(a, b))
-    else:
-        bk = b[:, K]
-        _accumulate(found[prefix + "gz"], key, _embed(products(bk), K, K, b.shape[1]))
-        _accumulate(found[prefix + "cross"], key, _embed(products(a, bk), None, K, b.shape[1]))
+    bk = b if K is None else b[:, K]  # the kept block only, embedded once all batches are in
+    _add_products(found[prefix + "gz"], key, bk)
+    _add_products(found[prefix + "cross"], key, a, bk)
     found[prefix + "rows"][key] = found[prefix + "rows"].get(key, 0) + a.shape[0]
     _accumulate(found[prefix + "sums"], key, column_sums(b))
     _accumulate(found[prefix + "target_sums"], key, column_sums(a))
@@ -370,7 +371,12 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
             _take_pair(found, "", slot.key, a, b, K)
             a, b = error_sample(a), error_sample(b)
             _take_pair(found, SAMPLED, slot.key, a, b, K)
-            _accumulate(found[SAMPLED + "gx"], slot.key, products(a))
+            _add_products(found[SAMPLED + "gx"], slot.key, a)
+    for key, K in kept.items():
+        size = found["sums"][key].shape[0]
+        for prefix in ("", SAMPLED):
+            found[prefix + "gz"][key] = _embed(found[prefix + "gz"][key], K, K, size)
+            found[prefix + "cross"][key] = _embed(found[prefix + "cross"][key], None, K, size)
     return found
 
 
