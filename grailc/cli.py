@@ -244,12 +244,19 @@ def _targets(text: str) -> list[str]:
 
 
 _INTERRUPTS: list[int] = []  # signals received during this run
-_WRITTEN: list[Path] = []  # output folders committed during this run
+_WRITTEN: list[Path] = []  # output folders (or files) committed during this run
+
+
+def note_written(path: Path) -> None:
+    """Record an output committed during this run, so that a later failure's message does not say that nothing
+    was written."""
+    _WRITTEN.append(path)
 
 
 def _what_was_written() -> str:
-    """The truth about the outputs when a run fails: none, or the folder committed before the failure."""
-    return f"the outputs in {_WRITTEN[0]} were written before it" if _WRITTEN else "nothing was written"
+    """The truth about the outputs when a run fails: none, or what was committed before the failure."""
+    return f"the outputs in {' and '.join(map(str, _WRITTEN))} were written before it" if _WRITTEN \
+        else "nothing was written"
 
 
 def _terminate(signum, frame):
@@ -458,7 +465,7 @@ def run_compress(args, argv) -> int:
         table = None if args.quiet else summary(report)  # before the commit: a failure here writes nothing
         _stop_if_interrupted()
         out = staged.commit()
-        _WRITTEN.append(out)
+        note_written(out)
     if table is not None:
         print(table)
         if "bench" in report:
@@ -482,7 +489,7 @@ def _run_compress_llm(args, argv, recipe, start) -> int:
         table = None if args.quiet else llm_summary(report)
         _stop_if_interrupted()
         out = staged.commit()
-        _WRITTEN.append(out)
+        note_written(out)
     if table is not None:
         print(table)
         if "bench" in report:

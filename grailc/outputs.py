@@ -73,7 +73,7 @@ class StagedOutput:
         self._check_open()
         _check_output_target(self.out_dir, self.force)
         os.chmod(self.staging_dir, 0o777 & ~_UMASK)
-        _fsync_tree(self.staging_dir)
+        fsync_tree(self.staging_dir)
 
         aside = None
         if os.path.lexists(self.out_dir):
@@ -102,7 +102,7 @@ class StagedOutput:
                 fix="check permissions and free space, then run again",
             ) from e
         self.committed = True
-        _fsync_dir(self.out_dir.parent)
+        fsync_dir(self.out_dir.parent)
         if aside is not None:
             _remove(aside)
         return self.out_dir
@@ -174,7 +174,7 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -183,7 +183,7 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """Flush every file and folder under ``root`` to disk before it is renamed into place."""
     for folder, _, files in os.walk(root):
         for name in files:
@@ -193,7 +193,7 @@ def _fsync_tree(root: Path) -> None:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _fsync_dir(Path(folder))
+        fsync_dir(Path(folder))
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -220,7 +220,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -130,7 +130,7 @@ def export_into(folder: Path, model, ids: torch.Tensor, force: bool) -> tuple[di
     """Export into a staging folder inside ``folder``, check, then rename the files into place; returns the
     parity figures and the names written. Nothing in ``folder`` changes unless the check passed."""
     from grailc.llm.export import export_decoder_onnx
-    from grailc.outputs import _fsync_tree, default_file_mode
+    from grailc.outputs import default_file_mode, fsync_tree
 
     try:
         staging = Path(tempfile.mkdtemp(prefix=".grailc-export-", dir=folder))
@@ -153,7 +153,7 @@ def export_into(folder: Path, model, ids: torch.Tensor, force: bool) -> tuple[di
                               where=str(folder), fix="report it")
         for name in names:
             (staging / name).chmod(default_file_mode())
-        _fsync_tree(staging)
+        fsync_tree(staging)
         return parity, _move_into_place(staging, folder, names, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -162,33 +162,28 @@ def export_into(folder: Path, model, ids: torch.Tensor, force: bool) -> tuple[di
 def _move_into_place(staging: Path, folder: Path, names: list[str], force: bool) -> list[str]:
     """Rename ``names`` from the staging folder into ``folder`` in order (the external data before the model that
     reads it); under --force a stale model.onnx.data the new model no longer uses is removed after."""
-    from grailc.outputs import _fsync_dir
+    from grailc.cli import note_written
+    from grailc.outputs import fsync_dir
 
     moved: list[str] = []
+
+    def so_far() -> str:
+        return f"{' and '.join(moved)} written" if moved else "nothing was written"
+
     for name in names:
         target = folder / name
         if os.path.lexists(target) and not force:  # appeared while the export ran
-            raise OutputExistsError(f"{name} appeared in the folder during the export; "
-                                    + (f"{' and '.join(moved)} written" if moved else "nothing was written"),
+            raise OutputExistsError(f"{name} appeared in the folder during the export; {so_far()}",
                                     where=str(folder), fix="pass --force to replace it")
         try:
             os.replace(staging / name, target)
         except OSError as e:
-            done = f"{' and '.join(moved)} written" if moved else "nothing was written"
-            raise GrailcError(f"cannot move {name} into place ({e.strerror}); {done}", where=str(folder),
+            raise GrailcError(f"cannot move {name} into place ({e.strerror}); {so_far()}", where=str(folder),
                               fix="check permissions and free space, then rerun with --force") from e
         moved.append(name)
-        _note_written(target)
+        note_written(target)
     if DATA_FILE not in names and force:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / DATA_FILE)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return moved
-
-
-def _note_written(path: Path) -> None:
-    """Tell the CLI's interrupt and internal-error lines that this file is written (they then do not say
-    'nothing was written')."""
-    from grailc import cli
-
-    cli._WRITTEN.append(path)
