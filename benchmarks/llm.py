@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.1)
     ap.add_argument("--layers", help="compress only these decoder layers, e.g. 0-7 (default all)")
     ap.add_argument("--no-plain", action="store_true", help="skip the rows without GRAIL")
+    ap.add_argument("--compensate-targets", default="input",
+                    help="','-separated GRAIL targets, one row each: input (each consumer's dense input), stream "
+                    "(the writers into the residual stream rebuild the dense model's stream)")
     ap.add_argument("--one-shot", action="store_true", help="calibrate each layer's groups on its dense inputs in one "
                     "pass (the default is sequential within each layer)")
     ap.add_argument("--json", default="llm_results.json")
@@ -73,12 +76,14 @@ def main() -> None:
         for targets in args.targets.split(";"):
             for sel in args.selectors.split(","):
                 plain = None
-                comps = (() if args.no_plain else (PLAIN.get(sel, "none"),)) + ("grail",)
-                for comp, rc in [(c, rc) for c in comps for rc in ("off", *([args.reconstruct] if
-                                                                            args.reconstruct else []))]:
+                comps = (() if args.no_plain else ((PLAIN.get(sel, "none"), "input"),)) + tuple(
+                    ("grail", t) for t in args.compensate_targets.split(","))
+                for (comp, target), rc in [(c, rc) for c in comps for rc in ("off", *([args.reconstruct] if
+                                                                                     args.reconstruct else []))]:
                     model = copy.deepcopy(dense)
                     recipe = make_recipe(ratio=ratio, selector=sel, compensate=comp, targets=targets.split(","),
                                          lam=args.lam, calib_batch_size=8, reconstruct=rc,
+                                         compensate_target=target,
                                          sequential=not args.one_shot,
                                          reconstruct_steps=args.reconstruct_steps,
                                          reconstruct_lr=args.reconstruct_lr,
@@ -91,9 +96,9 @@ def main() -> None:
                     ppl = perplexity(model, evaluation)
                     params = count_params(model) / count_params(dense)
                     closed = None if plain is None or plain == ppl_dense else (plain - ppl) / (plain - ppl_dense)
-                    plain = ppl if plain is None else plain
+                    plain = ppl if plain is None and comp == PLAIN.get(sel, "none") else plain
                     row = {"ratio": ratio, "targets": targets, "selector": sel, "compensate": comp,
-                           "reconstruct": rc,
+                           "compensate_target": target, "reconstruct": rc,
                            **({"reconstruct_optimizer": args.reconstruct_optimizer,
                                "reconstruct_lr": args.reconstruct_lr, "reconstruct_steps": args.reconstruct_steps,
                                "reconstruct_batch": args.reconstruct_batch} if rc != "off" else {}),
@@ -105,7 +110,7 @@ def main() -> None:
                     rows.append(row)
                     with open(args.json, "w") as f:
                         json.dump(rows, f, indent=1)
-                    name = comp if rc == "off" else f"{comp}+rc"
+                    name = (comp if target == "input" else f"{comp}:{target}") + ("" if rc == "off" else "+rc")
                     print(f"{ratio:>5} {targets:10} {sel:9} {name:10} {params:>7.3f} {ppl:>9.2f} "
                           f"{'' if closed is None else f'{closed:.0%}':>7} {seconds:>7.0f} "
                           f"{report['peak_rss_mib']:>8.0f}", flush=True)

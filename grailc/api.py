@@ -191,6 +191,11 @@ def _record_groups(ctx: Context) -> None:
     ctx.report["timings"] = ctx.timings
 
 
+def _cast(batches: list[tuple[torch.Tensor, ...]], dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    """A half-precision model gets half-precision inputs; integer inputs (token ids, masks) stay as they are."""
+    return [tuple(t.detach().to(dtype) if t.is_floating_point() else t.detach() for t in b) for b in batches]
+
+
 def compress(
     model,
     *,
@@ -202,6 +207,7 @@ def compress(
     measure_latency: bool = True,
     sharded: bool = False,
     traces: Traces | None = None,
+    dense_calib: Iterable | None = None,
     **overrides,
 ) -> Result:
     """Compress ``model`` (an nn.Module or ExportedProgram) and verify the result; see :class:`Recipe` for options.
@@ -217,6 +223,8 @@ def compress(
     ``sharded=True`` says that ``calib`` already is this process's share (the layer-by-layer LLM driver shards its
     token windows itself). ``traces`` (:class:`grailc.trace.Traces`): graphs traced before, reused for a model built
     like one of them instead of tracing it again (the layer-by-layer driver passes one for all its decoder layers).
+    ``dense_calib``: batches parallel to ``calib`` that sequential calibration feeds the dense run instead (the
+    layer-by-layer driver passes the dense model's own stream with ``compensate_target="stream"``).
     """
     if input_shape:  # the recipe holds one shape, or a list of shapes for a model with several inputs
         shapes = [list(s) for s in input_shape] if isinstance(input_shape[0], (tuple, list)) else [list(input_shape)]
@@ -241,11 +249,17 @@ def compress(
                     f"calibration batch {i}{which} has shape {list(t.shape)} but the input shape is {list(shape)}",
                     fix="make --input-shape match the calibration data",
                 )
-    # a half-precision model gets half-precision inputs; integer inputs (token ids, masks) stay as they are
-    batches = [tuple(t.detach().to(dtype) if t.is_floating_point() else t.detach() for t in b) for b in batches]
+    batches = _cast(batches, dtype)
     _check_finite_batches(batches, names, dtype)
     held = recipe.calib.held_out if len(batches) > recipe.calib.held_out else 0
     fit, held_out = (batches[:-held], batches[-held:]) if held else (batches, [])
+    dense_fit = None
+    if dense_calib is not None:
+        dense = _cast(_as_batches(dense_calib, names), dtype)
+        if [[t.shape for t in b] for b in dense] != [[t.shape for t in b] for b in batches]:
+            raise CalibrationError("dense_calib must hold one batch of the same shapes per calibration batch",
+                                   fix="pass the dense run's inputs batch for batch")
+        dense_fit = dense[:-held] if held else dense
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -254,12 +268,14 @@ def compress(
     if static_batch(gm) is not None:  # a graph fixed to one batch size is fed batches of that size
         fit = batches_for(gm, fit)
         held_out = batches_for(gm, held_out) if held_out else []
+        dense_fit = batches_for(gm, dense_fit) if dense_fit is not None else None
     if not sharded:
         fit = distributed.shard(fit)
+        dense_fit = distributed.shard(dense_fit) if dense_fit is not None else None
 
     reference = copy.deepcopy(gm)
     ctx = Context(gm=gm, reference=reference, example=example, recipe=recipe, calib=fit, held_out=held_out,
-                  data_free=data_free, progress=progress, timings=timings)
+                  dense_calib=dense_fit, data_free=data_free, progress=progress, timings=timings)
     report = ctx.report
     report["recipe"] = dataclasses.asdict(recipe)
     report["data_free"] = data_free

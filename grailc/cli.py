@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compensate", help="grail (alias grail_fold) | none | bias | grail+bias | auto (default: "
                    "grail+bias sequential, grail --one-shot and for hf: LLMs)")
     c.add_argument("--lam", type=float, help="ridge, relative to mean(diag G[K,K]) (default 1e-3; 0.1 for hf: LLMs)")
+    c.add_argument("--compensate-target", choices=("auto", "input", "stream"),
+                   help="stream: a linear consumer that writes into a residual add rebuilds the dense model's "
+                   "stream there, taking up the drift of everything compressed before it (for hf: LLMs the dense "
+                   "model's own stream is carried layer to layer; sequential only); input: each consumer rebuilds "
+                   "its own dense input; auto (default): stream where it applies (sequential, hidden width not cut)")
     mode = c.add_mutually_exclusive_group()
     mode.add_argument("--sequential", action="store_true",
                       help="calibrate consumer by consumer, in one pass, on the already-compressed upstream, against "
@@ -294,6 +299,7 @@ def recipe_from_args(args):
         selector=args.selector,
         compensate=args.compensate,
         lam=args.lam,
+        compensate_target=args.compensate_target,
         sequential=True if args.sequential else False if args.one_shot else None,
         repair=True if args.repair else None,
         reconstruct=getattr(args, "reconstruct", None),

@@ -60,6 +60,8 @@ class Context:
     recipe: Any
     calib: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     held_out: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    # what sequential calibration's dense run is fed instead of ``calib`` (one batch each; None: ``calib``)
+    dense_calib: list[tuple[torch.Tensor, ...]] | None = None
     data_free: bool = False
     deps: Dependencies | None = None
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # consumer slot key -> G (float64)

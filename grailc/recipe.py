@@ -10,6 +10,7 @@ compensate = "auto"         # auto | grail+bias | grail (grail_fold) | none | bi
 repair = false              # re-estimate BatchNorm statistics after apply (adds the 'repair' pass)
 reconstruct = "off"         # block | layer | group: train windows against the dense model (the 'reconstruct' pass)
 lam = 1e-3                  # ridge, relative to mean(diag G[K, K])
+compensate_target = "auto"  # auto (stream when sequential, unless the hidden width is cut) | input | stream
 exclude = ["layer4.*"]      # module-name patterns whose groups are never pruned
 targets = ["channels", "heads"]  # which groups: channels (alias mlp), heads or vdims, embed (alias hidden: lossy)
 multiple_of = 8             # every kept width a multiple of 8
@@ -54,6 +55,7 @@ DEFAULT_TARGETS = ["channels", "heads"]
 # sequential -> gram + grail+bias, one-shot -> wanda + grail; decoder LLMs (hf:) -> wanda_sp + grail
 AUTO = {True: ("gram", "grail+bias"), False: ("wanda", "grail")}
 AUTO_LLM = ("wanda_sp", "grail")
+COMPENSATE_TARGETS = ("input", "stream")
 DEFAULT_PIPELINE = ["analyse", "calibrate", "select", "compensate", "apply", "verify"]
 
 
@@ -82,6 +84,10 @@ class Recipe:
     selector: str = "auto"  # auto: the best measured for the mode (AUTO), resolved when a compile starts
     compensate: str = "auto"
     lam: float = 1e-3
+    # input: each consumer rebuilds its dense input; stream (sequential only): a linear consumer whose output is added
+    # to a residual stream rebuilds the dense stream there (see passes/calibrate.py, ``stream_writers``); auto: stream
+    # where it applies (sequential calibration, residual width not cut), else input
+    compensate_target: str = "auto"
     magnitude_norm: int = 1
     sequential: bool = True  # Grams consumer by consumer on the already-compressed upstream (False: one-shot, dense)
     repair: bool = False  # the 'repair' pass after 'apply': BatchNorm statistics re-estimated on calibration data
@@ -110,8 +116,14 @@ class Recipe:
     def resolved(self, llm: bool = False) -> Recipe:
         """This recipe with ``auto`` replaced by the mode's defaults (``AUTO``; ``AUTO_LLM`` for decoder LLMs)."""
         selector, compensate = AUTO_LLM if llm else AUTO[self.sequential]
+        target = "stream" if self.sequential and not self._cuts_embed() else "input"
         return dataclasses.replace(self, selector=selector if self.selector == "auto" else self.selector,
-                                   compensate=compensate if self.compensate == "auto" else self.compensate)
+                                   compensate=compensate if self.compensate == "auto" else self.compensate,
+                                   compensate_target=target if self.compensate_target == "auto"
+                                   else self.compensate_target)
+
+    def _cuts_embed(self) -> bool:
+        return "embed" in {TARGETS.get(t) for t in self.targets}
 
     @property
     def max_memory_bytes(self) -> int:
@@ -140,6 +152,15 @@ class Recipe:
             check_choice("compensator", self.compensate, COMPENSATORS)
         if self.lam < 0:
             raise RecipeError(f"lam {self.lam} is negative", fix="the ridge must be >= 0")
+        check_choice("compensate_target", self.compensate_target, ("auto", *COMPENSATE_TARGETS))
+        if self.compensate_target == "stream" and not self.sequential:
+            raise RecipeError("compensate_target stream needs sequential calibration: the drift of the residual "
+                              "stream is the dense run's against the compressed one's",
+                              fix="drop --one-shot (or sequential = false), or use --compensate-target input")
+        if self.compensate_target == "stream" and self._cuts_embed():
+            raise RecipeError("compensate_target stream cannot be combined with --targets hidden (embed): the residual "
+                              "stream itself is narrowed, so the dense and the compressed stream are not one space",
+                              fix="use --compensate-target input (or auto) with --targets hidden")
         for t in self.targets:
             check_choice("target", t, TARGETS)
         if {"heads", "vdims"} <= {TARGETS[t] for t in self.targets}:

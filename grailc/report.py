@@ -89,6 +89,11 @@ def summary(report: dict) -> str:
     if plain is not None:
         text = f"mean reconstruction error: plain {plain:.4f}"
         lines.append(text + (f", compensated {grail:.4f}" if grail is not None else " (no compensation)"))
+    writers, few = report.get("stream_writers", []), report.get("stream_writers_few_rows", [])
+    if writers or few:
+        lines.append(f"stream target: {len(writers)} consumers adding into a residual stream rebuild the dense stream "
+                     "(their errors include its drift)" + (f"; {len(few)} kept the input target (too few calibration "
+                                                            "rows per kept channel)" if few else ""))
     repair = report.get("repair")
     if repair:
         lines.append(f"repair: {repair['batch_norms']} BatchNorms re-estimated (means moved "

@@ -344,7 +344,8 @@ SAMPLED = "sample_"  # the names of the error sample's statistics in record_cons
 
 
 def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, slots: list,
-                           kept: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+                           kept: dict[str, torch.Tensor] | None = None,
+                           writer: tuple[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Run every batch's dense and shadow run on to the input of consumer ``node`` (not running it) and return,
     per consumer slot there: Gz = sum z z^T on the compressed shadow, C = sum x z^T against the dense inputs x,
     the row count, sz = sum z and sx = sum x (one dict per name, keyed by slot); and the same statistics plus
@@ -356,7 +357,11 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
 
     ``kept``: for the slots whose group was already selected (at an earlier consumer node), the kept indices K of
     the slot. Compensation and its errors read only Gz[K, K] and C[:, K], so only those are formed (the rest of
-    the matrices stays zero): at half width 3/8 of the two full products."""
+    the matrices stays zero): at half width 3/8 of the two full products.
+
+    ``writer`` (the stream's node name from ``stream_writers``, and P from ``writer_map``): the consumer adds
+    its output into a residual stream, and its target x becomes x + P^T (h_dense - h_shadow), the stream's drift
+    carried back to its input space."""
     names = ("gz", "cross", "rows", "sums", "target_sums")
     found: dict[str, dict] = {p + name: {} for name in names for p in ("", SAMPLED)}
     found[SAMPLED + "gx"] = {}
@@ -366,6 +371,8 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
         for run in (dense, shadow):
             run.run_until(run.order.named[node], before=True)
         xd, xs = dense.consumer_rows(consumer), shadow.consumer_rows(consumer)
+        if writer is not None:
+            xd = xd + _drift(dense, shadow, *writer, consumer.layout.axis).to(xd.dtype)
         for slot in slots:
             a, b, K = slot.take(xd), slot.take(xs), kept.get(slot.key)
             _take_pair(found, "", slot.key, a, b, K)
@@ -378,6 +385,90 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
             found[prefix + "gz"][key] = _embed(found[prefix + "gz"][key], K, K, size)
             found[prefix + "cross"][key] = _embed(found[prefix + "cross"][key], None, K, size)
     return found
+
+
+ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+
+
+def stream_writers(gm: fx.GraphModule, at_node: dict[str, list]) -> dict[str, str]:
+    """The consumer nodes that write into a residual stream: a linear layer (channels last) whose one use is
+    ``add(h, y)``, ``h`` computed before it; each maps to the name of h's node. There the compressed model gives
+    h_s + W' z_K where the dense one gives h_d + W x, so the consumer's target is the dense *stream*:
+    W' z_K ~ W x + (h_d - h_s). In the input space that is the target x + P^T (h_d - h_s) with P = pinv(W)^T
+    [out, in] (``writer_map``); W pinv(W) is the identity when W has full row rank (out <= in, as an attention's
+    output projection or an MLP's down projection), else the drift's part in W's range is taken up. (A 1x1
+    convolution reaching the add through BatchNorm is the same map scaled by the BatchNorm; tried on
+    EfficientNet-Lite0 it changed nothing measurable, so convolutions are left out.)"""
+    order = _node_order(gm)
+    named = {n.name: n for n in gm.graph.nodes}
+    found = {}
+    for name, slots in at_node.items():
+        consumer, n = slots[0].consumer, named[name]
+        layout = consumer.layout
+        if consumer.kind != "linear" or layout.inner != 1 or layout.outer or layout.order is not None:
+            continue
+        users = list(n.users)
+        if len(users) != 1 or users[0].target not in ADDS:
+            continue
+        args = users[0].args
+        other = args[1] if args[0] is n else args[0] if len(args) > 1 and args[1] is n else None
+        if isinstance(other, fx.Node) and order.get(other.name, len(order)) < order[name]:
+            found[name] = other.name
+    return found
+
+
+def writer_map(gm: fx.GraphModule, consumer) -> torch.Tensor:
+    """P = pinv(W)^T [out, in] of a stream writer's (dense) weight, in float64."""
+    return torch.linalg.pinv(get_param(gm, consumer.weight).detach().to(torch.float64)).T.contiguous()
+
+
+STREAM_ROWS_PER_CHANNEL = 32  # a stream writer takes up the drift only with this many calibration rows per kept channel
+
+
+def _writer_here(ctx, runs, node: str, slots: list, writers: dict, by_id: dict, group_of: dict):
+    """(stream node, P) for ``record_consumer_inputs`` where ``node`` is a stream writer with enough rows, else None.
+
+    The drift is a regression of the stream onto the kept channels, with as many unknowns per output as channels
+    kept: with few rows per channel it fits the calibration rows' noise (SmolLM2's MLP, 768 channels kept: worse
+    than the input target with 8k tokens, better with 32k). So a writer with fewer than
+    ``STREAM_ROWS_PER_CHANNEL`` rows (over all processes) per kept channel keeps its input target; the report lists
+    it under ``stream_writers_few_rows``."""
+    from grailc.passes.select import units_kept
+
+    if node not in writers:
+        return None
+    consumer, rows = slots[0].consumer, 0
+    for dense, _ in runs:
+        dense.run_until(dense.order.named[node], before=True)
+        x = dense.runner.env[dense.order.named[node].args[consumer.arg]]
+        rows += x.numel() // x.shape[consumer.layout.axis]
+    rows = all_reduce_stats({"rows": rows})["rows"]
+    kept = 0
+    for slot in slots:
+        group = by_id[group_of[slot.key]]
+        if group.id in ctx.done:
+            decision = ctx.decisions.get(group.id)
+            kept = max(kept, slot.map(decision.map).k if decision is not None else slot.size)
+        else:
+            kept = max(kept, units_kept(ctx, group) * slot.size // group.size)
+    if rows < STREAM_ROWS_PER_CHANNEL * kept:
+        ctx.report["stream_writers_few_rows"].append(node)
+        return None
+    ctx.report["stream_writers"].append(node)
+    return writers[node], writer_map(ctx.gm, consumer)
+
+
+def _drift(dense: Resumable, shadow: Resumable, stream: str, P: torch.Tensor, axis: int) -> torch.Tensor:
+    """The stream's drift h_d - h_s at a stream writer (channels on ``axis``), carried to its input space:
+    [rows, in], the rows in the order of ``channel_rows``."""
+    h_d, h_s = (run.runner.env[run.order.named[stream]].detach() for run in (dense, shadow))
+    if h_d.shape != h_s.shape or h_d.shape[axis] != P.shape[0]:
+        raise CalibrationError(f"node {stream} (the residual stream a consumer adds into) has shape "
+                               f"{list(h_d.shape)} and {list(h_s.shape)} on the two runs, not {P.shape[0]} channels",
+                               fix="use --compensate-target input for this model")
+    drift = (h_d - h_s).movedim(h_d.dim() + axis if axis < 0 else axis, -1).reshape(-1, P.shape[0])
+    drift = drift.to(row_dtype(drift))
+    return drift @ P.to(drift.dtype)
 
 
 def _embed(block: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor, size: int) -> torch.Tensor:
@@ -466,7 +557,7 @@ def _select_ahead(ctx, group, ahead: dict) -> None:
             del store[key]
 
 
-def calibrate_sequentially(ctx, batches) -> None:
+def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
     """One pass through the graph, all batches in lockstep, consumer by consumer: at each consumer, its input's
     statistics on the partially compressed model (the *shadow*) against the dense one; a group is selected at
     its first consumer, and every consumer slot is compensated when the pass reaches it, so that each consumer
@@ -486,26 +577,40 @@ def calibrate_sequentially(ctx, batches) -> None:
     (a quarter of a dense forward and of one product per slot ahead). Memory: per batch, the live activations of
     the dense and the shadow run (twice the activations of all calibration batches at the widest point of the
     graph), and ``sequential_gram_bytes``.
+
+    ``dense_batches`` (default ``batches``): what the dense run, the pre-pass and a budget's plan are fed, batch by
+    batch (a layer-by-layer driver passes the dense model's own stream). With ``compensate_target = "stream"``
+    every stream writer (``stream_writers``) rebuilds the dense stream instead of its dense input: one
+    [rows, out] x [out, in] product more per writer and batch, and the pseudo-inverse of its weight.
     """
     from grailc.passes.compensate import compensate_group
 
     shadow = copy.deepcopy(ctx.gm)
     groups = ctx.deps.prunable()
+    dense_batches = batches if dense_batches is None else dense_batches
+    if len(dense_batches) != len(batches):
+        raise CalibrationError(f"{len(dense_batches)} dense-run batches for {len(batches)} calibration batches",
+                               fix="give the dense run one batch per calibration batch")
     if ctx.recipe.budget:  # the counts are planned on the dense model before anything is compressed
         from grailc.passes.select.global_budget import plan
 
-        ctx.planned = plan(ctx, final_statistics(norms=record_sq_norms(ctx.gm, groups, batches))["norms"])
-    ahead = prepass(ctx.gm, ahead_of_decision(ctx.gm, groups), batches)
+        ctx.planned = plan(ctx, final_statistics(norms=record_sq_norms(ctx.gm, groups, dense_batches))["norms"])
+    ahead = prepass(ctx.gm, ahead_of_decision(ctx.gm, groups), dense_batches)
     dense_order, shadow_order = GraphOrder(ctx.gm), GraphOrder(shadow)
-    runs = [(Resumable(dense_order, x), Resumable(shadow_order, x)) for x in batches]
+    runs = [(Resumable(dense_order, d), Resumable(shadow_order, x)) for d, x in zip(dense_batches, batches)]
     at_node = _slots_by_node(groups)
+    writers = stream_writers(ctx.gm, at_node) if ctx.recipe.compensate_target == "stream" else {}
+    if ctx.recipe.compensate_target == "stream":
+        ctx.report["stream_writers"], ctx.report["stream_writers_few_rows"] = [], []
     by_id = {g.id: g for g in groups}
     group_of = {slot.key: g.id for g in groups for slot in g.consumers}
     position = _node_order(ctx.gm)
     for node in tqdm(sorted(at_node, key=position.__getitem__), desc="sequential", unit="consumer",
                      disable=not ctx.progress, leave=False):
         slots = at_node[node]
-        final = final_statistics(**record_consumer_inputs(runs, node, slots, kept_indices(ctx, slots, group_of)))
+        writer = _writer_here(ctx, runs, node, slots, writers, by_id, group_of)
+        final = final_statistics(**record_consumer_inputs(runs, node, slots, kept_indices(ctx, slots, group_of),
+                                                          writer))
         _check_finite_statistics(ctx.gm, final["gz"], batches)
         ctx.sums.update(final["sums"])
         ctx.target_sums.update(final["target_sums"])
@@ -562,7 +667,8 @@ class Calibrate(Pass):
         ctx.report["gram_memory_bytes"] = need
         batches = batches_for(ctx.gm, ctx.calib)
         if sequential:
-            calibrate_sequentially(ctx, batches)
+            dense = batches_for(ctx.gm, ctx.dense_calib) if ctx.dense_calib else None
+            calibrate_sequentially(ctx, batches, dense)
         else:
             sums: dict = {}
             grams, rows = record_grams(ctx.gm, groups, batches, ctx.progress, sums=sums)

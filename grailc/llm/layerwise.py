@@ -9,9 +9,12 @@ layer i+1 is calibrated on the outputs of the *compressed* layer i. Memory holds
     calibration activations   N * T * d * 4 bytes        (N samples of T tokens, hidden width d, float32)
     Grams (float64)           8 * (f^2 + (h * d_h)^2)    (MLP width f, attention width h * d_h)
 
-plus the model's weights. The hidden (residual) width runs through every layer and the embedding, so it cannot be
-cut layer by layer: ``--targets hidden`` narrows it first, on the whole model (:mod:`grailc.llm.hidden`), and the
-other targets then run layer by layer on the narrowed model.
+plus the model's weights. With ``compensate_target="stream"`` the dense model's own stream is carried too (another
+N * T * d * 4 bytes) and feeds each layer's dense run, so that the consumers writing into the residual stream
+rebuild the dense model's stream, not the dense layer's output on the compressed input. The hidden (residual)
+width runs through every layer and the embedding, so it cannot be cut layer by layer: ``--targets hidden`` narrows
+it first, on the whole model (:mod:`grailc.llm.hidden`), and the other targets then run layer by layer on the
+narrowed model.
 
 ``structure="incremental"`` is SlimGPT's incremental pruning ratio: deeper layers lose more, in proportion to
 ln(2 + layer index), the mean over the layers being the recipe's ratio.
@@ -217,21 +220,21 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     if plan is not None:
         report["global_plan"] = plan
     traces = Traces()  # every layer built like one traced before reuses its graph
+    dense = list(batches) if recipe.compensate_target == "stream" else None  # the dense model's own stream
     for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
         block = DecoderBlock(layers[i], rotary)
         with resident(stream, i, write=True, traced=i in chosen), on_device(layers[i], device, home):
             if i not in chosen:
-                with torch.no_grad():
-                    batches = [block(x) for x in batches]
+                advance(block, batches, dense)
                 continue
             before = layer_widths(layers[i], head_dim)
             ratios = plan["ratios"][i] if plan is not None else None
             result = compress(block, calib=batches, recipe=_layer_recipe(recipe, ratios), measure_latency=False,
-                              sharded=True, traces=traces)
+                              sharded=True, traces=traces, dense_calib=dense)
+            advance(block, dense)  # the layer is still dense
             adopt_weights(block, result.module)
-            with torch.no_grad():
-                batches = [block(x) for x in batches]
+            advance(block, batches)
         groups = [g for g in result.report["groups"] if g["kept"] < g["size"]]
         report["layers"].append({
             "layer": i,
@@ -241,6 +244,9 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
                                            "compensation_refused")} for g in groups],
             "permutation_error": result.report.get("verification", {}).get("permutation_error"),
             "graph": traces.last,
+            **({"stream_writers": len(result.report["stream_writers"]),
+                "stream_writers_few_rows": len(result.report["stream_writers_few_rows"])}
+               if "stream_writers" in result.report else {}),
             **_reconstruct_record(result.report),
             "seconds": round(time.perf_counter() - t0, 3),
             "peak_rss_mib": round(_peak_rss_mib(), 1),
@@ -250,6 +256,15 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     report.update(_peak_cuda_mib(device))
     return report
+
+
+def advance(block: torch.nn.Module, *streams: list[torch.Tensor] | None) -> None:
+    """Feed every batch of each stream (None: none) through ``block``, replacing it in place, so that a stream never
+    takes more than its own size plus one batch."""
+    with torch.no_grad():
+        for stream in streams:
+            for j, x in enumerate(stream or ()):
+                stream[j] = block(x)
 
 
 def _reconstruct_record(report: dict) -> dict:

@@ -126,6 +126,25 @@ def test_every_selector_and_compensator_prints_its_summary(selector, compensate,
     assert mlp["kept"] % 8 == 0
 
 
+def test_stream_target_on_a_vit_rebuilds_the_residual_stream(tmp_path, capsys):
+    """The attention's output projection and the MLP's second linear add into the ViT's residual stream."""
+    from grailc.models.fashion_vit import FashionViT
+
+    model_path = tmp_path / "vit.pt2"
+    torch.export.save(torch.export.export(FashionViT(depth=2).eval(), (torch.randn(2, 1, 28, 28),)), str(model_path))
+    out = tmp_path / "out"
+    code = main(["compress", str(model_path), "--calib", "random", "--calib-batches", "3", "--batch-size", "32",
+                 "--held-out", "1", "--ratio", "0.5", "--targets", "mlp,heads", "--compensate-target", "stream",
+                 "--out", str(out)])  # 64 images x 50 tokens: 32 rows per kept channel (96 of 192)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["stream_writers"]) == 4  # two blocks: attention projection and MLP fc2 each
+    assert "stream target: 4 consumers" in captured.out
+    assert report["recipe"]["compensate_target"] == "stream"
+    assert report["onnx"]["relative_diff"] < 1e-3
+
+
 @pytest.mark.parametrize("selector", ["auto", "fold"])
 def test_shufflenet_prunes_through_its_channel_shuffles(selector, tmp_path, capsys):
     """Every branch width prunes; where a shuffle spreads a group's channels apart, fold keeps cluster medoids."""

@@ -106,6 +106,20 @@ def test_cli_compress_then_ppl(tiny_folder, tmp_path, capsys, selector, compensa
     assert result["windows"] == 2 and result["ppl"] > 1
 
 
+def test_cli_stream_target_compresses_then_ppl(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{shakespeare_text(MACBETH)}", "--calib-samples",
+               "8", "--seq-len", "32", "--ratio", "0.5", "--targets", "mlp,heads", "--compensate-target", "stream",
+               "--no-onnx", "--quiet", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["compensate_target"] == "stream"
+    assert [layer["after"]["intermediate_size"] for layer in report["layers"]] == [48, 48]
+    capsys.readouterr()
+    assert main(["ppl", str(out), "--text", str(shakespeare_text(HAMLET)), "--seq-len", "32", "--windows", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] > 1
+
+
 def test_cli_rejects_non_text_calibration(tiny_folder, tmp_path, capsys):
     rc = main(["compress", f"hf:{tiny_folder}", "--calib", "random", "--out", str(tmp_path / "o")])
     assert rc == 2
@@ -139,6 +153,10 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
         ([f"hf:{tiny_folder}", "--calib", f"text:{tmp_path / 'missing.txt'}"], "no text file"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--layers", "0-7"], "model has layers 0-1"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--targets", "vdims"], "head_dim"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--compensate-target", "stream", "--one-shot"],
+         "needs sequential calibration"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--compensate-target", "stream", "--targets", "hidden"],
+         "--targets hidden"),
     ]
     for argv, needle in cases:
         capsys.readouterr()
