@@ -432,12 +432,16 @@ def _writer_here(ctx, runs, node: str, slots: list, writers: dict, by_id: dict, 
     kept: with few rows per channel it fits the calibration rows' noise (SmolLM2's MLP, 768 channels kept: worse
     than the input target with 8k tokens, better with 32k). So a writer with fewer than
     ``STREAM_ROWS_PER_CHANNEL`` rows (over all processes) per kept channel keeps its input target; the report lists
-    it under ``stream_writers_few_rows``."""
+    it under ``stream_writers_few_rows``. Where the dense run is fed another stream (``dense_calib``) a writer has
+    no input target of its own to fall back to, and the caller decides (``grailc.llm.layerwise.stream_or_input``)."""
     from grailc.passes.select import units_kept
 
     if node not in writers:
         return None
     consumer, rows = slots[0].consumer, 0
+    if ctx.dense_calib is not None:  # the dense run sees another stream: the caller has checked the rows
+        ctx.report["stream_writers"].append(node)
+        return writers[node], writer_map(ctx.gm, consumer)
     for dense, _ in runs:
         dense.run_until(dense.order.named[node], before=True)
         x = dense.runner.env[dense.order.named[node].args[consumer.arg]]

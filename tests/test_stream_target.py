@@ -124,3 +124,19 @@ def test_auto_is_the_stream_where_it_applies():
     assert make_recipe(targets=["mlp", "hidden"]).resolved(llm=True).compensate_target == "input"
     with pytest.raises(RecipeError, match="--targets hidden"):
         make_recipe(ratio=0.5, targets=["hidden"], compensate_target="stream").validate()
+
+
+def test_decoder_layers_with_too_few_tokens_keep_the_input_target():
+    """With under 32 tokens per kept channel the whole run keeps each consumer's input target (and no dense
+    stream), and the report says why."""
+    few = windows()[:8, :16]  # 128 tokens for 48 kept channels
+    weights = {}
+    for target in ("input", "stream"):
+        model = tiny_llama()
+        recipe = make_recipe(ratio=0.5, targets=["mlp"], compensate_target=target, calib_batch_size=4)
+        report = compress_layers(model, few, recipe)
+        weights[target] = model.state_dict()
+    record = report["compensate_target"]
+    assert record["used"] == "input" and "128 calibration tokens" in record["why"]
+    for name, value in weights["input"].items():
+        torch.testing.assert_close(weights["stream"][name], value, msg=name)

@@ -185,6 +185,9 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
         raise RecipeError(f"unknown structure {structure!r}", fix=f"use one of {', '.join(STRUCTURES)}")
     _, rotary = decoder_parts(model)
     recipe = recipe.resolved(llm=True)
+    target = None
+    if recipe.compensate_target == "stream":
+        recipe, target = stream_or_input(model, windows, recipe)
     batch_size = recipe.calib.batch_size
     start = time.perf_counter()
     home = next(model.parameters()).device
@@ -200,6 +203,8 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
             only = only if recipe.targets else []
         report = _compress_layers(model, batches, recipe, structure, only, progress, device, home, start,
                                   {"samples": int(windows.shape[0]), "seq_len": int(windows.shape[1])}, stream)
+        if target is not None:
+            report["compensate_target"] = target
         return {**report, "hidden": found} if hidden else report
 
 
@@ -256,6 +261,28 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     report.update(_peak_cuda_mib(device))
     return report
+
+
+def stream_or_input(model, windows: torch.Tensor, recipe: Recipe) -> tuple[Recipe, dict]:
+    """The stream target needs ``STREAM_ROWS_PER_CHANNEL`` calibration tokens per kept channel of its widest writer
+    (see ``passes/calibrate.py``). A decoder layer's dense run is fed the dense model's stream, so a writer without
+    enough rows could not fall back to its own input target; the choice is made here, once for the run, at the
+    recipe's ratio: the recipe (with the input target where the tokens are too few) and the report's record."""
+    from grailc.passes.calibrate import STREAM_ROWS_PER_CHANNEL
+    from grailc.recipe import TARGETS
+
+    config, kinds = model.config, {TARGETS[t] for t in recipe.targets}
+    widths = ([config.intermediate_size] if "channels" in kinds else []) + (
+        [config.num_attention_heads * head_dim_of(config)] if "heads" in kinds else [])
+    kept = max((round(w * (1.0 - recipe.ratio)) for w in widths), default=0)
+    tokens, need = int(windows.numel()), STREAM_ROWS_PER_CHANNEL * kept
+    record = {"asked": "stream", "used": "stream" if tokens >= need else "input", "tokens": tokens,
+              "tokens_needed": need}
+    if tokens < need:
+        record["why"] = (f"{tokens} calibration tokens, under {STREAM_ROWS_PER_CHANNEL} per kept channel of the "
+                         f"widest writer ({kept} kept): the drift would fit the calibration rows' noise")
+        recipe = dataclasses.replace(recipe, compensate_target="input")
+    return recipe, record
 
 
 def advance(block: torch.nn.Module, *streams: list[torch.Tensor] | None) -> None:

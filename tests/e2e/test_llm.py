@@ -109,11 +109,12 @@ def test_cli_compress_then_ppl(tiny_folder, tmp_path, capsys, selector, compensa
 def test_cli_stream_target_compresses_then_ppl(tiny_folder, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{shakespeare_text(MACBETH)}", "--calib-samples",
-               "8", "--seq-len", "32", "--ratio", "0.5", "--targets", "mlp,heads", "--compensate-target", "stream",
-               "--no-onnx", "--quiet", "--out", str(out)])
+               "32", "--seq-len", "48", "--ratio", "0.5", "--targets", "mlp,heads", "--compensate-target", "stream",
+               "--no-onnx", "--quiet", "--out", str(out)])  # 1,536 tokens: 32 per kept MLP channel (48)
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["recipe"]["compensate_target"] == "stream"
+    assert report["recipe"]["compensate_target"] == "stream" and report["compensate_target"]["used"] == "stream"
+    assert [layer["stream_writers"] for layer in report["layers"]] == [2, 2]  # o_proj and down_proj
     assert [layer["after"]["intermediate_size"] for layer in report["layers"]] == [48, 48]
     capsys.readouterr()
     assert main(["ppl", str(out), "--text", str(shakespeare_text(HAMLET)), "--seq-len", "32", "--windows", "2"]) == 0
