@@ -91,9 +91,11 @@ def summary(report: dict) -> str:
         lines.append(text + (f", compensated {grail:.4f}" if grail is not None else " (no compensation)"))
     writers, few = report.get("stream_writers", []), report.get("stream_writers_few_rows", [])
     if writers or few:
-        lines.append(f"stream target: {len(writers)} consumers adding into a residual stream rebuild the dense stream "
-                     "(their errors include its drift)" + (f"; {len(few)} kept the input target (too few calibration "
-                                                            "rows per kept channel)" if few else ""))
+        what = ("rebuild the dense stream (their errors include its drift)" if grail is not None
+                else "have their errors measured against the dense stream (nothing compensates)")
+        lines.append(f"stream target: {len(writers)} consumers adding into a residual stream {what}"
+                     + (f"; {len(few)} kept the input target (too few calibration rows per kept channel)" if few
+                        else ""))
     repair = report.get("repair")
     if repair:
         lines.append(f"repair: {repair['batch_norms']} BatchNorms re-estimated (means moved "

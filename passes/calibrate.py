@@ -390,7 +390,7 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
 ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 
 
-def stream_writers(gm: fx.GraphModule, at_node: dict[str, list]) -> dict[str, str]:
+def stream_writers(order: GraphOrder, at_node: dict[str, list]) -> dict[str, str]:
     """The consumer nodes that write into a residual stream: a linear layer (channels last) whose one use is
     ``add(h, y)``, ``h`` computed before it; each maps to the name of h's node. There the compressed model gives
     h_s + W' z_K where the dense one gives h_d + W x, so the consumer's target is the dense *stream*:
@@ -399,11 +399,9 @@ def stream_writers(gm: fx.GraphModule, at_node: dict[str, list]) -> dict[str, st
     output projection or an MLP's down projection), else the drift's part in W's range is taken up. (A 1x1
     convolution reaching the add through BatchNorm is the same map scaled by the BatchNorm; tried on
     EfficientNet-Lite0 it changed nothing measurable, so convolutions are left out.)"""
-    order = _node_order(gm)
-    named = {n.name: n for n in gm.graph.nodes}
     found = {}
     for name, slots in at_node.items():
-        consumer, n = slots[0].consumer, named[name]
+        consumer, n = slots[0].consumer, order.named[name]
         layout = consumer.layout
         if consumer.kind != "linear" or layout.inner != 1 or layout.outer or layout.order is not None:
             continue
@@ -412,7 +410,7 @@ def stream_writers(gm: fx.GraphModule, at_node: dict[str, list]) -> dict[str, st
             continue
         args = users[0].args
         other = args[1] if args[0] is n else args[0] if len(args) > 1 and args[1] is n else None
-        if isinstance(other, fx.Node) and order.get(other.name, len(order)) < order[name]:
+        if isinstance(other, fx.Node) and order.index[other] < order.index[n]:
             found[name] = other.name
     return found
 
@@ -434,14 +432,21 @@ def _writer_here(ctx, runs, node: str, slots: list, writers: dict, by_id: dict, 
     ``STREAM_ROWS_PER_CHANNEL`` rows (over all processes) per kept channel keeps its input target; the report lists
     it under ``stream_writers_few_rows``. Where the dense run is fed another stream (``dense_calib``) a writer has
     no input target of its own to fall back to, and the caller decides (``grailc.llm.layerwise.stream_or_input``)."""
-    from grailc.passes.select import units_kept
-
     if node not in writers:
         return None
+    if ctx.dense_calib is None and not _enough_rows(ctx, runs, node, slots, by_id, group_of):
+        ctx.report["stream_writers_few_rows"].append(node)
+        return None
+    ctx.report["stream_writers"].append(node)
+    return writers[node], writer_map(ctx.gm, slots[0].consumer)
+
+
+def _enough_rows(ctx, runs, node: str, slots: list, by_id: dict, group_of: dict) -> bool:
+    """Whether the consumer at ``node`` sees ``STREAM_ROWS_PER_CHANNEL`` rows (all processes) per kept channel of
+    its widest slot (the runs are brought to its input, as recording would)."""
+    from grailc.passes.select import units_kept
+
     consumer, rows = slots[0].consumer, 0
-    if ctx.dense_calib is not None:  # the dense run sees another stream: the caller has checked the rows
-        ctx.report["stream_writers"].append(node)
-        return writers[node], writer_map(ctx.gm, consumer)
     for dense, _ in runs:
         dense.run_until(dense.order.named[node], before=True)
         x = dense.runner.env[dense.order.named[node].args[consumer.arg]]
@@ -455,11 +460,7 @@ def _writer_here(ctx, runs, node: str, slots: list, writers: dict, by_id: dict, 
             kept = max(kept, slot.map(decision.map).k if decision is not None else slot.size)
         else:
             kept = max(kept, units_kept(ctx, group) * slot.size // group.size)
-    if rows < STREAM_ROWS_PER_CHANNEL * kept:
-        ctx.report["stream_writers_few_rows"].append(node)
-        return None
-    ctx.report["stream_writers"].append(node)
-    return writers[node], writer_map(ctx.gm, consumer)
+    return rows >= STREAM_ROWS_PER_CHANNEL * kept
 
 
 def _drift(dense: Resumable, shadow: Resumable, stream: str, P: torch.Tensor, axis: int) -> torch.Tensor:
@@ -603,8 +604,9 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
     dense_order, shadow_order = GraphOrder(ctx.gm), GraphOrder(shadow)
     runs = [(Resumable(dense_order, d), Resumable(shadow_order, x)) for d, x in zip(dense_batches, batches)]
     at_node = _slots_by_node(groups)
-    writers = stream_writers(ctx.gm, at_node) if ctx.recipe.compensate_target == "stream" else {}
+    writers = {}
     if ctx.recipe.compensate_target == "stream":
+        writers = stream_writers(dense_order, at_node)
         ctx.report["stream_writers"], ctx.report["stream_writers_few_rows"] = [], []
     by_id = {g.id: g for g in groups}
     group_of = {slot.key: g.id for g in groups for slot in g.consumers}

@@ -140,7 +140,13 @@ def test_stream_target_on_a_vit_rebuilds_the_residual_stream(tmp_path, capsys):
     assert code == 0, captured.err
     report = json.loads((out / "report.json").read_text())
     assert len(report["stream_writers"]) == 4  # two blocks: attention projection and MLP fc2 each
-    assert "stream target: 4 consumers" in captured.out
+    assert "stream target: 4 consumers" in captured.out and "rebuild the dense stream" in captured.out
+    # plain pruning rebuilds nothing: the summary says what the stream target then means
+    code = main(["compress", str(model_path), "--calib", "random", "--calib-batches", "3", "--batch-size", "32",
+                 "--held-out", "1", "--ratio", "0.5", "--targets", "mlp,heads", "--compensate", "none",
+                 "--no-onnx", "--out", str(tmp_path / "plain")])
+    captured = capsys.readouterr()
+    assert code == 0 and "measured against the dense stream (nothing compensates)" in captured.out
     assert report["recipe"]["compensate_target"] == "stream"
     assert report["onnx"]["relative_diff"] < 1e-3
 
