@@ -5,7 +5,8 @@ Torch-Pruning's dependency-graph build plus pruning, on the same model in one ru
 
 Prints, per stage, seconds and the ratio to the dense forward pass (the unit the goals are stated in: the default
 pipeline's stages but export at most 2x, sequential calibration at most 3x). Random weights and random images:
-the time does not depend on them. One-shot and sequential (the default) are both run.
+the time does not depend on them. One-shot and sequential (the default) are both run; ``--kernel-solves taps
+channels`` adds a sequential column with k x k convolutions solved over channels (``--kernel-solve channels``).
 
 ``--float64-products`` runs both modes a second time with the Gram products in float64 (as before float32
 products were the default) and prints the calibration times side by side and how far the two compressed models'
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--kernel-solves", nargs="+", default=["taps"], choices=("taps", "channels"),
+                        help="the sequential columns: taps (the default) and/or channels (--kernel-solve)")
     parser.add_argument("--float64-products", action="store_true",
                         help="also calibrate with float64 products and compare")
     args = parser.parse_args()
@@ -67,9 +70,11 @@ def main() -> None:
     print(f"{args.model}, {args.images} images of {args.size} px in batches of {args.batch}, ratio {args.ratio}; "
           f"one dense forward pass over them: {dense:.1f} s")
     rows, modules = {}, {}
-    for mode, sequential in (("one-shot", False), ("sequential", True)):
+    modes = [("one-shot", False, "channels")]
+    modes += [("sequential" if solve == "taps" else f"seq. {solve}", True, solve) for solve in args.kernel_solves]
+    for mode, sequential, solve in modes:
         result = grailc.compress(model, calib=batches, ratio=args.ratio, sequential=sequential, calib_held_out=1,
-                                 measure_latency=False, onnx=False)
+                                 measure_latency=False, onnx=False, kernel_solve=solve)
         rows[mode], modules[mode] = result.report["timings"], result.module
     built, pruned = torch_pruning_seconds(model, batches[0][:1], args.ratio)
     print(f"{'stage':>12} " + " ".join(f"{m + ' s':>14} {'x fwd':>6}" for m in rows))

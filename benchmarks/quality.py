@@ -3,7 +3,8 @@ with Torch-Pruning's magnitude pruner side by side, on three real models. Prints
 
     .venv/bin/python benchmarks/quality.py [--models fashion_resnet fashion_vit lite0] [--ratios 0.1 ... 0.9]
         [--selectors magnitude wanda random gram fold flap] [--compensators none grail bias grail+bias]
-        [--sequential-compensators grail] [--repair off on] [--modes one-shot sequential] [--budget params|macs]
+        [--sequential-compensators grail] [--repair off on] [--modes one-shot sequential sequential-channels]
+        [--budget params|macs]
         [--no-tp] [--tp-norm 2] [--test-images 10000] [--calib-images 128] [--lite0-test-crops 128]
         [--repair-in-pipeline] [--plot quality.png] [--json rows.json] [--threads N]
 
@@ -20,7 +21,8 @@ Models
                   evaluation crops come from the same photos, at different positions and scales.
 
 grailc cells: ``grailc.compress(model, calib=..., ratio=R, selector=S, compensate=C, sequential=..., calib_held_out=2,
-measure_latency=False, progress=False)``. ``--budget params`` adds, for every R, the same cells with
+measure_latency=False, progress=False)``; the mode ``sequential-channels`` (not run by default) is ``sequential``
+with ``kernel_solve="channels"``. ``--budget params`` adds, for every R, the same cells with
 ``budget="params=R"`` in place of the ratio (one parameter target spread across groups by score). Repair re-estimates
 the BatchNorm statistics of the compressed model on the calibration batches it was fitted on; it changes no shape
 and runs after apply, so by default it is measured on a copy of each compressed model
@@ -72,7 +74,9 @@ DEFAULT_RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 # canonical names first: a later name registered with the same function is an alias
 PREFERRED_SELECTORS = ("magnitude", "wanda", "random", "gram", "fold", "flap")
 PREFERRED_COMPENSATORS = ("none", "grail", "bias", "grail+bias")
-MODES = {"one-shot": False, "sequential": True}
+# mode -> (sequential, kernel_solve): "sequential" is the default (k x k convolutions solved over their taps),
+# "sequential-channels" the same with one map for all taps (--kernel-solve channels)
+MODES = {"one-shot": (False, "channels"), "sequential": (True, "taps"), "sequential-channels": (True, "channels")}
 LINES = {"none": ":", "grail": "-", "bias": "-.", "grail+bias": "--"}  # plot line style per compensator
 HELD_OUT = 2
 FASHION_BATCH = 32
@@ -262,7 +266,7 @@ def main() -> None:
     parser.add_argument("--sequential-compensators", nargs="+", choices=sorted(registry.COMPENSATORS),
                         help="the compensators run in sequential mode (default: --compensators)")
     parser.add_argument("--repair", nargs="+", choices=["off", "on"], default=["off", "on"])
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["one-shot", "sequential"])
     parser.add_argument("--budget", choices=["params", "macs"],
                         help="also run every ratio R as the global budget KIND=R")
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
@@ -320,7 +324,7 @@ def main() -> None:
             for selector in args.selectors:
                 for mode in args.modes:
                     comps = args.compensators
-                    if mode == "sequential" and args.sequential_compensators:
+                    if mode.startswith("sequential") and args.sequential_compensators:
                         comps = args.sequential_compensators
                     for compensate in comps:
                         run_grailc_cell(bench, args, emit, ratio, spec, size, selector, compensate, mode)
@@ -349,7 +353,8 @@ def run_grailc_cell(bench, args, emit, ratio, spec, size, selector, compensate, 
     from grailc.passes.repair import repair_batch_norms
 
     common = dict(calib=bench.calib, input_shape=bench.input_shape, selector=selector, compensate=compensate,
-                  sequential=MODES[mode], calib_held_out=HELD_OUT, measure_latency=False, progress=False, **size)
+                  sequential=MODES[mode][0], kernel_solve=MODES[mode][1], calib_held_out=HELD_OUT,
+                  measure_latency=False, progress=False, **size)
     base = dict(model=bench.name, ratio=ratio, spec=spec, method="grailc", selector=selector,
                 compensate=compensate, mode=mode)
     repairs = [r for r in args.repair if r == "off" or bench.has_batch_norm]
@@ -422,7 +427,8 @@ def print_markdown(rows: list[dict], benches: dict, args) -> None:
             first = next(iter(cells.values()))
             params = f"{first['params']:.3f}x" if first.get("params") is not None else ""
             label = f"Torch-Pruning {selector}" if method == "tp" else selector
-            mode_cell = "`--sequential`" if mode == "sequential" else mode
+            mode_cell = {"sequential": "`--sequential`",
+                         "sequential-channels": "`--kernel-solve channels`"}.get(mode, mode)
             values = [fmt_metrics(bench, cells[c]["metrics"]) if c in cells else "" for c in comps]
             print(f"| {spec} | {label} | {mode_cell} | {'yes' if repair == 'on' else 'no'} | {params} | "
                   + " | ".join(values) + " |")

@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "stream there, taking up the drift of everything compressed before it (for hf: LLMs the dense "
                    "model's own stream is carried layer to layer; sequential only); input: each consumer rebuilds "
                    "its own dense input; auto (default): stream where it applies (sequential, hidden width not cut)")
+    c.add_argument("--kernel-solve", choices=("auto", "channels", "taps"),
+                   help="taps: a k x k convolution consumer's new columns are solved over (channel, tap) pairs from "
+                   "its input patches, rebuilding a removed channel from the kept ones at every pixel the kernel "
+                   "reads (sequential only; a consumer with fewer than 32 calibration positions per kept pair is "
+                   "solved over channels); channels: one map for all taps; auto (default): taps when sequential")
     mode = c.add_mutually_exclusive_group()
     mode.add_argument("--sequential", action="store_true",
                       help="calibrate consumer by consumer, in one pass, on the already-compressed upstream, against "
@@ -300,6 +305,7 @@ def recipe_from_args(args):
         compensate=args.compensate,
         lam=args.lam,
         compensate_target=args.compensate_target,
+        kernel_solve=args.kernel_solve,
         sequential=True if args.sequential else False if args.one_shot else None,
         repair=True if args.repair else None,
         reconstruct=getattr(args, "reconstruct", None),

@@ -28,7 +28,8 @@ class Decision:
 class Fold:
     """What a compensator decided for one consumer slot: the input is approximated as x ~ B z + c (z the k new
     channels), so the consumer becomes W' = W B (``B`` [size, k]; None: the map's plain spread W U, which is W[:, K]
-    for a selection) and b' = b + W c (``offset`` c [size]; None: no bias change)."""
+    for a selection) and b' = b + W c (``offset`` c [size]; None: no bias change). Solved over kernel taps, x, z
+    are a convolution's patches: B [size * taps, k * taps], c [size * taps]."""
 
     B: torch.Tensor | None
     offset: torch.Tensor | None = None
@@ -53,6 +54,16 @@ class SlotStats:
 
 
 @dataclass
+class TapStats:
+    """A k x k convolution consumer's statistics over its (channel, tap) pairs (``grailc.passes.taps``): all rows
+    and the error sample, as a compensator and the reported errors read them."""
+
+    stats: SlotStats
+    sample: SlotStats
+    taps: int
+
+
+@dataclass
 class Context:
     gm: fx.GraphModule
     reference: fx.GraphModule  # the original graph, never modified
@@ -70,6 +81,7 @@ class Context:
     # rows, Gx = C = G)
     cross: dict[str, torch.Tensor] = field(default_factory=dict)
     error_sample: dict[str, SlotStats] = field(default_factory=dict)
+    taps: dict[str, TapStats] = field(default_factory=dict)  # consumer slot key -> its statistics over taps
     rows: dict[str, int] = field(default_factory=dict)  # consumer slot key -> positions behind its Gram
     # consumer slot key -> s = sum x (float64, [size]) of the input the model sees (z in sequential calibration), so
     # ctx.sums[key] / ctx.rows[key] is the per-channel input mean; target_sums: sequential only, the dense x

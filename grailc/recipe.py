@@ -11,6 +11,7 @@ repair = false              # re-estimate BatchNorm statistics after apply (adds
 reconstruct = "off"         # block | layer | group: train windows against the dense model (the 'reconstruct' pass)
 lam = 1e-3                  # ridge, relative to mean(diag G[K, K])
 compensate_target = "auto"  # auto (stream when sequential, unless the hidden width is cut) | input | stream
+kernel_solve = "auto"       # auto (taps when sequential) | taps (k x k convs over (channel, tap) pairs) | channels
 exclude = ["layer4.*"]      # module-name patterns whose groups are never pruned
 targets = ["channels", "heads"]  # which groups: channels (alias mlp), heads or vdims, embed (alias hidden: lossy)
 multiple_of = 8             # every kept width a multiple of 8
@@ -56,6 +57,7 @@ DEFAULT_TARGETS = ["channels", "heads"]
 AUTO = {True: ("gram", "grail+bias"), False: ("wanda", "grail")}
 AUTO_LLM = ("wanda_sp", "grail")
 COMPENSATE_TARGETS = ("input", "stream")
+KERNEL_SOLVES = ("channels", "taps")
 DEFAULT_PIPELINE = ["analyse", "calibrate", "select", "compensate", "apply", "verify"]
 
 
@@ -88,6 +90,9 @@ class Recipe:
     # to a residual stream rebuilds the dense stream there (see passes/calibrate.py, ``stream_writers``); auto: stream
     # where it applies (sequential calibration, residual width not cut), else input
     compensate_target: str = "auto"
+    # channels: one B for all taps of a k x k convolution consumer (W' = W B per tap); taps (sequential only): its
+    # columns solved over (channel, tap) pairs from its patches (see passes/taps.py); auto: taps when sequential
+    kernel_solve: str = "auto"
     magnitude_norm: int = 1
     sequential: bool = True  # Grams consumer by consumer on the already-compressed upstream (False: one-shot, dense)
     repair: bool = False  # the 'repair' pass after 'apply': BatchNorm statistics re-estimated on calibration data
@@ -120,7 +125,9 @@ class Recipe:
         return dataclasses.replace(self, selector=selector if self.selector == "auto" else self.selector,
                                    compensate=compensate if self.compensate == "auto" else self.compensate,
                                    compensate_target=target if self.compensate_target == "auto"
-                                   else self.compensate_target)
+                                   else self.compensate_target,
+                                   kernel_solve=("taps" if self.sequential else "channels")
+                                   if self.kernel_solve == "auto" else self.kernel_solve)
 
     def _cuts_embed(self) -> bool:
         return "embed" in {TARGETS.get(t) for t in self.targets}
@@ -161,6 +168,11 @@ class Recipe:
             raise RecipeError("compensate_target stream cannot be combined with --targets hidden (embed): the residual "
                               "stream itself is narrowed, so the dense and the compressed stream are not one space",
                               fix="use --compensate-target input (or auto) with --targets hidden")
+        check_choice("kernel_solve", self.kernel_solve, ("auto", *KERNEL_SOLVES))
+        if self.kernel_solve == "taps" and not self.sequential:
+            raise RecipeError("kernel_solve taps needs sequential calibration: a convolution's patches are recorded "
+                              "at the consumer, after its group is selected",
+                              fix="drop --one-shot (or sequential = false), or use --kernel-solve channels")
         for t in self.targets:
             check_choice("target", t, TARGETS)
         if {"heads", "vdims"} <= {TARGETS[t] for t in self.targets}:

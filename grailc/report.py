@@ -96,6 +96,11 @@ def summary(report: dict) -> str:
         lines.append(f"stream target: {len(writers)} consumers adding into a residual stream {what}"
                      + (f"; {len(few)} kept the input target (too few calibration rows per kept channel)" if few
                         else ""))
+    taps, few = report.get("kernel_taps", []), report.get("kernel_taps_few_rows", [])
+    if taps or few:
+        lines.append(f"kernel taps: {len(taps)} k x k convolution consumers solved over (channel, tap) pairs"
+                     + (f"; {len(few)} over channels (too few calibration positions per kept pair)" if few
+                        else ""))
     repair = report.get("repair")
     if repair:
         lines.append(f"repair: {repair['batch_norms']} BatchNorms re-estimated (means moved "

@@ -135,9 +135,16 @@ def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor]
 
 def map_columns(cols: torch.Tensor, m: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
     """[O, C, inner, taps] columns through a map on C: a 1-D index keeps columns, a [C, k] matrix merges them
-    (in ``dtype``)."""
+    (in ``dtype``); a [C * taps, k * taps] matrix maps (channel, tap) pairs, channel-major
+    (:mod:`grailc.passes.taps`; inner 1)."""
     if m.dim() == 1:
         return cols.index_select(1, m.to(cols.device))
+    if m.shape[0] != cols.shape[1]:
+        O, C, inner, taps = cols.shape
+        if inner != 1 or m.shape[0] != C * taps or m.shape[1] % taps:
+            raise ValueError(f"a map of shape {list(m.shape)} does not fit columns of shape {list(cols.shape)}")
+        merged = cols.reshape(O, C * taps).to(dtype) @ m.to(cols.device, dtype)
+        return merged.reshape(O, -1, 1, taps).to(cols.dtype)
     return torch.einsum("ocit,ck->okit", cols.to(dtype), m.to(cols.device, dtype)).to(cols.dtype)
 
 
@@ -188,10 +195,14 @@ def offset_shift(gm: fx.GraphModule, consumer, weight: torch.Tensor, index: torc
                  c: torch.Tensor) -> torch.Tensor:
     """[O] float64: the mean output change of the consumer when its input channels ``index`` move by the constant
     c: W[:, index] summed over flattened positions and over kernel taps, each tap weighted by the fraction of
-    output positions where it reads the input rather than zero padding."""
+    output positions where it reads the input rather than zero padding. A c with one entry per (channel, tap)
+    pair (an offset of the patches, :mod:`grailc.passes.taps`) gives W[:, index] c, exact: the patches hold
+    the padding."""
     w = weight.detach().reshape(weight.shape[0], consumer.layout.length, -1)
     w = w.index_select(1, index.to(w.device))
     w = w.to("cpu", torch.float64)  # with c and the coverage, which live on the CPU
+    if w.shape[-1] > 1 and c.numel() == w.shape[1] * w.shape[2]:
+        return w.reshape(w.shape[0], -1) @ c.to("cpu", torch.float64)
     coverage = tap_coverage(gm, consumer) if consumer.kind == "conv" else None
     if coverage is not None and coverage.numel() == w.shape[-1]:
         w = w * coverage

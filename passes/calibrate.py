@@ -22,12 +22,13 @@ import copy
 import dataclasses
 
 import torch
+from grailc.passes.taps import TAPS_ROWS_PER_UNKNOWN, Kernel, row_step, tap_kernel, tap_map
 from torch import fx
 from tqdm import tqdm
 
 from grailc.analysis import module_of
 from grailc.channels import Layout
-from grailc.context import SlotStats
+from grailc.context import SlotStats, TapStats
 from grailc.distributed import all_reduce_stats
 from grailc.errors import CalibrationError, GrailcError
 from grailc.passmanager import Pass, register_pass
@@ -362,9 +363,7 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
     ``writer`` (the stream's node name from ``stream_writers``, and P from ``writer_map``): the consumer adds
     its output into a residual stream, and its target x becomes x + P^T (h_dense - h_shadow), the stream's drift
     carried back to its input space."""
-    names = ("gz", "cross", "rows", "sums", "target_sums")
-    found: dict[str, dict] = {p + name: {} for name in names for p in ("", SAMPLED)}
-    found[SAMPLED + "gx"] = {}
+    found = _empty_found()
     consumer = slots[0].consumer
     kept = kept or {}
     for dense, shadow in runs:
@@ -374,17 +373,62 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
         if writer is not None:
             xd = xd + _drift(dense, shadow, *writer, consumer.layout.axis).to(xd.dtype)
         for slot in slots:
-            a, b, K = slot.take(xd), slot.take(xs), kept.get(slot.key)
-            _take_pair(found, "", slot.key, a, b, K)
-            a, b = error_sample(a), error_sample(b)
-            _take_pair(found, SAMPLED, slot.key, a, b, K)
-            _add_products(found[SAMPLED + "gx"], slot.key, a)
+            _add_rows(found, slot.key, slot.take(xd), slot.take(xs), kept.get(slot.key))
+    _embed_kept(found, kept)
+    return found
+
+
+def _empty_found() -> dict[str, dict]:
+    names = ("gz", "cross", "rows", "sums", "target_sums")
+    found: dict[str, dict] = {p + name: {} for name in names for p in ("", SAMPLED)}
+    found[SAMPLED + "gx"] = {}
+    return found
+
+
+def _add_rows(found: dict, key: str, a: torch.Tensor, b: torch.Tensor, K: torch.Tensor | None) -> None:
+    """Dense rows ``a`` and shadow rows ``b`` of one batch into ``found``: all rows, and the error sample's."""
+    _take_pair(found, "", key, a, b, K)
+    a, b = error_sample(a), error_sample(b)
+    _take_pair(found, SAMPLED, key, a, b, K)
+    _add_products(found[SAMPLED + "gx"], key, a)
+
+
+def _embed_kept(found: dict, kept: dict[str, torch.Tensor]) -> None:
+    """Gz[K, K] and C[:, K] formed alone become full-size matrices (zero elsewhere)."""
     for key, K in kept.items():
         size = found["sums"][key].shape[0]
         for prefix in ("", SAMPLED):
             found[prefix + "gz"][key] = _embed(found[prefix + "gz"][key], K, K, size)
             found[prefix + "cross"][key] = _embed(found[prefix + "cross"][key], None, K, size)
-    return found
+
+
+def record_taps(ctx, runs: list[tuple[Resumable, Resumable]], node: str, slot, kernel: Kernel, decision) -> None:
+    """The statistics of consumer ``node`` over its (channel, tap) pairs (:mod:`grailc.passes.taps`): Gz_p,
+    C_p, the sums and the error sample's, over the patches of every batch's dense and shadow input (the runs
+    stand before the node), only the kept block K_p formed; into ``ctx.taps`` where the rows suffice (the
+    report lists the node under ``kernel_taps``, else ``kernel_taps_few_rows``). ``decision``: the group's."""
+    cmap = slot.map(decision.map) if decision is not None else None
+    if cmap is None or not cmap.is_selection:
+        return
+    K = tap_map(cmap, kernel.taps).keep
+    inputs = [tuple(run.runner.env[run.order.named[node].args[slot.consumer.arg]].detach() for run in pair)
+              for pair in runs]
+    rows = all_reduce_stats({"rows": sum(kernel.positions(xd.shape) for xd, _ in inputs)})["rows"]
+    if rows < TAPS_ROWS_PER_UNKNOWN * len(K):
+        ctx.report["kernel_taps_few_rows"].append(node)
+        return
+    step = row_step(rows, len(K), kernel.out_size(inputs[0][0].shape)[1]) if inputs else 1
+    found = _empty_found()
+    for xd, xs in inputs:
+        a, b = (kernel.patches(x.to(row_dtype(x)), step) for x in (xd, xs))
+        _add_rows(found, slot.key, a, b, K)
+    _embed_kept(found, {slot.key: K})
+    final = final_statistics(**found)  # finite: the channel statistics of the same inputs were checked
+    stats = [SlotStats(final[p + "gz"][slot.key], final[p + "cross"][slot.key], final.get(p + "gx", {}).get(slot.key),
+                       final[p + "sums"][slot.key], final[p + "target_sums"][slot.key], final[p + "rows"][slot.key])
+             for p in ("", SAMPLED)]
+    ctx.taps[slot.key] = TapStats(*stats, kernel.taps)
+    ctx.report["kernel_taps"].append(node)
 
 
 ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
@@ -518,14 +562,20 @@ def ahead_of_decision(gm: fx.GraphModule, groups) -> list:
     return ahead
 
 
-def sequential_gram_bytes(gm: fx.GraphModule, groups) -> int:
+def sequential_gram_bytes(gm: fx.GraphModule, groups, taps: bool = False) -> int:
     """Peak memory of sequential calibration's statistics: the dense pre-pass's Grams of the slots ahead of their
     group's decision, plus the five Grams (Gz and C of all rows, Gz, C and Gx of the error sample) of the slots at
-    the widest consumer node."""
+    the widest consumer node; with ``taps``, five more over (channel, tap) pairs at a convolution solved so."""
     at_node: dict[str, int] = {}
     for g in groups:
         for s in g.consumers:
             at_node[s.consumer.node] = at_node.get(s.consumer.node, 0) + 5 * 8 * s.size * s.size
+    if taps:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name, slots in _slots_by_node(groups).items():
+            kernel = tap_kernel(gm, nodes[name], slots)
+            if kernel is not None:
+                at_node[name] += 5 * 8 * (slots[0].size * kernel.taps) ** 2
     return gram_bytes(ahead_of_decision(gm, groups)) + max(at_node.values(), default=0)
 
 
@@ -586,7 +636,10 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
     ``dense_batches`` (default ``batches``): what the dense run, the pre-pass and a budget's plan are fed, batch by
     batch (a layer-by-layer driver passes the dense model's own stream). With ``compensate_target = "stream"``
     every stream writer (``stream_writers``) rebuilds the dense stream instead of its dense input: one
-    [rows, out] x [out, in] product more per writer and batch, and the pseudo-inverse of its weight.
+    [rows, out] x [out, in] product more per writer and batch, and the pseudo-inverse of its weight. With
+    ``kernel_solve = "taps"`` each k x k convolution consumer also records its statistics over (channel, tap)
+    pairs once its group is selected (``record_taps``): two products of its patches, (C * taps) x (k * taps) and
+    (k * taps)^2 per row read, and the error sample's.
     """
     from grailc.passes.compensate import compensate_group
 
@@ -608,6 +661,11 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
     if ctx.recipe.compensate_target == "stream":
         writers = stream_writers(dense_order, at_node)
         ctx.report["stream_writers"], ctx.report["stream_writers_few_rows"] = [], []
+    kernels = {}
+    if ctx.recipe.kernel_solve == "taps" and ctx.recipe.compensate != "none":  # nothing to solve without
+        kernels = {node: k for node, slots in at_node.items()
+                   if (k := tap_kernel(ctx.gm, dense_order.named[node], slots)) is not None}
+        ctx.report["kernel_taps"], ctx.report["kernel_taps_few_rows"] = [], []
     by_id = {g.id: g for g in groups}
     group_of = {slot.key: g.id for g in groups for slot in g.consumers}
     position = _node_order(ctx.gm)
@@ -631,6 +689,8 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
                 _select_ahead(ctx, g, ahead)
                 ctx.done.add(g.id)
             here = dataclasses.replace(g, consumers=[slot for slot in slots if group_of[slot.key] == g.id])
+            if node in kernels:
+                record_taps(ctx, runs, node, here.consumers[0], kernels[node], ctx.decisions.get(g.id))
             compensate_group(ctx, here)
             decision = ctx.decisions.get(g.id)
             for slot in here.consumers if decision is not None else ():
@@ -646,8 +706,24 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
         for _, run in runs:  # this consumer and the ones after it read the new weights
             run.resync(shadow_order.named[node])
         for slot in slots:  # a compensated slot's Grams are not needed again
-            for store in (ctx.grams, ctx.cross, ctx.error_sample):
+            for store in (ctx.grams, ctx.cross, ctx.error_sample, ctx.taps):
                 store.pop(slot.key, None)
+
+
+def _cheaper_modes(ctx, groups, budget: int) -> str:
+    """The advice, for a calibration over the memory budget, of the other modes that would fit (none: '')."""
+    with_taps = sequential_gram_bytes(ctx.gm, groups, ctx.recipe.compensate != "none")
+    channels = sequential_gram_bytes(ctx.gm, groups)
+    taps = ctx.recipe.kernel_solve == "taps" and ctx.recipe.compensate != "none"
+    if not ctx.recipe.sequential:
+        if with_taps <= budget:
+            return f"drop --one-shot (sequential calibration needs {format_bytes(with_taps)} here), "
+        if channels <= budget:
+            return (f"drop --one-shot and use --kernel-solve channels (sequential calibration then needs "
+                    f"{format_bytes(channels)} here), ")
+    elif taps and channels <= budget:
+        return f"use --kernel-solve channels (needs {format_bytes(channels)} here), "
+    return ""
 
 
 @register_pass
@@ -658,17 +734,15 @@ class Calibrate(Pass):
     def run(self, ctx) -> None:
         groups = ctx.deps.prunable()
         sequential = ctx.recipe.sequential
-        need = sequential_gram_bytes(ctx.gm, groups) if sequential else gram_bytes(groups)
+        taps = ctx.recipe.kernel_solve == "taps" and ctx.recipe.compensate != "none"
+        need = sequential_gram_bytes(ctx.gm, groups, taps) if sequential else gram_bytes(groups)
         budget = ctx.recipe.max_memory_bytes
         if need > budget:
-            other = sequential_gram_bytes(ctx.gm, groups) if not sequential else None
             raise GrailcError(
                 f"calibration needs {format_bytes(need)} ({need} bytes) for its Gram matrices, over the memory "
                 f"budget of {format_bytes(budget)} ({budget} bytes); nothing was calibrated",
                 fix=f"raise --max-memory to at least {format_bytes(need)}, "
-                + (f"drop --one-shot (sequential calibration needs {format_bytes(other)} here), "
-                   if other is not None and other <= budget else "")
-                + "or exclude the widest layers with a recipe 'exclude' pattern",
+                + _cheaper_modes(ctx, groups, budget) + "or exclude the widest layers with a recipe 'exclude' pattern",
             )
         ctx.report["gram_memory_bytes"] = need
         batches = batches_for(ctx.gm, ctx.calib)

@@ -18,6 +18,7 @@ from two_inputs import ConvWithScale, TokensWithMask, ids_and_mask, image_and_sc
 
 from grailc.cli import main
 from grailc.loading import file_sha256
+from grailc.report import summary
 
 REPORT_KEYS = {"params_before", "params_after", "macs_before", "macs_after", "groups", "output_error", "onnx",
                "timings", "command", "versions", "unknown_ops", "verification", "recipe", "calibration"}
@@ -60,6 +61,11 @@ def test_compress_pt2_with_image_folder(tmp_path, capsys):
     assert report["verification"]["permutation_error"] <= 1e-5
     assert {"trace", "calibrate", "select", "compensate", "apply", "verify", "export"} <= set(report["timings"])
     assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
+    # the default solves the 3x3 consumers of pruned groups over their taps (8 here; the rest at 64 px with 18
+    # images have fewer positions than kept (channel, tap) pairs), and the summary says so
+    taps, few = report["kernel_taps"], report["kernel_taps_few_rows"]
+    assert report["recipe"]["kernel_solve"] == "taps" and len(taps) >= 6 and not set(taps) & set(few)
+    assert f"kernel taps: {len(taps)} k x k convolution consumers solved" in summary(report)
 
     x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

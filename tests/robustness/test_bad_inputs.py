@@ -74,6 +74,8 @@ CASES = {
     "pipeline without verify": _recipe('pipeline = ["analyse", "calibrate", "select", "apply"]\n', "'verify'"),
     "pipeline out of order": _recipe('pipeline = ["select", "verify"]\n', "'select' needs 'calibrate'"),
     "memory size unreadable": lambda t: (["--max-memory", "lots"], ["memory size", "8GiB"]),
+    "kernel taps with one-shot": lambda t: (["--kernel-solve", "taps", "--one-shot"],
+                                            ["kernel_solve taps needs sequential", "--kernel-solve channels"]),
 }
 
 

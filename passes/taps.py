@@ -1,0 +1,115 @@
+"""Kernel taps: compensating a k x k convolution over (channel, tap) pairs instead of over channels.
+
+A convolution is a linear map of its input patches: y = W p(x), with p(x) [rows, C * taps] the im2col patches
+(channel-major, one row per output position, zero padding included) and W [O, C * taps]. GRAIL's channel map
+shares one B by all taps: W' = W (B kron I_taps), so a removed channel is rebuilt from the kept channels *at the
+same pixel*. Solved over taps, the same ridge least squares runs in the patch space,
+
+    B_p = (C_p[:, K_p] + r I[:, K_p]) (Gz_p[K_p, K_p] + r I)^-1,    K_p = {c * taps + t : c in K},
+    Gz_p = sum p(z) p(z)^T,  C_p = sum p(x) p(z)^T,  r = lam * mean diag Gz_p[K_p, K_p],
+
+and the consumer becomes W' = W B_p [O, k * taps] (an offset c_p [C * taps] becomes the bias shift W c_p, exact
+with the padding): every removed channel is rebuilt from the kept channels at all the pixels the kernel reads.
+The channel map is the special case B_p = B kron I, so on the calibration rows the error can only fall, and it
+is measured exactly in the output space (H = W^T W over patches; the channel errors weight each tap alone).
+
+It needs rows: B_p has k * taps unknowns per patch entry. A consumer is solved over taps when it sees at least
+``TAPS_ROWS_PER_UNKNOWN`` rows (output positions, all processes) per kept (channel, tap) pair, else over channels.
+Only sequential calibration does it (after the group's selection, so only the kept block of Gz_p and C_p is
+formed), for 2-D convolutions with one group reading their whole input as one slot, of a selection (a fold's
+merged channels are solved over channels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from grailc.channel_map import ChannelMap
+from grailc.surgery import get_param
+
+CONV2D = torch.ops.aten.conv2d.default
+TAPS_ROWS_PER_UNKNOWN = 1  # calibration rows per kept (channel, tap) pair a solve over taps needs
+TAPS_ROWS_PER_UNKNOWN_READ = 64  # and the most it reads (evenly spread)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The geometry of a 2-D convolution consumer: what im2col needs."""
+
+    size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def taps(self) -> int:
+        return self.size[0] * self.size[1]
+
+    def patches(self, x: torch.Tensor, step: int = 1) -> torch.Tensor:
+        """[rows, C * taps]: the patches of x [N, C, H, W] the kernel reads, one row per output position (every
+        ``step``-th, in the order image, row, column); only the rows taken are copied."""
+        p = F.unfold(x, self.size, self.dilation, self.padding, self.stride).transpose(1, 2)  # [N, L, C * taps]
+        if step == 1:
+            return p.reshape(-1, p.shape[2])
+        index = torch.arange(0, p.shape[0] * p.shape[1], step, device=x.device)
+        return p[index // p.shape[1], index % p.shape[1]]
+
+    def out_size(self, shape) -> tuple[int, int]:
+        """The output's height and width for an input of ``shape`` [N, C, H, W]."""
+        h, w = ((n + 2 * p - d * (k - 1) - 1) // s + 1
+                for n, k, s, p, d in zip(shape[2:], self.size, self.stride, self.padding, self.dilation))
+        return h, w
+
+    def positions(self, shape) -> int:
+        """Output positions of an input of ``shape`` [N, C, H, W]."""
+        h, w = self.out_size(shape)
+        return shape[0] * h * w
+
+
+def row_step(rows: int, unknowns: int, width: int) -> int:
+    """Every how many patch rows the statistics read: enough for ``TAPS_ROWS_PER_UNKNOWN_READ`` rows per unknown
+    and no more (1: all), a step coprime with the output ``width`` so that the rows read cycle through the
+    columns instead of always falling on the same ones."""
+    step = max(1, rows // (TAPS_ROWS_PER_UNKNOWN_READ * unknowns))
+    while step > 1 and math.gcd(step, width) != 1:
+        step -= 1
+    return step
+
+
+def _pair(v, default: int) -> tuple[int, int] | None:
+    v = default if v is None else v
+    if isinstance(v, int):
+        return v, v
+    if isinstance(v, (list, tuple)) and all(isinstance(e, int) for e in v):
+        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1]) if len(v) == 2 else None
+    return None
+
+
+def tap_kernel(gm: fx.GraphModule, node: fx.Node, slots: list) -> Kernel | None:
+    """The kernel of consumer ``node`` where it can be solved over taps (a 2-D convolution with one group, a
+    kernel wider than 1 x 1, integer geometry, one slot reading all its input channels), else None."""
+    if node.target != CONV2D or len(slots) != 1:
+        return None
+    slot, args = slots[0], list(node.args) + [None] * (7 - len(node.args))
+    weight = get_param(gm, slot.consumer.weight)
+    if (args[6] or 1) != 1 or slot.offset != 0 or slot.positions is not None or slot.size != weight.shape[1]:
+        return None
+    geometry = [_pair(args[i], d) for i, d in ((3, 1), (4, 0), (5, 1))]
+    if any(g is None for g in geometry) or weight.shape[2] * weight.shape[3] == 1:
+        return None
+    return Kernel((weight.shape[2], weight.shape[3]), *geometry)
+
+
+def tap_map(cmap: ChannelMap, taps: int) -> ChannelMap:
+    """The selection over (channel, tap) pairs of a selection over channels: K_p = {c * taps + t}."""
+    return cmap.per_index(taps)
+
+
+def flat_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W as the map of patches: [O, C * taps], float64 on the CPU."""
+    return weight.detach().reshape(weight.shape[0], -1).to("cpu", torch.float64)
