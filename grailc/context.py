@@ -28,14 +28,16 @@ class Decision:
 class Fold:
     """What a compensator decided for one consumer slot: the input is approximated as x ~ B z + c (z the k new
     channels), so the consumer becomes W' = W B (``B`` [size, k]; None: the map's plain spread W U, which is W[:, K]
-    for a selection) and b' = b + W c (``offset`` c [size]; None: no bias change). Solved over kernel taps, x, z
-    are a convolution's patches: B [size * taps, k * taps], c [size * taps]."""
+    for a selection) and b' = b + W c (``offset`` c [size]; None: no bias change). ``columns``: solved over kernel
+    taps, in the consumer's output space (``grailc.passes.taps``): B is the slot's new columns W' [O, k * taps]
+    and c the bias shift [O]."""
 
     B: torch.Tensor | None
     offset: torch.Tensor | None = None
     recon_error_plain: float | None = None
     recon_error_grail: float | None = None
     fallback: str | None = None  # "lstsq" when the ridge system could not be factorised
+    columns: bool = False  # B, c are the new columns and the bias shift themselves (solved over kernel taps)
     refused: bool = False  # compensation was worse than plain pruning, so plain pruning was kept
 
 
@@ -55,12 +57,13 @@ class SlotStats:
 
 @dataclass
 class TapStats:
-    """A k x k convolution consumer's statistics over its (channel, tap) pairs (``grailc.passes.taps``): all rows
-    and the error sample, as a compensator and the reported errors read them."""
+    """A k x k convolution consumer's statistics over its kept (channel, tap) pairs against its dense output
+    (``grailc.passes.taps``): all rows and the error sample, as a compensator and the reported errors read them,
+    and the map they are solved with (an ``OutputMap``)."""
 
     stats: SlotStats
     sample: SlotStats
-    taps: int
+    map: Any
 
 
 @dataclass

@@ -18,6 +18,8 @@ shuffle each segment's indices are listed (``Layout.order``) and the kept ones s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
@@ -133,31 +135,49 @@ def merge_columns(weight: torch.Tensor, layout: Layout, maps: list[torch.Tensor]
     return merged.reshape(out_dim, k_total, *weight.shape[2:])
 
 
-def map_columns(cols: torch.Tensor, m: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+@dataclass(frozen=True)
+class NewColumns:
+    """A consumer slot's new columns themselves, [O, k * taps] (solved over kernel taps, not merged from a map)."""
+
+    columns: torch.Tensor
+
+
+def map_columns(cols: torch.Tensor, m, dtype=torch.float64) -> torch.Tensor:
     """[O, C, inner, taps] columns through a map on C: a 1-D index keeps columns, a [C, k] matrix merges them
-    (in ``dtype``); a [C * taps, k * taps] matrix maps (channel, tap) pairs, channel-major
-    (:mod:`grailc.passes.taps`; inner 1)."""
+    (in ``dtype``); ``NewColumns`` replace them ([O, k, inner, taps])."""
+    if isinstance(m, NewColumns):
+        return m.columns.reshape(cols.shape[0], -1, *cols.shape[2:]).to(cols.device, cols.dtype)
     if m.dim() == 1:
         return cols.index_select(1, m.to(cols.device))
-    if m.shape[0] != cols.shape[1]:
-        O, C, inner, taps = cols.shape
-        if inner != 1 or m.shape[0] != C * taps or m.shape[1] % taps:
-            raise ValueError(f"a map of shape {list(m.shape)} does not fit columns of shape {list(cols.shape)}")
-        merged = cols.reshape(O, C * taps).to(dtype) @ m.to(cols.device, dtype)
-        return merged.reshape(O, -1, 1, taps).to(cols.dtype)
     return torch.einsum("ocit,ck->okit", cols.to(dtype), m.to(cols.device, dtype)).to(cols.dtype)
 
 
-def mask_columns(weight: torch.Tensor, slot, cmap: ChannelMap, B: torch.Tensor | None) -> torch.Tensor:
+def fold_map(fold, cmap: ChannelMap):
+    """What a consumer slot's columns go through (``map_columns``): its compensation, else plain pruning."""
+    if fold is None or fold.B is None:
+        return cmap.columns()
+    return NewColumns(fold.B) if fold.columns else fold.B
+
+
+def fold_shift(gm: fx.GraphModule, consumer, weight: torch.Tensor, index: torch.Tensor, fold) -> torch.Tensor:
+    """[O] float64: the consumer's bias shift for a compensation with an offset: W c (``offset_shift``), or the
+    shift itself where it was solved in the output space (``fold.columns``)."""
+    if fold.columns:
+        return fold.offset.to("cpu", torch.float64)
+    return offset_shift(gm, consumer, weight, index, fold.offset)
+
+
+def mask_columns(weight: torch.Tensor, slot, cmap: ChannelMap, fold) -> torch.Tensor:
     """Full-width twin of a merge: the consumer reads the old channels x, the compressed one z = R x, so the slot's
-    columns become W B R (W[:, K] B on K and 0 elsewhere for a selection; B None: the map's plain spread U). For
-    the shadow of sequential calibration, so merged in float32 (``apply`` merges in float64)."""
+    columns become W B R (W[:, K] B on K and 0 elsewhere for a selection; no fold or no B: the map's plain spread
+    U; new columns where the fold has them, see ``fold_map``). For the shadow of sequential calibration, so merged
+    in float32 (``apply`` merges in float64)."""
     layout = slot.consumer.layout
     w = _columns_first(weight, slot).detach().clone(memory_format=torch.contiguous_format)
     view = w.view(w.shape[0], layout.length, layout.inner, -1)
     cols = slot.take(view)
     work = torch.promote_types(cols.dtype, torch.float32)
-    narrowed = map_columns(cols, B if B is not None else cmap.columns(), work)  # [O, k, inner, taps]
+    narrowed = map_columns(cols, fold_map(fold, cmap), work)  # [O, k, inner, taps]
     if cmap.is_selection:
         masked = torch.zeros_like(cols)
         masked[:, cmap.keep.to(cols.device)] = narrowed
@@ -195,14 +215,10 @@ def offset_shift(gm: fx.GraphModule, consumer, weight: torch.Tensor, index: torc
                  c: torch.Tensor) -> torch.Tensor:
     """[O] float64: the mean output change of the consumer when its input channels ``index`` move by the constant
     c: W[:, index] summed over flattened positions and over kernel taps, each tap weighted by the fraction of
-    output positions where it reads the input rather than zero padding. A c with one entry per (channel, tap)
-    pair (an offset of the patches, :mod:`grailc.passes.taps`) gives W[:, index] c, exact: the patches hold
-    the padding."""
+    output positions where it reads the input rather than zero padding."""
     w = weight.detach().reshape(weight.shape[0], consumer.layout.length, -1)
     w = w.index_select(1, index.to(w.device))
     w = w.to("cpu", torch.float64)  # with c and the coverage, which live on the CPU
-    if w.shape[-1] > 1 and c.numel() == w.shape[1] * w.shape[2]:
-        return w.reshape(w.shape[0], -1) @ c.to("cpu", torch.float64)
     coverage = tap_coverage(gm, consumer) if consumer.kind == "conv" else None
     if coverage is not None and coverage.numel() == w.shape[-1]:
         w = w * coverage

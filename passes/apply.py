@@ -21,11 +21,12 @@ from grailc.passmanager import Pass, register_pass
 from grailc.surgery import (
     add_to_bias,
     bias_of,
+    fold_map,
+    fold_shift,
     get_param,
     layout_map,
     merge_columns,
     narrowed_indices,
-    offset_shift,
     segment_maps,
     set_param,
 )
@@ -48,9 +49,9 @@ def rewrite(gm, deps, decisions: dict, folds: dict) -> None:
         cmaps = segment_maps(replace(consumer.layout, seg_axis=None), maps_of)
         for i, cmap in enumerate(cmaps):
             fold = folds.get(f"{consumer.node}[{i}]")
-            maps.append(fold.B if fold is not None and fold.B is not None else cmap.columns())
+            maps.append(fold_map(fold, cmap))
             if fold is not None and fold.offset is not None:  # b' = b + W c, from the dense columns
-                part = offset_shift(gm, consumer, w, torch.tensor(consumer.layout.seg_positions(i)), fold.offset)
+                part = fold_shift(gm, consumer, w, torch.tensor(consumer.layout.seg_positions(i)), fold)
                 shift = part if shift is None else shift + part
         targets = narrowed_indices(consumer.layout, cmaps)
         set_param(gm, consumer.weight, merge_columns(w, consumer.layout, maps, targets, consumer.dim))

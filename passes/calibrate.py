@@ -22,7 +22,15 @@ import copy
 import dataclasses
 
 import torch
-from grailc.passes.taps import TAPS_ROWS_PER_UNKNOWN, Kernel, row_step, tap_kernel, tap_map
+from grailc.passes.taps import (
+    TAPS_ROWS_PER_UNKNOWN,
+    Kernel,
+    dense_output,
+    kept_taps,
+    output_map,
+    row_step,
+    tap_kernel,
+)
 from torch import fx
 from tqdm import tqdm
 
@@ -32,7 +40,7 @@ from grailc.context import SlotStats, TapStats
 from grailc.distributed import all_reduce_stats
 from grailc.errors import CalibrationError, GrailcError
 from grailc.passmanager import Pass, register_pass
-from grailc.surgery import add_to_bias, get_param, mask_columns, offset_shift, set_param
+from grailc.surgery import add_to_bias, fold_shift, get_param, mask_columns, set_param
 from grailc.trace import static_batch
 
 
@@ -402,15 +410,18 @@ def _embed_kept(found: dict, kept: dict[str, torch.Tensor]) -> None:
             found[prefix + "cross"][key] = _embed(found[prefix + "cross"][key], None, K, size)
 
 
-def record_taps(ctx, runs: list[tuple[Resumable, Resumable]], node: str, slot, kernel: Kernel, decision) -> None:
-    """The statistics of consumer ``node`` over its (channel, tap) pairs (:mod:`grailc.passes.taps`): Gz_p,
-    C_p, the sums and the error sample's, over the patches of every batch's dense and shadow input (the runs
-    stand before the node), only the kept block K_p formed; into ``ctx.taps`` where the rows suffice (the
-    report lists the node under ``kernel_taps``, else ``kernel_taps_few_rows``). ``decision``: the group's."""
+def record_taps(ctx, runs: list[tuple[Resumable, Resumable]], node: str, slot, kernel: Kernel, decision,
+                batches) -> None:
+    """The statistics of consumer ``node`` over its kept (channel, tap) pairs (:mod:`grailc.passes.taps`), from
+    every batch's dense and shadow input (the runs stand before the node): Gz_p of the shadow's kept patches,
+    T = sum y p_K(z)^T against the dense output y, the sums, and the error sample's with sum y y^T; into
+    ``ctx.taps`` where the rows suffice (the report lists the node under ``kernel_taps``, else
+    ``kernel_taps_few_rows``). ``decision``: the group's; ``batches``: the calibration batches, run again to say
+    where a non-finite value came from (the consumer's own weight, which its input statistics do not see)."""
     cmap = slot.map(decision.map) if decision is not None else None
     if cmap is None or not cmap.is_selection:
         return
-    K = tap_map(cmap, kernel.taps).keep
+    K = kept_taps(cmap, kernel.taps)
     inputs = [tuple(run.runner.env[run.order.named[node].args[slot.consumer.arg]].detach() for run in pair)
               for pair in runs]
     rows = all_reduce_stats({"rows": sum(kernel.positions(xd.shape) for xd, _ in inputs)})["rows"]
@@ -418,16 +429,18 @@ def record_taps(ctx, runs: list[tuple[Resumable, Resumable]], node: str, slot, k
         ctx.report["kernel_taps_few_rows"].append(node)
         return
     step = row_step(rows, len(K), kernel.out_size(inputs[0][0].shape)[1]) if inputs else 1
+    weight, keep = get_param(ctx.gm, slot.consumer.weight), cmap.keep
     found = _empty_found()
     for xd, xs in inputs:
-        a, b = (kernel.patches(x.to(row_dtype(x)), step) for x in (xd, xs))
-        _add_rows(found, slot.key, a, b, K)
-    _embed_kept(found, {slot.key: K})
-    final = final_statistics(**found)  # finite: the channel statistics of the same inputs were checked
+        y = dense_output(xd.to(row_dtype(xd)), weight, kernel, step)
+        z = kernel.patches(xs.index_select(1, keep.to(xs.device)).to(row_dtype(xs)), step)
+        _add_rows(found, slot.key, y, z, None)
+    final = final_statistics(**found)
+    _check_finite_statistics(ctx.gm, {**final["gz"], **{k + " (T)": v for k, v in final["cross"].items()}}, batches)
     stats = [SlotStats(final[p + "gz"][slot.key], final[p + "cross"][slot.key], final.get(p + "gx", {}).get(slot.key),
                        final[p + "sums"][slot.key], final[p + "target_sums"][slot.key], final[p + "rows"][slot.key])
              for p in ("", SAMPLED)]
-    ctx.taps[slot.key] = TapStats(*stats, kernel.taps)
+    ctx.taps[slot.key] = TapStats(*stats, output_map(weight, K))
     ctx.report["kernel_taps"].append(node)
 
 
@@ -565,7 +578,8 @@ def ahead_of_decision(gm: fx.GraphModule, groups) -> list:
 def sequential_gram_bytes(gm: fx.GraphModule, groups, taps: bool = False) -> int:
     """Peak memory of sequential calibration's statistics: the dense pre-pass's Grams of the slots ahead of their
     group's decision, plus the five Grams (Gz and C of all rows, Gz, C and Gx of the error sample) of the slots at
-    the widest consumer node; with ``taps``, five more over (channel, tap) pairs at a convolution solved so."""
+    the widest consumer node; with ``taps``, five more over (channel, tap) pairs and outputs at a convolution
+    solved so (sized for all its channels kept: the kept width is not known before selection)."""
     at_node: dict[str, int] = {}
     for g in groups:
         for s in g.consumers:
@@ -574,8 +588,10 @@ def sequential_gram_bytes(gm: fx.GraphModule, groups, taps: bool = False) -> int
         nodes = {n.name: n for n in gm.graph.nodes}
         for name, slots in _slots_by_node(groups).items():
             kernel = tap_kernel(gm, nodes[name], slots)
-            if kernel is not None:
-                at_node[name] += 5 * 8 * (slots[0].size * kernel.taps) ** 2
+            if kernel is not None:  # Gz_p and its sample (at most (C * taps)^2), T and its sample, sum y y^T
+                out = get_param(gm, slots[0].consumer.weight).shape[0]
+                pairs = slots[0].size * kernel.taps
+                at_node[name] += 8 * (2 * pairs * pairs + 2 * out * pairs + out * out)
     return gram_bytes(ahead_of_decision(gm, groups)) + max(at_node.values(), default=0)
 
 
@@ -638,8 +654,8 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
     every stream writer (``stream_writers``) rebuilds the dense stream instead of its dense input: one
     [rows, out] x [out, in] product more per writer and batch, and the pseudo-inverse of its weight. With
     ``kernel_solve = "taps"`` each k x k convolution consumer also records its statistics over (channel, tap)
-    pairs once its group is selected (``record_taps``): two products of its patches, (C * taps) x (k * taps) and
-    (k * taps)^2 per row read, and the error sample's.
+    pairs once its group is selected (``record_taps``): its dense output once more, and per row read the products
+    O x (k * taps) and (k * taps)^2, and the error sample's.
     """
     from grailc.passes.compensate import compensate_group
 
@@ -690,19 +706,17 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
                 ctx.done.add(g.id)
             here = dataclasses.replace(g, consumers=[slot for slot in slots if group_of[slot.key] == g.id])
             if node in kernels:
-                record_taps(ctx, runs, node, here.consumers[0], kernels[node], ctx.decisions.get(g.id))
+                record_taps(ctx, runs, node, here.consumers[0], kernels[node], ctx.decisions.get(g.id), batches)
             compensate_group(ctx, here)
             decision = ctx.decisions.get(g.id)
             for slot in here.consumers if decision is not None else ():
                 fold = ctx.folds.get(slot.key)
                 weight = get_param(shadow, slot.consumer.weight)
                 if fold is not None and fold.offset is not None:
-                    add_to_bias(shadow, slot.consumer,
-                                offset_shift(shadow, slot.consumer, weight, slot.indices(), fold.offset))
+                    add_to_bias(shadow, slot.consumer, fold_shift(shadow, slot.consumer, weight, slot.indices(), fold))
                     shadow.recompile()
                     shadow_order.update()  # a bias may have been added: new nodes
-                B = fold.B if fold is not None else None
-                set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.map(decision.map), B))
+                set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.map(decision.map), fold))
         for _, run in runs:  # this consumer and the ones after it read the new weights
             run.resync(shadow_order.named[node])
         for slot in slots:  # a compensated slot's Grams are not needed again

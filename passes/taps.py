@@ -3,21 +3,24 @@
 A convolution is a linear map of its input patches: y = W p(x), with p(x) [rows, C * taps] the im2col patches
 (channel-major, one row per output position, zero padding included) and W [O, C * taps]. GRAIL's channel map
 shares one B by all taps: W' = W (B kron I_taps), so a removed channel is rebuilt from the kept channels *at the
-same pixel*. Solved over taps, the same ridge least squares runs in the patch space,
+same pixel*. Solved over taps, the consumer's new columns W' [O, k * taps] are fitted to its dense output from
+the kept channels' patches p_K(z) at all the pixels the kernel reads, by the same ridge least squares:
 
-    B_p = (C_p[:, K_p] + r I[:, K_p]) (Gz_p[K_p, K_p] + r I)^-1,    K_p = {c * taps + t : c in K},
-    Gz_p = sum p(z) p(z)^T,  C_p = sum p(x) p(z)^T,  r = lam * mean diag Gz_p[K_p, K_p],
+    W' = (T + r W[:, K_p]) (Gz_p + r I)^-1,    K_p = {c * taps + t : c in K},
+    Gz_p = sum p_K(z) p_K(z)^T,  T = sum y p_K(z)^T = W C_p,  r = lam * mean diag Gz_p,
 
-and the consumer becomes W' = W B_p [O, k * taps] (an offset c_p [C * taps] becomes the bias shift W c_p, exact
-with the padding): every removed channel is rebuilt from the kept channels at all the pixels the kernel reads.
-The channel map is the special case B_p = B kron I, so on the calibration rows the error can only fall, and it
-is measured exactly in the output space (H = W^T W over patches; the channel errors weight each tap alone).
+which is W B_p for B_p the GRAIL map of the patches (C_p = sum p(x) p_K(z)^T), with the ridge pulling towards
+plain pruning W[:, K_p]; the channel map is the special case B_p = B kron I, so on the calibration rows the error
+can only fall. It is solved in the output space: the target y = W p(x) is the dense convolution's output, so T
+costs O * k * taps per row where C_p would cost C * taps * k * taps, and the errors are exact output errors.
+An offset d [O] (``grail+bias``, ``bias``) is the bias shift itself. In the compensators' terms: Gz = Gz_p,
+C = T, Gx = sum y y^T, the sums of p_K(z) and of y, and the map ``output_map``.
 
-It needs rows: B_p has k * taps unknowns per patch entry. A consumer is solved over taps when it sees at least
-``TAPS_ROWS_PER_UNKNOWN`` rows (output positions, all processes) per kept (channel, tap) pair, else over channels.
-Only sequential calibration does it (after the group's selection, so only the kept block of Gz_p and C_p is
-formed), for 2-D convolutions with one group reading their whole input as one slot, of a selection (a fold's
-merged channels are solved over channels).
+It needs rows: W' has k * taps unknowns per output. A consumer is solved over taps when it sees at least
+``TAPS_ROWS_PER_UNKNOWN`` rows (output positions, all processes) per kept (channel, tap) pair, else over channels;
+it reads at most ``TAPS_ROWS_PER_UNKNOWN_READ`` of them per pair (``row_step``).
+Only sequential calibration does it (after the group's selection), for 2-D convolutions with one group reading
+their whole input as one slot, of a selection (a fold's merged channels are solved over channels).
 """
 
 from __future__ import annotations
@@ -105,11 +108,54 @@ def tap_kernel(gm: fx.GraphModule, node: fx.Node, slots: list) -> Kernel | None:
     return Kernel((weight.shape[2], weight.shape[3]), *geometry)
 
 
-def tap_map(cmap: ChannelMap, taps: int) -> ChannelMap:
-    """The selection over (channel, tap) pairs of a selection over channels: K_p = {c * taps + t}."""
-    return cmap.per_index(taps)
+def kept_taps(cmap: ChannelMap, taps: int) -> torch.Tensor:
+    """K_p = {c * taps + t : c in K} of a selection K over channels."""
+    return cmap.per_index(taps).keep
 
 
-def flat_weight(weight: torch.Tensor) -> torch.Tensor:
-    """W as the map of patches: [O, C * taps], float64 on the CPU."""
-    return weight.detach().reshape(weight.shape[0], -1).to("cpu", torch.float64)
+@dataclass(frozen=True)
+class OutputMap:
+    """The channel map a compensator solves with in the output space (read as a :class:`ChannelMap`): the kept
+    patches are already the new units (R = I), read back into the consumer's output through its kept columns
+    (U = W[:, K_p], plain pruning), so that B is W' itself and an offset the bias shift (module docstring)."""
+
+    columns: torch.Tensor  # W[:, K_p], [O, k * taps], float64
+    is_selection = False
+
+    @property
+    def k(self) -> int:
+        return self.columns.shape[1]
+
+    def U(self) -> torch.Tensor:
+        return self.columns
+
+    def gram(self, G: torch.Tensor) -> torch.Tensor:
+        return G.to(torch.float64)
+
+    def cols(self, C: torch.Tensor) -> torch.Tensor:
+        return C.to(torch.float64)
+
+    def vec(self, s: torch.Tensor) -> torch.Tensor:
+        return s.to(torch.float64)
+
+    def spread_cols(self, M: torch.Tensor) -> torch.Tensor:
+        return M.to(torch.float64) @ self.columns
+
+    def back(self, v: torch.Tensor) -> torch.Tensor:
+        return self.columns @ v.to(torch.float64)
+
+
+def output_map(weight: torch.Tensor, K_p: torch.Tensor) -> OutputMap:
+    """The consumer's ``OutputMap`` for the kept (channel, tap) pairs ``K_p``."""
+    return OutputMap(weight.detach().reshape(weight.shape[0], -1).to("cpu", torch.float64)[:, K_p].contiguous())
+
+
+def dense_output(x: torch.Tensor, weight: torch.Tensor, kernel: Kernel, step: int) -> torch.Tensor:
+    """[rows, O]: the dense consumer's output without bias, y = W p(x), one row per output position (every
+    ``step``-th, in the order of ``Kernel.patches``)."""
+    y = F.conv2d(x, weight.detach().to(x.dtype), None, kernel.stride, kernel.padding, kernel.dilation)
+    y = y.flatten(2).transpose(1, 2)  # [N, L, O]
+    if step == 1:
+        return y.reshape(-1, y.shape[2])
+    index = torch.arange(0, y.shape[0] * y.shape[1], step, device=x.device)
+    return y[index // y.shape[1], index % y.shape[1]]

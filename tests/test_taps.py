@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
-from grailc.passes.taps import Kernel, tap_map
+from grailc.passes.taps import Kernel, dense_output, kept_taps, output_map
 from torch import nn
 
 import grailc
 from grailc.channel_map import ChannelMap
+from grailc.context import Fold, SlotStats
 from grailc.errors import RecipeError
 from grailc.recipe import Recipe
-from grailc.surgery import map_columns, offset_shift
+from grailc.registry import COMPENSATORS, load_builtin
+from grailc.surgery import NewColumns, fold_map, fold_shift, map_columns
 
 
 def test_patches_are_what_the_convolution_reads():
@@ -25,21 +25,37 @@ def test_patches_are_what_the_convolution_reads():
     torch.testing.assert_close(rows, y.permute(0, 2, 3, 1).reshape(-1, 5), rtol=1e-5, atol=1e-5)
 
 
-def test_a_map_over_taps_merges_into_the_columns_and_the_bias():
-    """W' = W B_p on the kept channels' patches and the bias shift W c_p compute W (B_p p(z_K) + c_p)."""
+def test_the_output_space_solve_is_the_patch_space_grail_map_merged():
+    """W' = (T + r W[:, K_p]) (Gz_p + r I)^-1 with T = sum y p_K(z)^T equals W B_p, B_p the GRAIL ridge map of the
+    patches (C_p = sum p(x) p_K(z)^T); the kept pairs' patches are the kept channels' patches."""
     torch.manual_seed(0)
     kernel = Kernel((3, 3), (1, 1), (1, 1), (1, 1))
-    keep = torch.tensor([0, 2])
-    cmap = ChannelMap.select(keep, 4)
-    B, c = torch.randn(36, 18, dtype=torch.float64), torch.randn(36, dtype=torch.float64)
-    w, z = torch.randn(5, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    merged = map_columns(w.reshape(5, 4, 1, 9), B).reshape(5, 2, 3, 3)
-    assert tap_map(cmap, 9).keep.tolist() == [*range(9), *range(18, 27)]
-    consumer = SimpleNamespace(layout=SimpleNamespace(length=4), kind="conv")
-    shift = offset_shift(None, consumer, w, torch.arange(4), c)
-    y = F.conv2d(z[:, keep].double(), merged.double(), bias=shift, padding=1).permute(0, 2, 3, 1).reshape(-1, 5)
-    expected = (kernel.patches(z[:, keep].double()) @ B.T + c) @ w.reshape(5, -1).double().T
-    torch.testing.assert_close(y, expected)
+    keep = torch.tensor([0, 2, 3])
+    K_p = kept_taps(ChannelMap.select(keep, 5), 9)
+    x, z = torch.randn(4, 5, 6, 6, dtype=torch.float64), torch.randn(4, 5, 6, 6, dtype=torch.float64)
+    w = torch.randn(7, 5, 3, 3, dtype=torch.float64)
+    b = kernel.patches(z[:, keep])
+    torch.testing.assert_close(b, kernel.patches(z)[:, K_p])
+    a, y = kernel.patches(x), dense_output(x, w, kernel, 1)
+    torch.testing.assert_close(y, a @ w.reshape(7, -1).T)
+    load_builtin()
+    lam, Gz = 1e-2, b.T @ b
+    r = lam * torch.diagonal(Gz).mean()
+    U = torch.eye(45, dtype=torch.float64)[:, K_p]
+    B_p = (a.T @ b + r * U) @ torch.linalg.inv(Gz + r * torch.eye(27, dtype=torch.float64))
+    stats = SlotStats(Gz, y.T @ b, None, None, None, b.shape[0])
+    W_new, offset, _ = COMPENSATORS["grail"](stats, output_map(w, K_p), lam)
+    torch.testing.assert_close(W_new, w.reshape(7, -1) @ B_p)
+    assert offset is None
+
+
+def test_new_columns_replace_a_slots_columns_and_the_shift_is_taken_as_it_is():
+    cols = torch.randn(7, 5, 1, 9)
+    new = torch.randn(7, 27, dtype=torch.float64)
+    torch.testing.assert_close(map_columns(cols, NewColumns(new)), new.reshape(7, 3, 1, 9).float())
+    fold = Fold(new, offset=torch.arange(7.0), columns=True)
+    assert fold_map(fold, ChannelMap.select(torch.tensor([0, 2, 3]), 5)).columns is new
+    assert fold_shift(None, None, None, None, fold).tolist() == list(range(7))
 
 
 class TwoConvs(nn.Module):

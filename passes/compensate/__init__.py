@@ -10,7 +10,7 @@ columns M (one row per output channel and kernel tap) is
 summed over all n calibration positions (exact for 1x1 convs and linear layers, per tap for wider kernels). Here x
 is the dense input and z the input the compressed model sees: z = x (Gx = C = Gz = G, sx = sz = s) unless
 calibration ran sequentially. A k x k convolution solved over its taps (``ctx.taps``, :mod:`grailc.passes.taps`)
-runs the same solve on its patches, with M = W [O, C * taps]: exact there too.
+runs the same solve in its output space: x is its dense output, z its kept patches, M = I and B its new columns.
 Plain pruning is B = U (I[:, K] for a selection), c = 0. A compensation whose error exceeds plain pruning's is
 refused for that slot; the comparison reads all rows (the difference of two errors has no Gx term). After
 sequential calibration the *reported* errors are estimated from the statistics of a sample of the rows
@@ -20,10 +20,8 @@ sequential calibration the *reported* errors are estimated from the statistics o
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import torch
-from grailc.passes.taps import flat_weight, tap_map
 from tqdm import tqdm
 
 from grailc.channel_map import ChannelMap
@@ -57,28 +55,6 @@ def error_terms(H: torch.Tensor, B: torch.Tensor | None, cmap: ChannelMap, c: to
             r = st.sx - B @ cmap.vec(st.sz)
             num = num - 2 * (r @ Hc) + st.rows * (c.to(torch.float64) @ Hc)
         found.append((num, None if st.Gx is None else (st.Gx * H).sum()))
-    return found
-
-
-def error_terms_wide(M: torch.Tensor, B: torch.Tensor | None, cmap: ChannelMap, c: torch.Tensor | None,
-                     *stats: SlotStats) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``error_terms`` from the consumer's columns M [rows, size] instead of H = M^T M, for an M with fewer rows
-    than columns (a convolution solved over its taps: [O, C * taps]), where every product is O/size cheaper:
-    <H B, C_K> = <M B, M C_K>, <B^T H B, R Gz R^T> = <M B (R Gz R^T), M B>, <Gx, H> = <M Gx, M>."""
-    if B is None:
-        MB = cmap.spread_cols(M)
-        B = cmap.U() if c is not None else None
-    else:
-        B = B.to(torch.float64)
-        MB = M @ B
-    Mc = None if c is None else M @ c.to(torch.float64)
-    found = []
-    for st in stats:
-        num = -2 * (MB * (M @ cmap.cols(st.C))).sum() + ((MB @ cmap.gram(st.Gz)) * MB).sum()
-        if c is not None:
-            r = st.sx - B @ cmap.vec(st.sz)
-            num = num - 2 * ((M @ r) @ Mc) + st.rows * (Mc @ Mc)
-        found.append((num, None if st.Gx is None else ((M @ st.Gx) * M).sum()))
     return found
 
 
@@ -145,20 +121,20 @@ def compensate_group(ctx, group) -> None:
         cmap = slot.map(decision.map)
         weight = get_param(ctx.gm, slot.consumer.weight)
         taps = ctx.taps.get(slot.key)
-        if taps is not None:  # over (channel, tap) pairs: patches and the weight as their map [O, C * taps]
+        if taps is not None:  # over (channel, tap) pairs, in the output space: the consumer there is I
             stats, reported = taps_stats(ctx, slot, taps)
-            cmap, m = tap_map(cmap, taps.taps), flat_weight(weight)
+            cmap, H = taps.map, torch.eye(weight.shape[0], dtype=torch.float64)
         else:
             stats = slot_stats(ctx, slot)
             reported = error_stats(ctx, slot, stats)
             m = consumer_columns(weight, slot, torch.float64)
+            H = m.T @ m
         both = (stats,) if reported is stats else (stats, reported)  # all rows, and the error sample if any
-        terms = partial(error_terms_wide, m) if m.shape[0] < m.shape[1] else partial(error_terms, m.T @ m)
-        plain = terms(None, cmap, None, *both)
-        fold = Fold(None, recon_error_plain=as_error(*plain[-1]))
+        plain = error_terms(H, None, cmap, None, *both)
+        fold = Fold(None, recon_error_plain=as_error(*plain[-1]), columns=taps is not None)
         B, c, fallback = solve(stats, cmap, ctx.recipe.lam)
         if B is not None or c is not None:
-            ours = terms(B, cmap, c, *both)
+            ours = error_terms(H, B, cmap, c, *both)
             fold.recon_error_grail, fold.fallback = as_error(*ours[-1]), fallback
             finite = all(t is None or bool(torch.isfinite(t).all()) for t in (B, c))
             if not finite or worse_than_plain(plain[0], ours[0], plain[-1], stats.rows, reported.rows):

@@ -12,11 +12,12 @@ from .helpers import FAST, INPUT_SHAPE, assert_one_error_line, run_cli, save_pt2
 
 # two 16-channel groups of 16 * 16 * 8 B = 2 KiB each: one-shot holds both Grams (4 KiB), sequential the five
 # Grams of one consumer (Gz, C, and the error sample's Gz, C, Gx: 10 KiB) and, the consumer being a 3x3
-# convolution solved over its taps (the default), five more over its 144 (channel, tap) pairs (810 KiB)
+# convolution solved over its taps (the default), five more over its 144 (channel, tap) pairs and 16 outputs
+# (362 KiB)
 @pytest.mark.parametrize(("mode", "budget", "needs", "hint"), [
     ("--one-shot", "1KiB", "4.00 KiB", "exclude"),
-    ("--sequential", "1KiB", "820.00 KiB", "exclude"),
-    ("--sequential", "100KiB", "820.00 KiB", "use --kernel-solve channels (needs 10.00 KiB here)"),
+    ("--sequential", "1KiB", "372.00 KiB", "exclude"),
+    ("--sequential", "100KiB", "372.00 KiB", "use --kernel-solve channels (needs 10.00 KiB here)"),
     ("--one-shot", "3KiB", "4.00 KiB", "exclude")])
 def test_max_memory_refuses_before_calibration(tmp_path, capfd, monkeypatch, mode, budget, needs, hint):
     def must_not_run(*args, **kwargs):
@@ -36,8 +37,8 @@ def test_max_memory_refuses_before_calibration(tmp_path, capfd, monkeypatch, mod
 
 def test_one_shot_over_budget_names_sequential_where_it_fits(tmp_path, capfd):
     """Seven 16-channel groups: one-shot holds seven Grams (14 KiB), sequential five of one consumer (10 KiB), and
-    five more over its (channel, tap) pairs with the default --kernel-solve (820 KiB in all): the advice says how
-    sequential calibration fits."""
+    five more over its (channel, tap) pairs and outputs with the default --kernel-solve (372 KiB in all): the
+    advice says how sequential calibration fits."""
     torch.manual_seed(0)
     layers = [nn.Conv2d(INPUT_SHAPE[1], 16, 3, padding=1), nn.ReLU()]
     for _ in range(7):
