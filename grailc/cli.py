@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kernel-solve", choices=("auto", "channels", "taps"),
                    help="taps: a k x k convolution consumer's new columns are solved over (channel, tap) pairs from "
                    "its input patches, rebuilding a removed channel from the kept ones at every pixel the kernel "
-                   "reads (sequential only; a consumer with fewer than 32 calibration positions per kept pair is "
+                   "reads (sequential only; a consumer with fewer calibration positions than kept pairs is "
                    "solved over channels); channels: one map for all taps; auto (default): taps when sequential")
     mode = c.add_mutually_exclusive_group()
     mode.add_argument("--sequential", action="store_true",

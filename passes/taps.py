@@ -56,11 +56,7 @@ class Kernel:
     def patches(self, x: torch.Tensor, step: int = 1) -> torch.Tensor:
         """[rows, C * taps]: the patches of x [N, C, H, W] the kernel reads, one row per output position (every
         ``step``-th, in the order image, row, column); only the rows taken are copied."""
-        p = F.unfold(x, self.size, self.dilation, self.padding, self.stride).transpose(1, 2)  # [N, L, C * taps]
-        if step == 1:
-            return p.reshape(-1, p.shape[2])
-        index = torch.arange(0, p.shape[0] * p.shape[1], step, device=x.device)
-        return p[index // p.shape[1], index % p.shape[1]]
+        return every_row(F.unfold(x, self.size, self.dilation, self.padding, self.stride).transpose(1, 2), step)
 
     def out_size(self, shape) -> tuple[int, int]:
         """The output's height and width for an input of ``shape`` [N, C, H, W]."""
@@ -154,8 +150,13 @@ def dense_output(x: torch.Tensor, weight: torch.Tensor, kernel: Kernel, step: in
     """[rows, O]: the dense consumer's output without bias, y = W p(x), one row per output position (every
     ``step``-th, in the order of ``Kernel.patches``)."""
     y = F.conv2d(x, weight.detach().to(x.dtype), None, kernel.stride, kernel.padding, kernel.dilation)
-    y = y.flatten(2).transpose(1, 2)  # [N, L, O]
+    return every_row(y.flatten(2).transpose(1, 2), step)
+
+
+def every_row(t: torch.Tensor, step: int) -> torch.Tensor:
+    """[N, L, D] (a view, any strides) as rows [N * L, D], every ``step``-th of them (image-major); only the rows
+    taken are copied."""
     if step == 1:
-        return y.reshape(-1, y.shape[2])
-    index = torch.arange(0, y.shape[0] * y.shape[1], step, device=x.device)
-    return y[index // y.shape[1], index % y.shape[1]]
+        return t.reshape(-1, t.shape[2])
+    index = torch.arange(0, t.shape[0] * t.shape[1], step, device=t.device)
+    return t[index // t.shape[1], index % t.shape[1]]

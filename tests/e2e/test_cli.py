@@ -281,6 +281,27 @@ def test_random_selector_bias_compensation_and_repair(selector, compensate, extr
     assert params["body.3.bias"].shape == (4,) and params["body.6.bias"].shape == (4,)
 
 
+@pytest.mark.parametrize("compensate", _registered("COMPENSATORS"))
+def test_every_compensator_solves_3x3_consumers_over_their_taps(compensate, tmp_path, capsys):
+    """The default sequential pipeline solves BnNet's two 3x3 consumers over (channel, tap) pairs with every
+    compensator (none has nothing to solve), the summary says so, and the model exported agrees with ONNX."""
+    model_path = tmp_path / "bn.pt2"
+    torch.export.save(torch.export.export(BnNet().eval(), (torch.randn(2, 1, 12, 12),)), str(model_path))
+    out = tmp_path / "out"
+    code = main(["compress", str(model_path), "--calib", "random", "--calib-batches", "3", "--batch-size", "4",
+                 "--held-out", "1", "--ratio", "0.5", "--compensate", compensate, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["kernel_solve"] == "taps"
+    assert report.get("kernel_taps", []) == ([] if compensate == "none" else ["conv2d_1", "conv2d_2"])
+    assert ("kernel taps: 2 k x k convolution consumers solved" in captured.out) == (compensate != "none")
+    assert report["onnx"]["max_abs_diff"] < 1e-3
+    pruned = [g for g in report["groups"] if g["kept"] < g["size"]]
+    assert pruned and all(g["recon_error_grail"] is None or g["recon_error_grail"] <= g["recon_error_plain"]
+                          for g in pruned)
+
+
 def test_repair_reports_nothing_to_repair_without_batch_norm(tmp_path, capsys):
     from grailc.models.fashion_vit import FashionViT
 
