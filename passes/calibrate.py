@@ -329,7 +329,7 @@ class Resumable:
 
 
 ERROR_EVERY = 8  # the reported errors of sequential calibration come from every 8th row of a batch ...
-ERROR_MIN_ROWS = 64  # ... but at least 64 rows of it (all of a smaller batch)
+ERROR_MIN_ROWS = 256  # ... but at least 256 rows of it (all of a smaller batch: small calibrations are exact)
 
 
 def error_sample(rows: torch.Tensor) -> torch.Tensor:
