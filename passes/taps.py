@@ -55,8 +55,17 @@ class Kernel:
 
     def patches(self, x: torch.Tensor, step: int = 1) -> torch.Tensor:
         """[rows, C * taps]: the patches of x [N, C, H, W] the kernel reads, one row per output position (every
-        ``step``-th, in the order image, row, column); only the rows taken are copied."""
-        return every_row(F.unfold(x, self.size, self.dilation, self.padding, self.stride).transpose(1, 2), step)
+        ``step``-th, in the order image, row, column). With ``step`` > 1 only those rows are gathered (from the
+        zero-padded input, tap by tap), never the whole im2col matrix."""
+        if step == 1:
+            return every_row(F.unfold(x, self.size, self.dilation, self.padding, self.stride).transpose(1, 2), 1)
+        h, w = self.out_size(x.shape)
+        index = torch.arange(0, x.shape[0] * h * w, step, device=x.device)
+        n, oh, ow = index // (h * w), index % (h * w) // w, index % w
+        padded = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+        taps = [padded[n, :, oh * self.stride[0] + i * self.dilation[0], ow * self.stride[1] + j * self.dilation[1]]
+                for i in range(self.size[0]) for j in range(self.size[1])]  # each [rows, C]
+        return torch.stack(taps, 2).reshape(len(index), -1)  # channel-major: c * taps + t, as unfold
 
     def out_size(self, shape) -> tuple[int, int]:
         """The output's height and width for an input of ``shape`` [N, C, H, W]."""
@@ -148,8 +157,12 @@ def output_map(weight: torch.Tensor, K_p: torch.Tensor) -> OutputMap:
 
 def dense_output(x: torch.Tensor, weight: torch.Tensor, kernel: Kernel, step: int) -> torch.Tensor:
     """[rows, O]: the dense consumer's output without bias, y = W p(x), one row per output position (every
-    ``step``-th, in the order of ``Kernel.patches``)."""
-    y = F.conv2d(x, weight.detach().to(x.dtype), None, kernel.stride, kernel.padding, kernel.dilation)
+    ``step``-th, in the order of ``Kernel.patches``): the convolution where every row is read, else the product
+    with the patches of the rows read alone (1 / step of the convolution's work)."""
+    weight = weight.detach().to(x.dtype)
+    if step > 1:
+        return kernel.patches(x, step) @ weight.reshape(weight.shape[0], -1).T
+    y = F.conv2d(x, weight, None, kernel.stride, kernel.padding, kernel.dilation)
     return every_row(y.flatten(2).transpose(1, 2), step)
 
 

@@ -25,6 +25,21 @@ def test_patches_are_what_the_convolution_reads():
     torch.testing.assert_close(rows, y.permute(0, 2, 3, 1).reshape(-1, 5), rtol=1e-5, atol=1e-5)
 
 
+def test_sampled_rows_are_the_rows_of_the_whole_patch_matrix():
+    """With a step, the patches are gathered at the rows read only; they and the dense output must be those rows of
+    the whole im2col matrix and of the convolution, for any geometry."""
+    for size, stride, padding, dilation in (((3, 3), (1, 1), (1, 1), (1, 1)), ((1, 7), (1, 1), (0, 3), (1, 1)),
+                                            ((3, 3), (2, 2), (1, 1), (1, 1)), ((3, 5), (2, 1), (2, 1), (2, 1)),
+                                            ((5, 5), (3, 3), (0, 0), (1, 1))):
+        kernel = Kernel(size, stride, padding, dilation)
+        x, w = torch.randn(3, 4, 11, 13), torch.randn(6, 4, *size)
+        whole = kernel.patches(x)
+        for step in (2, 3, 7):
+            torch.testing.assert_close(kernel.patches(x, step), whole[::step], rtol=0, atol=0)
+            y = F.conv2d(x, w, None, stride, padding, dilation).permute(0, 2, 3, 1).reshape(-1, 6)
+            torch.testing.assert_close(dense_output(x, w, kernel, step), y[::step], rtol=1e-5, atol=1e-5)
+
+
 def test_the_output_space_solve_is_the_patch_space_grail_map_merged():
     """W' = (T + r W[:, K_p]) (Gz_p + r I)^-1 with T = sum y p_K(z)^T equals W B_p, B_p the GRAIL ridge map of the
     patches (C_p = sum p(x) p_K(z)^T); the kept pairs' patches are the kept channels' patches."""
