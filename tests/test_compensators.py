@@ -109,13 +109,14 @@ def test_sequential_products_of_a_selected_group_are_its_kept_block_only():
 
 
 def test_sequential_error_sample_holds_every_eighth_row_of_a_large_batch():
-    """The reported errors' statistics: Gx, C, Gz and the sums of the same rows, every 8th of a batch of 8 x 64
-    rows or more, all rows of a smaller batch; the statistics that decide come from all rows."""
+    """The reported errors' statistics: Gx, C, Gz and the sums of the same rows, every 8th of a batch of 8 x 256
+    rows or more, at least 256 of a smaller one (all rows below 512); the statistics that decide come from all
+    rows."""
     model = mlp()
     gm, deps = traced(model, (1, 6))
     order = GraphOrder(gm)
     slots = hidden_group(deps).consumers
-    for size, every in ((512, 8), (300, 4), (40, 1)):
+    for size, every in ((2048, 8), (600, 2), (511, 1), (40, 1)):
         data = batches((size, 6), count=2)
         found = record_consumer_inputs([(Resumable(order, (x,)), Resumable(order, (x,))) for x in data],
                                        slots[0].consumer.node, slots)
