@@ -354,7 +354,7 @@ def run_grailc_cell(bench, args, emit, ratio, spec, size, selector, compensate, 
 
     common = dict(calib=bench.calib, input_shape=bench.input_shape, selector=selector, compensate=compensate,
                   sequential=MODES[mode][0], kernel_solve=MODES[mode][1], calib_held_out=HELD_OUT,
-                  measure_latency=False, progress=False, **size)
+                  multiple_of=1, measure_latency=False, progress=False, **size)
     base = dict(model=bench.name, ratio=ratio, spec=spec, method="grailc", selector=selector,
                 compensate=compensate, mode=mode)
     repairs = [r for r in args.repair if r == "off" or bench.has_batch_norm]

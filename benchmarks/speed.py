@@ -1,6 +1,6 @@
 """Inference speed with ONNX Runtime: dense vs grailc vs Torch-Pruning, side by side in one run.
 
-    .venv/bin/python benchmarks/speed.py [--models resnet18 resnet50 ...] [--ratios 0.3 0.5] [--multiple-of 1 8]
+    .venv/bin/python benchmarks/speed.py [--models resnet18 resnet50 ...] [--ratios 0.3 0.5] [--multiple-of 1 auto 8]
         [--batch 1 32] [--repeats 30] [--threads 2] [--side 224] [--no-torch-pruning] [--plot speed.png]
 
 For every model (random weights: speed does not depend on them) and ratio, grailc compresses it (data-free, a few
@@ -11,8 +11,8 @@ model). SmolLM2 (shipped weights, token ids in) is compressed layer by layer (ML
 (``grailc.export.save_onnx``) and measured against the dense export with :func:`grailc.bench.compare` (interleaved
 runs, median of per-pair ratios). Columns: ``MACs`` = MACs after / before, ``latency`` = measured latency after /
 before, ``realised`` = their quotient, the measured speed-up as a fraction of the ideal (MACs) one.
-``--multiple-of`` repeats grailc's rows with every kept width rounded to that multiple. The plot (matplotlib, when
-installed) shows ``realised`` per model.
+``--multiple-of`` repeats grailc's rows with every kept width rounded to that multiple (auto: grailc's default).
+The plot (matplotlib, when installed) shows ``realised`` per model.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def decoder_onnx(model, path: Path) -> tuple[Path, int]:
     return path, decoder_macs(model, LLM_TOKENS)
 
 
-def compress_decoder(model, ratio: float, multiple: int) -> torch.nn.Module:
+def compress_decoder(model, ratio: float, multiple: int | str) -> torch.nn.Module:
     """grailc's layer-by-layer compression of MLP widths and attention heads on random token ids (speed depends on
     the widths only)."""
     from grailc.api import make_recipe
@@ -124,13 +124,19 @@ def random_calib(shape) -> list[torch.Tensor]:
     return [torch.randn(2, *shape[1:], generator=g) for _ in range(3)]
 
 
-def methods(multiples: list[int], with_torch_pruning: bool) -> list[tuple[str, int | None]]:
+def multiple_of(text: str) -> int | str:
+    """``--multiple-of`` values: auto (grailc's default) or a whole number."""
+    return text if text == "auto" else int(text)
+
+
+def methods(multiples: list[int | str], with_torch_pruning: bool) -> list[tuple[str, int | str | None]]:
     """(row name, multiple) for grailc at each ``--multiple-of``, and Torch-Pruning (multiple None)."""
-    rows = [("grailc" + (f" mult {m}" if m > 1 else ""), m) for m in multiples]
+    rows = [("grailc" + (f" mult {m}" if m != 1 else ""), m) for m in multiples]
     return rows + ([("torch-pruning", None)] if with_torch_pruning else [])
 
 
-def pruned_onnx(model, llm: bool, ratio: float, multiple: int | None, shape, calib, path: Path) -> tuple[Path, int]:
+def pruned_onnx(model, llm: bool, ratio: float, multiple: int | str | None, shape, calib,
+                path: Path) -> tuple[Path, int]:
     """The model pruned at ``ratio`` (grailc with kept widths multiples of ``multiple``; Torch-Pruning when None)
     and exported to ``path``, and its MACs."""
     if llm:
@@ -153,8 +159,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=[*MODELS, *LLMS], choices=[*MODELS, *LLMS])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
-    parser.add_argument("--multiple-of", type=int, nargs="+", default=[1],
-                        help="grailc rows for each of these (1: exact widths; 8: every kept width a multiple of 8)")
+    parser.add_argument("--multiple-of", type=multiple_of, nargs="+", default=[1, "auto"],
+                        help="grailc rows for each of these (1: exact widths; 8: every kept width a multiple of 8; "
+                        "auto, the default: 8 in groups at least 64 channels wide)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--side", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=30)

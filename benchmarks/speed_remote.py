@@ -1,7 +1,7 @@
 """Speed on another machine: graphs prepared here, measured where only ONNX Runtime is needed (e.g. a GPU box).
 
     .venv/bin/python benchmarks/speed_remote.py prepare DIR [--models resnet50 ...] [--ratios 0.3 0.5]
-        [--multiple-of 1 8] [--no-torch-pruning]
+        [--multiple-of 1 auto 8] [--no-torch-pruning]
     python benchmarks/speed_remote.py measure DIR [--provider auto] [--batch 1 64] [--repeats 30]
 
 ``prepare`` compresses every model as ``benchmarks/speed.py`` does (grailc at each ``--multiple-of``, Torch-Pruning's
@@ -67,7 +67,7 @@ def prepare(args) -> None:
     """Compress and export every model and ratio; write the stripped graphs and manifest.json into args.dir."""
     import tempfile
 
-    from speed import LLM_TOKENS, LLMS, MODELS, dense_onnx, methods, pruned_onnx, random_calib
+    from speed import LLM_TOKENS, LLMS, MODELS, dense_onnx, methods, multiple_of, pruned_onnx, random_calib
 
     unknown = set(args.models or ()) - {*MODELS, *LLMS}
     if unknown:
@@ -84,7 +84,8 @@ def prepare(args) -> None:
             strip(dense[0], folder / f"{name}.onnx")
             calib = random_calib(shape)
             for ratio in args.ratios:
-                for method, multiple in methods(args.multiple_of, not (args.no_torch_pruning or llm)):
+                multiples = [multiple_of(m) for m in args.multiple_of]
+                for method, multiple in methods(multiples, not (args.no_torch_pruning or llm)):
                     start = time.perf_counter()
                     file = f"{name}_{ratio:g}_{method.replace(' ', '')}.onnx"
                     try:
@@ -143,7 +144,7 @@ def main() -> None:
     prep.add_argument("dir")
     prep.add_argument("--models", nargs="+", help="default: every model of benchmarks/speed.py")
     prep.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
-    prep.add_argument("--multiple-of", type=int, nargs="+", default=[1, 8])
+    prep.add_argument("--multiple-of", nargs="+", default=["1", "8"], help="1, auto or a whole number each")
     prep.add_argument("--side", type=int, default=224)
     prep.add_argument("--no-torch-pruning", action="store_true")
     meas = sub.add_parser("measure", help="refill and measure the pairs of DIR/manifest.json")

@@ -14,7 +14,7 @@ compensate_target = "auto"  # auto (stream when sequential, unless the hidden wi
 kernel_solve = "auto"       # auto (taps when sequential) | taps (k x k convs over (channel, tap) pairs) | channels
 exclude = ["layer4.*"]      # module-name patterns whose groups are never pruned
 targets = ["channels", "heads"]  # which groups: channels (alias mlp), heads or vdims, embed (alias hidden: lossy)
-multiple_of = 8             # every kept width a multiple of 8
+multiple_of = 8             # every kept width a multiple of 8 (default "auto": 8 in groups of 64+ channels; 1: exact)
 budget = "params=0.5"       # instead of one ratio everywhere: remove half the parameters (or macs=...), spread
 budget_floor = 0.1          # across groups by score, every group keeping at least 10% of its units
 [ratios]                    # per module pattern (first match wins)
@@ -106,7 +106,8 @@ class Recipe:
     reconstruct_fed: str = "compressed"  # window inputs: compressed (reconstructed upstream) | dense (mapped)
     reconstruct_optimizer: str = "adam"  # adam | rmsprop (Wanda++'s regional optimisation)
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    multiple_of: int = 1  # every kept width (channels, heads * head_dim) a multiple of this
+    # every kept width (channels, heads * head_dim) a multiple of this; "auto": 8 in groups at least 64 channels wide
+    multiple_of: int | str = "auto"
     exclude: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
     budget: str = ""  # "params=0.5" / "macs=0.5": one target for the model, spread across groups by score
@@ -186,8 +187,9 @@ class Recipe:
         if not 0.0 < self.budget_floor <= 1.0:
             raise RecipeError(f"budget_floor {self.budget_floor} is outside (0, 1]",
                               fix="give the fraction of each group's units kept at least, e.g. 0.1")
-        if self.multiple_of < 1:
-            raise RecipeError(f"multiple_of {self.multiple_of} must be at least 1")
+        if self.multiple_of != "auto" and (isinstance(self.multiple_of, str) or self.multiple_of < 1):
+            raise RecipeError(f"multiple_of {self.multiple_of!r} must be \"auto\" or a whole number at least 1",
+                              fix="1 keeps exact widths; 8 rounds every kept width to a multiple of 8")
         if self.magnitude_norm not in (1, 2):
             raise RecipeError(f"magnitude_norm {self.magnitude_norm} is not 1 or 2")
         c = self.calib
@@ -257,7 +259,7 @@ def _check_pipeline(pipeline: list[str]) -> None:
 
 TYPE_NAMES = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string", list: "list",
               dict: "table", type(None): "nothing"}
-ALSO_ACCEPTED = {"max_memory": int}  # a plain number of bytes
+ALSO_ACCEPTED = {"max_memory": int, "multiple_of": int}  # a plain number of bytes; a fixed multiple
 
 
 def _check_types(recipe: Recipe) -> None:

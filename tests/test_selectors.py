@@ -98,3 +98,20 @@ def test_wanda_pp_is_the_regional_gradient_score_of_the_consumer_columns():
     plain = wanda(ctx, group)
     torch.testing.assert_close(wanda_pp_scores(ctx, group, 0.0), plain)
     assert (got - plain).abs().max() > 1e-3
+
+
+def test_multiple_of_auto_rounds_wide_groups_to_eight_and_keeps_narrow_ones_exact():
+    """auto: 8 in groups at least 64 channels wide (units x channels per unit), exact below; a fixed multiple
+    everywhere; a head of 64 channels is already a multiple of 8, so heads step one at a time."""
+    from grailc.passes.select import n_keep, resolve_multiple, unit_step
+
+    def group(size, granule=1):
+        return SimpleNamespace(size=size, granule=granule)
+
+    assert [resolve_multiple("auto", w) for w in (16, 63, 64, 2048)] == [1, 1, 8, 8]
+    assert resolve_multiple(1, 2048) == 1 and resolve_multiple(16, 8) == 16
+    assert n_keep(96, 0.3, unit_step(group(96), "auto")) == 64  # round(67.2) = 67 -> 64
+    assert n_keep(40, 0.3, unit_step(group(40), "auto")) == 28  # narrow: exact
+    assert n_keep(96, 0.3, unit_step(group(96), 1)) == 67
+    assert unit_step(group(12, 64), "auto") == 1 and unit_step(group(16, 6), "auto") == 4  # 4 heads of 6 = 24
+    assert n_keep(64, 0.95, unit_step(group(64), "auto")) == 8  # at least one step

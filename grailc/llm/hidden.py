@@ -144,12 +144,15 @@ def hidden_scores(model, batches: list[torch.Tensor], score: str, device, home, 
     return total
 
 
-def kept_width(d: int, ratio: float, multiple_of: int, heads: int = 1) -> int:
+def kept_width(d: int, ratio: float, multiple_of: int | str, heads: int = 1) -> int:
     """(1 - ratio) d, rounded to a multiple of ``multiple_of`` and of the query head count: a Hugging Face config
-    requires hidden_size to be a multiple of num_attention_heads (even where head_dim is given)."""
+    requires hidden_size to be a multiple of num_attention_heads (even where head_dim is given). ``"auto"`` is the
+    head count alone: with 8 it would be a step of 72 on SmolLM2 (9 heads), and a decoder's matmuls realise their
+    MACs at exact widths (README, Speed)."""
     from grailc.passes.select import n_keep
 
-    return n_keep(d, ratio, math.lcm(max(1, multiple_of), max(1, heads)))
+    multiple = 1 if multiple_of == "auto" else multiple_of
+    return n_keep(d, ratio, math.lcm(max(1, multiple), max(1, heads)))
 
 
 class _NormFit:

@@ -1,7 +1,8 @@
 """Select: decide, per prunable group, its channel map (which units to keep, or how to fold them).
 
 The budget of a group of C units (channels, heads, conv groups) at ratio r is ``max(1, round(C * (1 - r)))``
-kept units, rounded so that every kept width is a multiple of ``multiple_of``; a recipe can set the
+kept units, rounded so that every kept width is a multiple of ``multiple_of`` (``"auto"``: of 8 in groups at least
+64 channels wide, see :func:`resolve_multiple`); a recipe can set the
 ratio per module pattern. A global ``budget`` plans the counts instead (see :mod:`.global_budget`). The selector
 named in the recipe scores units and the top scores are kept, or it builds the map itself (``fold``).
 """
@@ -35,9 +36,23 @@ def n_keep(size: int, ratio: float, step: int = 1) -> int:
     return k
 
 
-def unit_step(group, multiple_of: int) -> int:
-    """Units per step so that every kept width (units * channels per unit) is a multiple of ``multiple_of``."""
-    return multiple_of // math.gcd(multiple_of, group.granule) if multiple_of > 1 else 1
+AUTO_MULTIPLE = 8  # multiple_of "auto": ONNX Runtime's CPU convolutions work in blocks of 8 (AVX2) or 16 channels
+AUTO_MIN_WIDTH = 64  # ... in groups at least this wide (rounding moves a kept width by at most 4 channels)
+
+
+def resolve_multiple(multiple_of: int | str, width: int) -> int:
+    """The multiple for a group of ``width`` channels: ``multiple_of`` itself, or for ``"auto"`` AUTO_MULTIPLE where
+    the group is at least AUTO_MIN_WIDTH wide (exact widths in narrower groups, where a step of 8 is coarse)."""
+    if multiple_of == "auto":
+        return AUTO_MULTIPLE if width >= AUTO_MIN_WIDTH else 1
+    return int(multiple_of)
+
+
+def unit_step(group, multiple_of: int | str) -> int:
+    """Units per step so that every kept width (units * channels per unit) is a multiple of ``multiple_of``
+    (resolved for the group's width, see :func:`resolve_multiple`)."""
+    m = resolve_multiple(multiple_of, group.size * group.granule)
+    return m // math.gcd(m, group.granule) if m > 1 else 1
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

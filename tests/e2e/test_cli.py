@@ -344,3 +344,24 @@ def test_groups_shows_the_rows_of_split_producers(capsys):
     out = capsys.readouterr().out
     assert "stage2.0.branch1.2[12:24]" in out and "stage2.0.branch1.2[0:3]" in out
     assert out.strip().splitlines()[-1] == "88 groups, 86 prunable"
+
+
+@pytest.mark.parametrize("flag, wide_kept", [([], 64), (["--multiple-of", "1"], 67)])
+def test_kept_widths_round_to_eight_in_wide_groups_by_default(flag, wide_kept, tmp_path):
+    """multiple_of auto: a 96-channel group at ratio 0.3 keeps 64 (67 rounded to a multiple of 8), a 40-channel one
+    its exact 28; --multiple-of 1 keeps 67. Either way the model exports and matches PyTorch."""
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(), nn.Conv2d(96, 40, 1),
+                        nn.ReLU(), nn.Conv2d(40, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    model_path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(2, 3, 16, 16),)), str(model_path))
+    out = tmp_path / "out"
+    code = main(["compress", str(model_path), "--calib", "random", "--calib-batches", "3", "--batch-size", "4",
+                 "--held-out", "1", "--ratio", "0.3", *flag, "--out", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    kept = {g["size"]: g["kept"] for g in report["groups"] if g["pinned"] is None}
+    assert kept == {96: wide_kept, 40: 28}
+    assert report["recipe"]["multiple_of"] == ("auto" if not flag else 1)
+    assert report["onnx"]["relative_diff"] < 1e-4 and report["verification"]["permutation_error"] <= 1e-5

@@ -50,7 +50,7 @@ def test_vit_embedding_width_is_approximate_and_pruned_only_when_asked(fashion, 
     assert len(embed) == 1 and embed[0]["pinned"].startswith("not a target") and embed[0]["kept"] == embed[0]["size"]
     result = grailc.compress(model, calib=calib, ratio=0.3, calib_held_out=1, targets=["embed", "heads", "mlp"])
     embed = next(g for g in result.report["groups"] if g["approximate"])
-    assert embed["pinned"] is None and embed["kept"] == round(96 * 0.7)
+    assert embed["pinned"] is None and embed["kept"] == 64  # round(96 * 0.7) = 67, to a multiple of 8 (auto)
     # the class token, position embedding, LayerNorm weights and shapes all follow: the narrowed model exports
     out = result.save(tmp_path / "out")
     assert result.report["onnx"]["relative_diff"] < 1e-3

@@ -74,6 +74,8 @@ CASES = {
     "pipeline without verify": _recipe('pipeline = ["analyse", "calibrate", "select", "apply"]\n', "'verify'"),
     "pipeline out of order": _recipe('pipeline = ["select", "verify"]\n', "'select' needs 'calibrate'"),
     "memory size unreadable": lambda t: (["--max-memory", "lots"], ["memory size", "8GiB"]),
+    "multiple of 0": lambda t: (["--multiple-of", "0"], ["multiple_of 0", "auto", "1 keeps exact widths"]),
+    "recipe multiple_of not auto": _recipe('multiple_of = "eight"\n', "multiple_of 'eight'", "auto"),
     "kernel taps with one-shot": lambda t: (["--kernel-solve", "taps", "--one-shot"],
                                             ["kernel_solve taps needs sequential", "--kernel-solve channels"]),
 }
