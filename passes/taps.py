@@ -58,7 +58,8 @@ class Kernel:
         ``step``-th, in the order image, row, column). With ``step`` > 1 only those rows are gathered (from the
         zero-padded input, tap by tap), never the whole im2col matrix."""
         if step == 1:
-            return every_row(F.unfold(x, self.size, self.dilation, self.padding, self.stride).transpose(1, 2), 1)
+            p = F.unfold(x, self.size, self.dilation, self.padding, self.stride)  # [N, C * taps, L]
+            return p.transpose(1, 2).reshape(-1, p.shape[1])
         h, w = self.out_size(x.shape)
         index = torch.arange(0, x.shape[0] * h * w, step, device=x.device)
         n, oh, ow = index // (h * w), index % (h * w) // w, index % w
@@ -163,13 +164,4 @@ def dense_output(x: torch.Tensor, weight: torch.Tensor, kernel: Kernel, step: in
     if step > 1:
         return kernel.patches(x, step) @ weight.reshape(weight.shape[0], -1).T
     y = F.conv2d(x, weight, None, kernel.stride, kernel.padding, kernel.dilation)
-    return every_row(y.flatten(2).transpose(1, 2), step)
-
-
-def every_row(t: torch.Tensor, step: int) -> torch.Tensor:
-    """[N, L, D] (a view, any strides) as rows [N * L, D], every ``step``-th of them (image-major); only the rows
-    taken are copied."""
-    if step == 1:
-        return t.reshape(-1, t.shape[2])
-    index = torch.arange(0, t.shape[0] * t.shape[1], step, device=t.device)
-    return t[index // t.shape[1], index % t.shape[1]]
+    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
