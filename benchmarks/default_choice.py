@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import grailc
+from grailc.recipe import parse_multiple
 
 MODES = {
     "one-shot": dict(sequential=False, repair=False),
@@ -64,8 +65,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["fashion_resnet", "fashion_vit", "lite0"])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5])
     parser.add_argument("--selector", default="wanda")
-    parser.add_argument("--multiple-of", default="auto", help="grailc's multiple_of: auto (the default) or N; the "
-                        "README's figures were measured with exact widths, 1")
+    parser.add_argument("--multiple-of", type=parse_multiple, default="auto",
+                        help="grailc's multiple_of: auto (the default) or N; the README's figures were measured "
+                        "with exact widths, 1")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     print(f"{'model':>15} {'ratio':>5} {'dense':>7} " + " ".join(f"{m:>22}" for m in MODES))
@@ -77,9 +79,8 @@ def main() -> None:
             for options in MODES.values():
                 start = time.perf_counter()
                 result = grailc.compress(model, input_shape=shape, calib=calib, ratio=ratio, selector=args.selector,
-                                         calib_held_out=1, measure_latency=False,
-                                         multiple_of=args.multiple_of if args.multiple_of == "auto"
-                                         else int(args.multiple_of), **options)
+                                         calib_held_out=1, measure_latency=False, multiple_of=args.multiple_of,
+                                         **options)
                 seconds = time.perf_counter() - start
                 cells.append(f"{100 * metric(result.module):6.2f}% {seconds:6.1f} s")
             print(f"{name:>15} {ratio:>5.2f} {100 * dense:6.2f}% " + " ".join(f"{c:>22}" for c in cells), flush=True)

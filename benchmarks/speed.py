@@ -30,6 +30,7 @@ import grailc
 from grailc.bench import Settings, compare
 from grailc.export import save_onnx
 from grailc.metrics import count_macs
+from grailc.recipe import parse_multiple
 from grailc.trace import capture, export
 
 MODELS = {  # name: (source, builder name)
@@ -124,11 +125,6 @@ def random_calib(shape) -> list[torch.Tensor]:
     return [torch.randn(2, *shape[1:], generator=g) for _ in range(3)]
 
 
-def multiple_of(text: str) -> int | str:
-    """``--multiple-of`` values: auto (grailc's default) or a whole number."""
-    return text if text == "auto" else int(text)
-
-
 def methods(multiples: list[int | str], with_torch_pruning: bool) -> list[tuple[str, int | str | None]]:
     """(row name, multiple) for grailc at each ``--multiple-of``, and Torch-Pruning (multiple None)."""
     rows = [("grailc" + (f" mult {m}" if m != 1 else ""), m) for m in multiples]
@@ -159,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=[*MODELS, *LLMS], choices=[*MODELS, *LLMS])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
-    parser.add_argument("--multiple-of", type=multiple_of, nargs="+", default=[1, "auto"],
+    parser.add_argument("--multiple-of", type=parse_multiple, nargs="+", default=[1, "auto"],
                         help="grailc rows for each of these (1: exact widths; 8: every kept width a multiple of 8; "
                         "auto, the default: 8 in groups at least 64 channels wide)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])

@@ -67,7 +67,9 @@ def prepare(args) -> None:
     """Compress and export every model and ratio; write the stripped graphs and manifest.json into args.dir."""
     import tempfile
 
-    from speed import LLM_TOKENS, LLMS, MODELS, dense_onnx, methods, multiple_of, pruned_onnx, random_calib
+    from speed import LLM_TOKENS, LLMS, MODELS, dense_onnx, methods, pruned_onnx, random_calib
+
+    from grailc.recipe import parse_multiple
 
     unknown = set(args.models or ()) - {*MODELS, *LLMS}
     if unknown:
@@ -84,7 +86,7 @@ def prepare(args) -> None:
             strip(dense[0], folder / f"{name}.onnx")
             calib = random_calib(shape)
             for ratio in args.ratios:
-                multiples = [multiple_of(m) for m in args.multiple_of]
+                multiples = [parse_multiple(m) for m in args.multiple_of]
                 for method, multiple in methods(multiples, not (args.no_torch_pruning or llm)):
                     start = time.perf_counter()
                     file = f"{name}_{ratio:g}_{method.replace(' ', '')}.onnx"

@@ -254,10 +254,10 @@ def _join_processes(args) -> bool:
 
 def _multiple(text: str) -> int | str:
     """``--multiple-of``: auto or a whole number."""
-    if text == "auto":
-        return text
+    from grailc.recipe import parse_multiple
+
     try:
-        return int(text)
+        return parse_multiple(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not auto or a whole number (e.g. 8; 1 keeps exact widths)") from None

@@ -259,6 +259,11 @@ def _check_pipeline(pipeline: list[str]) -> None:
 
 TYPE_NAMES = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string", list: "list",
               dict: "table", type(None): "nothing"}
+def parse_multiple(text: str) -> int | str:
+    """A ``multiple_of`` written as text (a flag): ``auto`` or a whole number; ValueError otherwise."""
+    return text if text == "auto" else int(text)
+
+
 ALSO_ACCEPTED = {"max_memory": int, "multiple_of": int}  # a plain number of bytes; a fixed multiple
 
 
