@@ -89,8 +89,9 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
         "macs_before": macs_before,  # per sequence of macs_tokens tokens (grailc.llm.export.decoder_macs)
         "macs_after": decoder_macs(model, BENCH_TOKENS),
         "macs_tokens": BENCH_TOKENS,
-        "saved_as": {"config": "a plain Hugging Face folder (uniform widths)",
-                     "shapes": "config + grailc_shapes.json (per-layer widths): load with grailc"}[fmt],
+        "saved_as": {"config": "a plain Hugging Face folder (its config describes every shape)",
+                     "shapes": "config + grailc_shapes.json (per-layer widths, or biases the config has no "
+                               "switch for): load with grailc"}[fmt],
         "timings": {"load": round(t_load, 3), "compress": report["seconds"]},
         "versions": versions(),
     })

@@ -8,6 +8,12 @@ budget spreads the cuts unevenly) cannot be described by a config: the original 
 ``grailc_shapes.json`` lists the shape of every parameter that differs from it. ``load_causal_lm`` builds the model
 from the config, gives those parameters their stored shapes, and loads the safetensors weights strictly
 (``trust_remote_code=False`` throughout; nothing is unpickled).
+
+Compensation with an offset (``bias``, ``grail+bias``) gives ``down_proj`` / ``o_proj`` a bias that LLaMA-family
+layers are built without. Where the config has a switch for it (LLaMA's ``mlp_bias``, ``attention_bias``), the switch
+is turned on and the family's other linears get zero biases, so the folder stays a plain one
+(:func:`switch_on_biases`, :func:`complete_biases`); elsewhere (Mistral, Qwen2) the added biases are listed in
+``grailc_shapes.json`` like any other shape the config does not build.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from grailc.errors import GrailcError
 from grailc.surgery import set_param
 
 SHAPES_FILE = "grailc_shapes.json"
+# config switch -> (the decoder layer's submodule, its linears), each built with a bias when the switch is on
+BIAS_SWITCHES = {"mlp_bias": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+                 "attention_bias": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))}
 
 
 @contextlib.contextmanager
@@ -81,26 +90,77 @@ def _tied(model, key: str) -> bool:
 
 
 def reshape_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Give the named parameters new (empty) tensors of the given shapes, and fix the owning modules' sizes."""
+    """Give the named parameters new (empty) tensors of the given shapes, and fix the owning modules' sizes; a
+    linear's bias the config does not build is added."""
+    dtype = next(model.parameters()).dtype
     for name, shape in shapes.items():
-        current = model.get_parameter(name)
-        replace_parameter(model, name, torch.empty(shape, dtype=current.dtype, device=current.device))
+        current = _parameter_or_none(model, name)
+        like = current if current is not None else _addable_bias(model, name, dtype)
+        replace_parameter(model, name, torch.empty(shape, dtype=like.dtype, device=like.device))
+
+
+def _parameter_or_none(model: torch.nn.Module, name: str) -> torch.Tensor | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def _addable_bias(model: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The weight beside ``name`` where ``name`` is the absent bias of a linear layer (the new bias takes its dtype
+    and device), else a GrailcError: a parameter the model has no place for."""
+    owner_name, _, leaf = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        owner = None
+    if leaf != "bias" or not isinstance(owner, torch.nn.Linear) or owner.bias is not None:
+        raise GrailcError(f"parameter {name} has no place in {type(model).__name__}: only a linear layer's bias "
+                          "can be added to a Hugging Face model")
+    return owner.weight if owner.weight.dtype.is_floating_point else owner.weight.to(dtype)
 
 
 def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module) -> None:
     """Copy every parameter of ``compressed`` (a graph traced from ``module``, so its parameters carry the same
-    names) into ``module``, taking the new shapes."""
+    names) into ``module``, taking the new shapes; a bias that compensation gave a linear layer built without one is
+    added to it. A parameter with no place in ``module`` is an error, never dropped."""
     own = dict(module.named_parameters())
     for name, value in compressed.named_parameters():
-        if name in own:
-            replace_parameter(module, name, value.to(own[name].dtype))
+        like = own[name] if name in own else _addable_bias(module, name, value.dtype)
+        replace_parameter(module, name, value.to(like.dtype))
+
+
+def switch_on_biases(model, switches) -> list[str]:
+    """Turn on those of the config's bias ``switches`` (names in ``BIAS_SWITCHES``) the config has; returns them."""
+    found = [s for s in switches if hasattr(model.config, s)]
+    for s in found:
+        setattr(model.config, s, True)
+    return found
+
+
+def complete_biases(layer: torch.nn.Module, config) -> None:
+    """Zero biases for the linears of ``layer`` that the config's switched-on bias switches build with one, so the
+    layer has every parameter the config describes."""
+    for switch, (part, names) in BIAS_SWITCHES.items():
+        if not getattr(config, switch, False):
+            continue
+        for name in names:
+            lin = getattr(getattr(layer, part), name)
+            if lin.bias is None:
+                w = lin.weight
+                lin.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                              requires_grad=False)
 
 
 def replace_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set a parameter to ``value`` (any shape) and keep its module's size attributes in step."""
-    set_param(model, name, value)
-    owner_name = name.rpartition(".")[0]
+    """Set a parameter to ``value`` (any shape; a new one where the module has none of that name, such as a
+    linear's absent bias) and keep its module's size attributes in step."""
+    owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
+    if leaf not in owner._buffers and owner._parameters.get(leaf) is None:
+        owner.register_parameter(leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+    else:
+        set_param(model, name, value)
     if isinstance(owner, torch.nn.Linear):
         owner.out_features, owner.in_features = owner.weight.shape
     elif isinstance(owner, torch.nn.Embedding):
@@ -153,17 +213,16 @@ def save_causal_lm(model, tokenizer, folder, weights_written: bool = False) -> s
         else:
             model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-    if not uniform:
-        built = config_shapes(config)
-        changed = {name: list(p.shape) for name, p in model.named_parameters()
-                   if tuple(p.shape) != built.get(name, tuple(p.shape))}
+    built = config_shapes(config)
+    changed = {name: list(p.shape) for name, p in model.named_parameters() if tuple(p.shape) != built.get(name)}
+    if changed:  # uneven widths, or biases the config has no switch for
         (folder / SHAPES_FILE).write_text(json.dumps(changed, indent=1))
     from grailc.outputs import default_file_mode
 
     for path in folder.iterdir():  # safetensors leaves its file 0600: every output gets the same mode
         if path.is_file():
             path.chmod(default_file_mode())
-    return "config" if uniform else "shapes"
+    return "shapes" if changed else "config"
 
 
 def save_config(model, folder) -> None:

@@ -45,12 +45,14 @@ import torch
 from tqdm import tqdm
 
 from grailc.distributed import shard, world
-from grailc.errors import RecipeError
-from grailc.llm.hf import adopt_weights, head_dim_of, layer_widths
+from grailc.errors import GrailcError, RecipeError
+from grailc.llm.hf import adopt_weights, complete_biases, head_dim_of, layer_widths, switch_on_biases
 from grailc.llm.stream import check_streamable, resident
 from grailc.recipe import Recipe
 
 STRUCTURES = ("uniform", "global", "incremental")
+OFFSET_COMPENSATORS = ("bias", "grail+bias")  # those that move an offset into the consumer's bias
+ADOPTION_TOLERANCE = 1e-4  # relative: the Hugging Face layer with the narrowed weights against the compressed graph
 MAX_LAYER_RATIO = 0.95
 KIND_PATTERN = {"heads": "layer.self_attn.*", "channels": "layer.mlp.*"}
 
@@ -185,6 +187,7 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
         raise RecipeError(f"unknown structure {structure!r}", fix=f"use one of {', '.join(STRUCTURES)}")
     _, rotary = decoder_parts(model)
     recipe = recipe.resolved(llm=True)
+    biases = switch_on_biases(model, bias_switches(recipe))
     target = None
     if recipe.compensate_target == "stream":
         recipe, target = stream_or_input(model, windows, recipe)
@@ -205,6 +208,8 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
                                   {"samples": int(windows.shape[0]), "seq_len": int(windows.shape[1])}, stream)
         if target is not None:
             report["compensate_target"] = target
+        if biases:
+            report["biases_switched_on"] = biases
         return {**report, "hidden": found} if hidden else report
 
 
@@ -232,14 +237,19 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
         with resident(stream, i, write=True, traced=i in chosen), on_device(layers[i], device, home):
             if i not in chosen:
                 advance(block, batches, dense)
+                complete_biases(layers[i], model.config)
                 continue
             before = layer_widths(layers[i], head_dim)
             ratios = plan["ratios"][i] if plan is not None else None
             result = compress(block, calib=batches, recipe=_layer_recipe(recipe, ratios), measure_latency=False,
                               sharded=True, traces=traces, dense_calib=dense)
             advance(block, dense)  # the layer is still dense
+            with torch.no_grad():
+                expected = result.module(batches[0])
             adopt_weights(block, result.module)
             advance(block, batches)
+            check_adopted(i, expected, batches[0])
+            complete_biases(layers[i], model.config)
         groups = [g for g in result.report["groups"] if g["kept"] < g["size"]]
         report["layers"].append({
             "layer": i,
@@ -261,6 +271,27 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     report.update(_peak_cuda_mib(device))
     return report
+
+
+def bias_switches(recipe: Recipe) -> list[str]:
+    """The config's bias switches (``grailc.llm.hf.BIAS_SWITCHES``) that the recipe's compensation needs: an offset
+    moves into ``down_proj`` (MLP targets) and ``o_proj`` (heads), built without a bias in LLaMA-family layers."""
+    from grailc.recipe import TARGETS
+
+    if recipe.compensate not in OFFSET_COMPENSATORS:
+        return []
+    kinds = {TARGETS[t] for t in recipe.targets}
+    return [s for s, kind in (("mlp_bias", "channels"), ("attention_bias", "heads")) if kind in kinds]
+
+
+def check_adopted(layer: int, expected: torch.Tensor, got: torch.Tensor) -> None:
+    """The self-check of the copy back: the Hugging Face layer with the narrowed weights must give the compressed
+    graph's output on the first calibration batch (a weight or bias left behind shows up here)."""
+    err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    if not err <= ADOPTION_TOLERANCE:
+        raise GrailcError(f"decoder layer {layer}: with the compressed weights copied back, the Hugging Face layer "
+                          f"differs from the compressed graph by {err:.2e} (relative, max), over the "
+                          f"{ADOPTION_TOLERANCE:.0e} allowed", fix="report this as a bug, with the model's config")
 
 
 def stream_or_input(model, windows: torch.Tensor, recipe: Recipe) -> tuple[Recipe, dict]:

@@ -60,6 +60,57 @@ def test_global_structure_saves_per_layer_widths(tiny_folder, tokenizer, tmp_pat
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
 
 
+def test_offset_compensation_gives_biases_that_a_plain_folder_keeps(tiny_folder, tokenizer, tmp_path):
+    """FLAP's bias moves into down_proj and o_proj, built without one: LLaMA's config switches (mlp_bias,
+    attention_bias) go on and the other linears take zero biases, so from_pretrained rebuilds the same model."""
+    model, tok = load_causal_lm(tiny_folder)
+    recipe = make_recipe(ratio=0.5, selector="flap", compensate="bias", targets=["mlp", "heads"], calib_batch_size=4)
+    report = compress_layers(model, _windows(tokenizer, MACBETH, 8, 32), recipe)
+    assert report["biases_switched_on"] == ["mlp_bias", "attention_bias"]
+    for layer in model.model.layers:
+        assert layer.mlp.down_proj.bias.abs().max() > 0 and layer.self_attn.o_proj.bias.abs().max() > 0
+        assert not layer.mlp.up_proj.bias.any() and not layer.self_attn.q_proj.bias.any()
+    assert save_causal_lm(model, tok, tmp_path) == "config"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["mlp_bias"] and config["attention_bias"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _windows(tokenizer, HAMLET, 2, 24)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
+    without = load_causal_lm(tiny_folder)[0]
+    compress_layers(without, _windows(tokenizer, MACBETH, 8, 32), make_recipe(
+        ratio=0.5, selector="flap", compensate="none", targets=["mlp", "heads"], calib_batch_size=4))
+    assert not torch.allclose(_logits(without, ids), _logits(model, ids), atol=1e-3)  # the biases act
+
+
+def test_offset_compensation_without_a_config_switch_lists_the_biases(tokenizer, tmp_path):
+    """Mistral's config has no bias switch: the added biases go into grailc_shapes.json and load back."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = MistralForCausalLM(config).eval()
+    recipe = make_recipe(ratio=0.5, compensate="grail+bias", targets=["mlp"], calib_batch_size=4)
+    report = compress_layers(model, _windows(tokenizer, MACBETH, 8, 32), recipe)
+    assert "biases_switched_on" not in report
+    assert save_causal_lm(model, tokenizer, tmp_path) == "shapes"
+    shapes = json.loads((tmp_path / SHAPES_FILE).read_text())
+    assert shapes == {f"model.layers.{i}.mlp.down_proj.bias": [64] for i in (0, 1)}  # widths: in the config
+    reloaded, _ = load_causal_lm(tmp_path)
+    ids = _windows(tokenizer, HAMLET, 2, 24)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
+
+
+def test_a_weight_left_behind_in_the_copy_back_is_caught():
+    from grailc.errors import GrailcError
+    from grailc.llm.layerwise import check_adopted
+
+    expected = torch.randn(2, 8, 16)
+    check_adopted(3, expected, expected.clone())
+    with pytest.raises(GrailcError, match="decoder layer 3: .* differs from the compressed graph by"):
+        check_adopted(3, expected, expected + 0.01 * expected.abs().max())
+
+
 def test_incremental_ratios_grow_with_depth_and_average_the_ratio():
     from grailc.llm.layerwise import incremental_plan
 

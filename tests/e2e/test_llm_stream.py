@@ -93,7 +93,8 @@ def _same_folder(plain, streamed) -> None:
 def test_stream_writes_the_folder_that_loading_the_whole_model_writes(sharded_folder, tmp_path, capsys,
                                                                       structure):
     plain, streamed = tmp_path / "plain", tmp_path / "streamed"
-    extra = ["--structure", structure, "--selector", "flap" if structure == "global" else "wanda_sp"]
+    extra = ["--structure", structure, *(["--selector", "flap", "--compensate", "bias"] if structure == "global"
+                                         else ["--selector", "wanda_sp"])]  # FLAP's bias: down_proj / o_proj gain one
     assert _compress(sharded_folder, plain, *extra, "--no-onnx", "--quiet") == 0
     assert _compress(sharded_folder, streamed, *extra, "--stream") == 0  # ONNX asked for: skipped, said why
     assert "ONNX not exported: --stream" in capsys.readouterr().out
@@ -113,10 +114,12 @@ def test_stream_writes_the_folder_that_loading_the_whole_model_writes(sharded_fo
 
 def test_stream_untied_head_from_one_file_copies_unchosen_layers(untied_folder, tmp_path, capsys):
     plain, streamed = tmp_path / "plain", tmp_path / "streamed"
-    assert _compress(untied_folder, plain, "--layers", "1", "--no-onnx", "--quiet") == 0
-    assert _compress(untied_folder, streamed, "--layers", "1", "--no-onnx", "--quiet", "--stream") == 0
+    offset = ["--layers", "1", "--compensate", "grail+bias", "--no-onnx", "--quiet"]  # layer 0 gains zero biases
+    assert _compress(untied_folder, plain, *offset) == 0
+    assert _compress(untied_folder, streamed, *offset, "--stream") == 0
     _same_folder(plain, streamed)
     source, out = _tensors(untied_folder), _tensors(streamed)
+    assert not out["model.layers.0.mlp.down_proj.bias"].any() and out["model.layers.1.mlp.down_proj.bias"].any()
     assert not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
     for name, tensor in source.items():
         if not name.startswith("model.layers.1."):  # layer 0 and the head: unchanged
