@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--structure", default="uniform")
     ap.add_argument("--lam", type=float, default=0.1)
     ap.add_argument("--layers", help="compress only these decoder layers, e.g. 0-7 (default all)")
+    ap.add_argument("--compensators", default="grail", help="the compensations measured beside the plain row, "
+                    "','-separated: grail, grail+bias")
     ap.add_argument("--no-plain", action="store_true", help="skip the rows without GRAIL")
     ap.add_argument("--compensate-targets", default="input",
                     help="','-separated GRAIL targets, one row each: input (each consumer's dense input), stream "
@@ -77,7 +79,7 @@ def main() -> None:
             for sel in args.selectors.split(","):
                 plain = None
                 comps = (() if args.no_plain else ((PLAIN.get(sel, "none"), "input"),)) + tuple(
-                    ("grail", t) for t in args.compensate_targets.split(","))
+                    (c, t) for c in args.compensators.split(",") for t in args.compensate_targets.split(","))
                 for (comp, target), rc in [(c, rc) for c in comps for rc in ("off", *([args.reconstruct] if
                                                                                      args.reconstruct else []))]:
                     model = copy.deepcopy(dense)
