@@ -16,6 +16,11 @@ Execution providers: the CPU EP here; on a GPU the CUDA EP, and the TensorRT EP 
 fp32 and fp16 (the graph converted to float16 inside, float32 inputs and outputs kept). On a GPU provider each
 model is first run once with ONNX Runtime's profiler, and the nodes that ran on another provider (no kernel there,
 so ONNX Runtime put them on the CPU between two device copies) are reported (``nodes_elsewhere``) and logged.
+
+Convolution widths (``conv_widths``): ONNX Runtime's CPU EP runs a convolution in its blocked layout (NCHWc, blocks
+of 16 channels on AVX-512, 8 on AVX2) only when its output channels are a whole number of blocks; any other runs
+unblocked, with reorders around it, and can be slower than the dense one it replaced. Both models' counts are
+reported, and the table says so when compression left convolutions off the block of 16 (``--multiple-of 16``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from grailc.errors import GrailcError
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
+CPU_BLOCK = 16  # channels: ONNX Runtime's CPU blocked layout on AVX-512 (a multiple of AVX2's 8)
 
 
 def interleaved_ms(calls: list[Callable[[], object]], repeats: int, warmup: int = 1,
@@ -209,8 +215,21 @@ def compare(dense: Path, compressed: Path, settings: Settings, shapes: list[list
         "cpu_count": os.cpu_count(),
         "warmup": settings.warmup,
         "ideal_speedup": ideal,
+        "conv_widths": {"dense": conv_widths(dense), "compressed": conv_widths(compressed)},
         "runs": runs,
     }
+
+
+def conv_widths(path: Path) -> dict:
+    """The convolutions of an ONNX file (top-level graph, weights given as initializers) and how many of them have
+    output channels that are not a multiple of ``CPU_BLOCK``. Reads the graph only, not external weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {t.name: t.dims for t in model.graph.initializer}
+    outs = [dims[n.input[1]][0] for n in model.graph.node
+            if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in dims]
+    return {"convs": len(outs), f"not_multiple_of_{CPU_BLOCK}": sum(o % CPU_BLOCK != 0 for o in outs)}
 
 
 def nodes_elsewhere(events: list[dict], provider: str) -> list[str]:
@@ -316,8 +335,22 @@ def table(bench: dict) -> str:
              + (f"{bench['ideal_speedup']:.2f}x" if bench["ideal_speedup"] else "unknown (no MACs in the report)"),
              HEADER]
     lines += [row(r) for r in bench["runs"]]
-    return "\n".join(lines)
+    hint = block_hint(bench)
+    return "\n".join(lines + ([hint] if hint else []))
 
 
-__all__ = ["Settings", "compare", "interleaved_ms", "nodes_elsewhere", "placement", "quartiles", "providers",
-           "random_feed", "table"]
+def block_hint(bench: dict) -> str | None:
+    """A line for a compressed model with more convolutions off the CPU block than the dense one (on the CPU EP)."""
+    widths, key = bench.get("conv_widths"), f"not_multiple_of_{CPU_BLOCK}"
+    if not widths or not any(r["provider"] == CPU for r in bench["runs"]):
+        return None
+    off, dense_off = widths["compressed"][key], widths["dense"][key]
+    if off <= dense_off:
+        return None
+    return (f"{off} of {widths['compressed']['convs']} convolutions have output channels that are not a multiple "
+            f"of {CPU_BLOCK} (dense: {dense_off}): ONNX Runtime's CPU runs them outside its blocked layout; "
+            f"compress with --multiple-of {CPU_BLOCK} to round every kept width")
+
+
+__all__ = ["Settings", "block_hint", "compare", "conv_widths", "interleaved_ms", "nodes_elsewhere", "placement",
+           "quartiles", "providers", "random_feed", "table"]

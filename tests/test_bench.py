@@ -11,8 +11,10 @@ import torch
 
 from grailc.bench import (
     Settings,
+    block_hint,
     bound_call,
     compare,
+    conv_widths,
     interleaved_ms,
     nodes_elsewhere,
     placement,
@@ -95,8 +97,26 @@ def test_compare_measures_both_models_at_every_batch(tmp_path):
                    r["dense_samples_per_s"], r["realised_fraction_of_ideal"]]
         assert all(math.isfinite(v) and v > 0 for v in figures) and r["repeats"] == 3
         assert r["dense_ms"]["q1"] <= r["dense_ms"]["median"] <= r["dense_ms"]["q3"]
+    assert bench["conv_widths"] == {"dense": {"convs": 2, "not_multiple_of_16": 1},
+                                    "compressed": {"convs": 2, "not_multiple_of_16": 2}}
     text = table(bench)
-    assert "4.00x" in text and len(text.splitlines()) == 4
+    assert "4.00x" in text and len(text.splitlines()) == 5  # header, columns, two runs, the hint on widths
+
+
+def test_convolutions_off_the_cpu_block_are_counted_and_named_in_the_table(tmp_path):
+    """A width that is not a multiple of 16 runs outside ONNX Runtime's blocked layout: the table says so."""
+    dense = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 16, 1))
+    small = torch.nn.Sequential(torch.nn.Conv2d(3, 22, 3), torch.nn.ReLU(), torch.nn.Conv2d(22, 16, 1))
+    d = onnx_file(dense, [(1, 3, 16, 16)], tmp_path / "dense.onnx")
+    c = onnx_file(small, [(1, 3, 16, 16)], tmp_path / "model.onnx")
+    assert conv_widths(d) == {"convs": 2, "not_multiple_of_16": 0}
+    assert conv_widths(c) == {"convs": 2, "not_multiple_of_16": 1}
+    bench = compare(d, c, Settings(batches=(1,), repeats=3, warmup=1, threads=1), ideal=1.4)
+    assert table(bench).splitlines()[-1] == (
+        "1 of 2 convolutions have output channels that are not a multiple of 16 (dense: 0): ONNX Runtime's CPU runs "
+        "them outside its blocked layout; compress with --multiple-of 16 to round every kept width")
+    same = {"conv_widths": {"dense": conv_widths(c), "compressed": conv_widths(c)}, "runs": bench["runs"]}
+    assert block_hint(same) is None  # no more off the block than the dense model: nothing to say
 
 
 def test_an_unknown_or_missing_provider_is_refused(tmp_path):
