@@ -185,7 +185,8 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
                           fix="use --targets mlp,heads for decoder LLMs")
     if structure not in STRUCTURES:
         raise RecipeError(f"unknown structure {structure!r}", fix=f"use one of {', '.join(STRUCTURES)}")
-    _, rotary = decoder_parts(model)
+    layers, rotary = decoder_parts(model)
+    check_windows_fit(layers, model.config, int(windows.shape[1]))
     recipe = recipe.resolved(llm=True)
     biases = switch_on_biases(model, bias_switches(recipe))
     target = None
@@ -271,6 +272,25 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     report.update(_peak_cuda_mib(device))
     return report
+
+
+def sliding_window(layer, config) -> int | None:
+    """The sliding attention window of a decoder layer in tokens (None: full causal attention): the attention's own
+    (Qwen2, Qwen3: per layer type), else the config's (Mistral: every layer)."""
+    attn = layer.self_attn
+    return attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+
+
+def check_windows_fit(layers, config, seq_len: int) -> None:
+    """Refuse calibration windows longer than a layer's sliding attention window: ``DecoderBlock`` runs every layer
+    with full causal attention, which is the model's own only up to the window."""
+    for i, layer in enumerate(layers):
+        window = sliding_window(layer, config)
+        if window is not None and seq_len > window:
+            raise RecipeError(f"calibration windows of {seq_len} tokens are longer than decoder layer {i}'s sliding "
+                              f"attention window ({window} tokens): each layer is calibrated with full causal "
+                              "attention, which differs from the model's beyond the window",
+                              fix=f"use --seq-len {window} or less")
 
 
 def bias_switches(recipe: Recipe) -> list[str]:

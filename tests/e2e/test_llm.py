@@ -101,6 +101,26 @@ def test_offset_compensation_without_a_config_switch_lists_the_biases(tokenizer,
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
 
 
+def test_calibration_windows_longer_than_a_sliding_window_are_refused(tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grailc.errors import RecipeError
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                         layer_types=["full_attention", "sliding_attention"])
+    model = Qwen2ForCausalLM(config).eval()
+    recipe = make_recipe(ratio=0.5, targets=["mlp"], calib_batch_size=4)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(RecipeError, match="longer than decoder layer 1's sliding attention window .16 tokens") as e:
+        compress_layers(model, _windows(tokenizer, MACBETH, 4, 32), recipe)
+    assert e.value.fix == "use --seq-len 16 or less"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before any change
+    report = compress_layers(model, _windows(tokenizer, MACBETH, 4, 16), recipe)  # within the window: the same
+    assert [layer["after"]["intermediate_size"] for layer in report["layers"]] == [48, 48]
+
+
 def test_a_weight_left_behind_in_the_copy_back_is_caught():
     from grailc.errors import GrailcError
     from grailc.llm.layerwise import check_adopted
