@@ -124,6 +124,8 @@ def llm_summary(report: dict) -> str:
         "kept per layer (MLP width / query heads): " + " ".join(kept) if kept else "",
         hidden_summary(report.get("hidden")),
         f"mean reconstruction error (relative): {sum(errs) / len(errs):.4f}" if errs else "",
+        ("biases added for the compensation's offsets, config switched on: "
+         + ", ".join(report["biases_switched_on"])) if report.get("biases_switched_on") else "",
         f"time {report['seconds']:.1f} s, peak RSS {report['peak_rss_mib']:.0f} MiB",
         f"ONNX {report['onnx']['skipped']}" if "skipped" in report.get("onnx", {}) else "",
     ]

@@ -169,6 +169,13 @@ def test_cli_compress_then_ppl(tiny_folder, tmp_path, capsys, selector, compensa
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] < report["params_before"]
     assert report["recipe"]["selector"] == selector and report["structure"] == structure
+    offset = compensate in ("bias", "grail+bias")  # into down_proj and o_proj, built without a bias
+    assert report.get("biases_switched_on") == (["mlp_bias", "attention_bias"] if offset else None)
+    assert json.loads((out / "config.json").read_text())["mlp_bias"] is offset
+    from grailc.llm.commands import llm_summary
+
+    assert ("biases added for the compensation's offsets, config switched on: mlp_bias, attention_bias"
+            in llm_summary(report)) is offset
     if onnx:
         assert (out / "model.onnx").exists() and report["onnx"]["relative_diff"] < 1e-3
     capsys.readouterr()
