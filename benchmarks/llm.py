@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/llm.py                          # the full table (hours on 2 CPU cores)
     .venv/bin/python benchmarks/llm.py --ratios 0.5 --targets mlp --selectors wanda_sp,flap
+    .venv/bin/python benchmarks/llm.py ... --compensators grail,grail+bias   # the affine map beside GRAIL's
     .venv/bin/python benchmarks/llm.py ... --reconstruct layer   # adds "+rc" rows: each layer also trained (Adam)
     .venv/bin/python benchmarks/llm.py --ratios 0.1,0.2 --targets hidden --selectors wanda_sp --samples 16
                                        # the residual width (grailc.llm.hidden; the selector is for mlp / heads)
