@@ -127,6 +127,28 @@ def test_stream_untied_head_from_one_file_copies_unchosen_layers(untied_folder, 
     assert _ppl(plain, capsys) == _ppl(streamed, capsys)
 
 
+def test_stream_of_a_model_without_bias_switches_lists_the_added_biases(tokenizer, tmp_path, capsys):
+    """Mistral's config cannot switch biases on: grail+bias's offsets go into grailc_shapes.json, streamed or not."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    source = tmp_path / "mistral"
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                           sliding_window=64)
+    MistralForCausalLM(config).eval().save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    plain, streamed = tmp_path / "plain", tmp_path / "streamed"
+    offset = ["--compensate", "grail+bias", "--no-onnx", "--quiet"]
+    assert _compress(source, plain, *offset) == 0
+    assert _compress(source, streamed, *offset, "--stream") == 0
+    _same_folder(plain, streamed)
+    shapes = json.loads((streamed / SHAPES_FILE).read_text())
+    assert sorted(shapes) == sorted(f"model.layers.{i}.{m}.bias" for i in (0, 1)
+                                    for m in ("mlp.down_proj", "self_attn.o_proj"))
+    assert _ppl(plain, capsys) == _ppl(streamed, capsys)
+
+
 def test_stream_refusals_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys):
     pickled = tmp_path / "bin_only"
     pickled.mkdir()
