@@ -20,7 +20,7 @@ from grailc.calib_data import check_finite
 from grailc.context import Context
 from grailc.errors import CalibrationError, GrailcError, RecipeError, VerificationError
 from grailc.export import ONNX_UNSUPPORTED, onnx_parity, parity_tolerance, reexport, save_onnx, save_pt2
-from grailc.metrics import count_macs, count_params, latency_ms
+from grailc.metrics import block_record, count_macs, count_params, latency_ms
 from grailc.outputs import StagedOutput, atomic_write_text
 from grailc.passes.calibrate import batches_for
 from grailc.passmanager import run_pipeline
@@ -294,6 +294,7 @@ def compress(
     _record_groups(ctx)
     report["params_after"] = count_params(ctx.gm)
     report["macs_after"] = count_macs(ctx.gm, example)
+    report["cpu_block"] = block_record(reference, ctx.gm)
     x = (held_out or [example])[0]
     if measure_latency:
         report["latency_ms"] = {

@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from grailc.errors import GrailcError
+from grailc.metrics import CPU_BLOCK
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
-CPU_BLOCK = 16  # channels: ONNX Runtime's CPU blocked layout on AVX-512 (a multiple of AVX2's 8)
 
 
 def interleaved_ms(calls: list[Callable[[], object]], repeats: int, warmup: int = 1,

@@ -8,6 +8,7 @@ from torch.utils._pytree import tree_leaves
 
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+CPU_BLOCK = 16  # channels: ONNX Runtime's CPU blocked layout (NCHWc) on AVX-512, a multiple of AVX2's 8
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -38,6 +39,31 @@ def count_macs(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> int:
     with torch.no_grad():
         counter.run(*example)
     return counter.macs // max(1, example[0].shape[0])
+
+
+def conv_widths(gm: fx.GraphModule) -> list[int]:
+    """The output channels of every convolution of ``gm`` whose weight is one of its parameters or buffers."""
+    widths = []
+    for n in gm.graph.nodes:
+        w = n.args[1] if n.op == "call_function" and n.target in CONVS else None
+        if isinstance(w, fx.Node) and w.op == "get_attr":
+            widths.append(int(_attr(gm, w.target).shape[0]))
+    return widths
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def block_record(before: fx.GraphModule, after: fx.GraphModule) -> dict:
+    """Convolutions whose output channels are not a multiple of ``CPU_BLOCK``, before and after compression:
+    ONNX Runtime's CPU runs those outside its blocked layout, and one narrowed off the block can run slower than
+    the dense one it replaced."""
+    dense, small = conv_widths(before), conv_widths(after)
+    return {"block": CPU_BLOCK, "convs": len(small),
+            "not_multiple_before": sum(w % CPU_BLOCK != 0 for w in dense),
+            "not_multiple_after": sum(w % CPU_BLOCK != 0 for w in small)}
 
 
 def flat_output(out) -> torch.Tensor:

@@ -106,6 +106,12 @@ def summary(report: dict) -> str:
         lines.append(f"repair: {repair['batch_norms']} BatchNorms re-estimated (means moved "
                      f"{repair['mean_shift_in_std']:.3f} std, std x {repair['std_ratio']:.3f} on average)"
                      if repair["batch_norms"] else f"repair: {repair['note']}")
+    block = report.get("cpu_block")
+    if block and block["not_multiple_after"] > block["not_multiple_before"]:
+        lines.append(f"CPU speed: {block['not_multiple_after']} of {block['convs']} convolutions have widths that "
+                     f"are not a multiple of {block['block']} (dense: {block['not_multiple_before']}), which ONNX "
+                     f"Runtime's CPU runs outside its blocked layout; --multiple-of {block['block']} rounds every "
+                     "kept width")
     out = report.get("output_error")
     if out:
         text = f"held-out output error: {out['relative_l2']:.4f} relative L2"

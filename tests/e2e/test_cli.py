@@ -347,9 +347,10 @@ def test_groups_shows_the_rows_of_split_producers(capsys):
 
 
 @pytest.mark.parametrize("flag, wide_kept", [([], 64), (["--multiple-of", "1"], 67)])
-def test_kept_widths_round_to_eight_in_wide_groups_by_default(flag, wide_kept, tmp_path):
+def test_kept_widths_round_to_eight_in_wide_groups_by_default(flag, wide_kept, tmp_path, capsys):
     """multiple_of auto: a 96-channel group at ratio 0.3 keeps 64 (67 rounded to a multiple of 8), a 40-channel one
-    its exact 28; --multiple-of 1 keeps 67. Either way the model exports and matches PyTorch."""
+    its exact 28; --multiple-of 1 keeps 67. Either way the model exports and matches PyTorch. The convolutions off
+    ONNX Runtime's 16-channel CPU block are counted (the 40 already was), and the summary names a new one."""
     from torch import nn
 
     net = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(), nn.Conv2d(96, 40, 1),
@@ -358,10 +359,15 @@ def test_kept_widths_round_to_eight_in_wide_groups_by_default(flag, wide_kept, t
     torch.export.save(torch.export.export(net, (torch.randn(2, 3, 16, 16),)), str(model_path))
     out = tmp_path / "out"
     code = main(["compress", str(model_path), "--calib", "random", "--calib-batches", "3", "--batch-size", "4",
-                 "--held-out", "1", "--ratio", "0.3", *flag, "--out", str(out), "--quiet"])
+                 "--held-out", "1", "--ratio", "0.3", *flag, "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     kept = {g["size"]: g["kept"] for g in report["groups"] if g["pinned"] is None}
     assert kept == {96: wide_kept, 40: 28}
+    off = 1 if wide_kept == 64 else 2  # 28 (and 67)
+    assert report["cpu_block"] == {"block": 16, "convs": 3, "not_multiple_before": 1, "not_multiple_after": off}
+    hint = ("CPU speed: 2 of 3 convolutions have widths that are not a multiple of 16 (dense: 1), which ONNX "
+            "Runtime's CPU runs outside its blocked layout; --multiple-of 16 rounds every kept width")
+    assert (hint in capsys.readouterr().out) is (off == 2)
     assert report["recipe"]["multiple_of"] == ("auto" if not flag else 1)
     assert report["onnx"]["relative_diff"] < 1e-4 and report["verification"]["permutation_error"] <= 1e-5
