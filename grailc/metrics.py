@@ -6,6 +6,8 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
+from grailc.surgery import get_param
+
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 CPU_BLOCK = 16  # channels: ONNX Runtime's CPU blocked layout (NCHWc) on AVX-512, a multiple of AVX2's 8
@@ -47,13 +49,8 @@ def conv_widths(gm: fx.GraphModule) -> list[int]:
     for n in gm.graph.nodes:
         w = n.args[1] if n.op == "call_function" and n.target in CONVS else None
         if isinstance(w, fx.Node) and w.op == "get_attr":
-            widths.append(int(_attr(gm, w.target).shape[0]))
+            widths.append(int(get_param(gm, w.target).shape[0]))
     return widths
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def block_record(before: fx.GraphModule, after: fx.GraphModule) -> dict:

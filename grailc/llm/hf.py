@@ -92,10 +92,9 @@ def _tied(model, key: str) -> bool:
 def reshape_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
     """Give the named parameters new (empty) tensors of the given shapes, and fix the owning modules' sizes; a
     linear's bias the config does not build is added."""
-    dtype = next(model.parameters()).dtype
     for name, shape in shapes.items():
         current = _parameter_or_none(model, name)
-        like = current if current is not None else _addable_bias(model, name, dtype)
+        like = current if current is not None else _addable_bias(model, name)
         replace_parameter(model, name, torch.empty(shape, dtype=like.dtype, device=like.device))
 
 
@@ -106,7 +105,7 @@ def _parameter_or_none(model: torch.nn.Module, name: str) -> torch.Tensor | None
         return None
 
 
-def _addable_bias(model: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+def _addable_bias(model: torch.nn.Module, name: str) -> torch.Tensor:
     """The weight beside ``name`` where ``name`` is the absent bias of a linear layer (the new bias takes its dtype
     and device), else a GrailcError: a parameter the model has no place for."""
     owner_name, _, leaf = name.rpartition(".")
@@ -117,7 +116,7 @@ def _addable_bias(model: torch.nn.Module, name: str, dtype: torch.dtype) -> torc
     if leaf != "bias" or not isinstance(owner, torch.nn.Linear) or owner.bias is not None:
         raise GrailcError(f"parameter {name} has no place in {type(model).__name__}: only a linear layer's bias "
                           "can be added to a Hugging Face model")
-    return owner.weight if owner.weight.dtype.is_floating_point else owner.weight.to(dtype)
+    return owner.weight
 
 
 def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module) -> None:
@@ -126,7 +125,7 @@ def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module) -> None:
     added to it. A parameter with no place in ``module`` is an error, never dropped."""
     own = dict(module.named_parameters())
     for name, value in compressed.named_parameters():
-        like = own[name] if name in own else _addable_bias(module, name, value.dtype)
+        like = own[name] if name in own else _addable_bias(module, name)
         replace_parameter(module, name, value.to(like.dtype))
 
 
