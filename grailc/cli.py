@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", action="append",
                    help="e.g. 1,3,224,224; repeated, one per input in order, for a model with several (read from a "
                    ".pt2 or a tensor file when omitted)")
-    c.add_argument("--calib", help="a folder of images, a .npy/.pt tensor file, or 'random' (data-free)")
+    c.add_argument("--calib", help="a folder of images, a .npy/.pt tensor file, or 'random' (data-free); for hf: "
+                   "models text:FILE.txt, text:FOLDER (its .txt files) or text:'PATTERN' (a glob)")
     c.add_argument("--calib-batches", type=int, help="number of calibration batches (default 8)")
     c.add_argument("--batch-size", type=int, help="calibration batch size (default 16)")
     c.add_argument("--held-out", type=int, help="batches kept aside to measure the output error (default 2)")
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     c.add_argument("--bench", action="store_true", help="also write dense.onnx and measure it against model.onnx "
                    "with ONNX Runtime (batch 1 and 32; see grailc bench); the speed-ups go into report.json")
-    llm = c.add_argument_group("decoder LLMs (hf:FOLDER, --calib text:FILE.txt)")
+    llm = c.add_argument_group("decoder LLMs (hf:FOLDER, --calib text:FILE.txt|FOLDER|PATTERN)")
     llm.add_argument("--calib-samples", type=int, default=128, help="calibration windows of text (default 128)")
     llm.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     llm.add_argument("--structure", default="uniform", choices=["uniform", "global", "incremental"],

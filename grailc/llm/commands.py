@@ -27,11 +27,12 @@ def model_folder(spec: str) -> Path:
     return Path(spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec)
 
 
-def text_path(source: str | None) -> Path:
+def text_path(source: str | None) -> str:
+    """The file, folder or glob pattern of ``text:SOURCE`` (see :func:`grailc.llm.text.text_files`)."""
     if not source or not source.startswith(TEXT_PREFIX):
         raise RecipeError(f"a language model is calibrated on text, not {source!r}",
-                          fix="give --calib text:FILE.txt")
-    return Path(source[len(TEXT_PREFIX):])
+                          fix="give --calib text:FILE.txt (or text:FOLDER of .txt files)")
+    return source[len(TEXT_PREFIX):]
 
 
 def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = None) -> tuple[dict, Path | None]:
@@ -42,7 +43,7 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
     from grailc.llm.export import decoder_macs, export_decoder_onnx
     from grailc.llm.hf import load_causal_lm, save_causal_lm
     from grailc.llm.layerwise import compress_layers, decoder_parts, parse_layers
-    from grailc.llm.text import calibration_windows, check_text_file, read_tokens
+    from grailc.llm.text import calibration_windows, read_tokens, text_files
     from grailc.metrics import count_params
     from grailc.outputs import atomic_write_text
     from grailc.report import versions
@@ -53,7 +54,8 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
         from grailc.llm.stream import StreamedModel, check_streamable
 
         check_streamable(recipe)
-    source = check_text_file(text_path(recipe.calib.source))  # before the model is loaded
+    source = text_path(recipe.calib.source)
+    files = text_files(source)  # before the model is loaded
     stream = None
     if streamed:  # built without weights; each decoder layer read from disk for its turn (grailc.llm.stream)
         stream = StreamedModel(model_folder(args.model), staged.staging_dir if staged is not None else None)
@@ -61,8 +63,8 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
     else:
         model, tokenizer = load_causal_lm(model_folder(args.model))
     t_load = time.perf_counter() - start
-    tokens = read_tokens(tokenizer, source)
-    windows = calibration_windows(tokens, args.calib_samples, args.seq_len, recipe.calib.seed, path=source)
+    documents = [read_tokens(tokenizer, path) for path in files]
+    windows = calibration_windows(documents, args.calib_samples, args.seq_len, recipe.calib.seed, path=source)
     params_before = count_params(model)
     only = parse_layers(args.layers, len(decoder_parts(model)[0]))
     recipe = recipe.resolved(llm=True)
@@ -79,7 +81,8 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
         "command": "grailc " + shlex.join(argv),
         "model": {"source": args.model},
         "calibration": {"source": str(source), "samples": args.calib_samples, "seq_len": args.seq_len,
-                        "tokens_in_file": int(tokens.numel())},
+                        "files": [str(path) for path in files],
+                        "tokens": int(sum(d.numel() for d in documents))},
         "recipe": {k: getattr(recipe, k) for k in ("ratio", "selector", "compensate", "lam", "compensate_target",
                                                    "targets", "sequential", "reconstruct", "reconstruct_steps",
                                                    "reconstruct_lr", "reconstruct_params", "reconstruct_batch",

