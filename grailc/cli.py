@@ -531,9 +531,7 @@ def _check_inputs_outside_output(args, recipe) -> None:
     """--force replaces the whole output folder: refuse when the model or the calibration data lie inside it."""
     out = Path(args.out).resolve()
     inputs = [("model file", args.model), ("weights file", args.weights), ("calibration data", recipe.calib.source)]
-    for what, name in inputs:
-        if not name or name == "random" or (":" in name and not Path(name).exists()):  # torchvision:NAME
-            continue
+    for what, name in _input_paths(inputs):
         path = Path(name).resolve()
         if path == out or out in path.parents:
             raise OutputExistsError(
@@ -541,6 +539,26 @@ def _check_inputs_outside_output(args, recipe) -> None:
                 where=str(name),
                 fix="choose an output folder that holds none of the inputs",
             )
+
+
+def _input_paths(inputs: list[tuple[str, str | None]]) -> list[tuple[str, str]]:
+    """The local paths among the inputs: ``hf:FOLDER`` and ``text:SOURCE`` (a file, a folder or the files a glob
+    matches) by their paths; ``torchvision:NAME``, ``timm:NAME`` and ``random`` name no file."""
+    from glob import glob, has_magic
+
+    from grailc.llm.commands import HF_PREFIX, TEXT_PREFIX
+
+    found = []
+    for what, name in inputs:
+        if name and name.startswith((HF_PREFIX, TEXT_PREFIX)):
+            name = name.split(":", 1)[1]
+            if not Path(name).exists() and has_magic(name):
+                found += [(what, match) for match in glob(name)]
+                continue
+        if not name or name == "random" or (":" in name and not Path(name).exists()):
+            continue
+        found.append((what, name))
+    return found
 
 
 def _describe_run(report, args, argv, loaded, data, sha_before, t_load, t_data) -> None:

