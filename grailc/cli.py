@@ -542,19 +542,22 @@ def _check_inputs_outside_output(args, recipe) -> None:
 
 
 def _input_paths(inputs: list[tuple[str, str | None]]) -> list[tuple[str, str]]:
-    """The local paths among the inputs: ``hf:FOLDER`` and ``text:SOURCE`` (a file, a folder or the files a glob
-    matches) by their paths; ``torchvision:NAME``, ``timm:NAME`` and ``random`` name no file."""
-    from glob import glob, has_magic
-
-    from grailc.llm.commands import HF_PREFIX, TEXT_PREFIX
+    """The local paths among the inputs: ``hf:FOLDER`` by its folder, ``text:SOURCE`` by the files it names
+    (``grailc.llm.text.text_files``); ``torchvision:NAME``, ``timm:NAME`` and ``random`` name no file."""
+    from grailc.errors import CalibrationError
+    from grailc.llm.commands import HF_PREFIX, TEXT_PREFIX, model_folder, text_path
+    from grailc.llm.text import text_files
 
     found = []
     for what, name in inputs:
-        if name and name.startswith((HF_PREFIX, TEXT_PREFIX)):
-            name = name.split(":", 1)[1]
-            if not Path(name).exists() and has_magic(name):
-                found += [(what, match) for match in glob(name)]
-                continue
+        if name and name.startswith(TEXT_PREFIX):
+            try:
+                found += [(what, str(path)) for path in text_files(text_path(name))]
+            except CalibrationError:  # no text there: refused later, with its own message, before anything is written
+                pass
+            continue
+        if name and name.startswith(HF_PREFIX):
+            name = str(model_folder(name))
         if not name or name == "random" or (":" in name and not Path(name).exists()):
             continue
         found.append((what, name))
