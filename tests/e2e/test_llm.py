@@ -280,16 +280,22 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
         assert not (tmp_path / "o").exists()
 
 
-def test_cli_reconstruct_layer_trains_each_decoder_layer(tiny_folder, tmp_path):
+@pytest.mark.parametrize("flags, recorded", [
+    ([], {}),
+    (["--reconstruct-fed", "dense", "--reconstruct-params", "lowrank", "--reconstruct-rank", "2"],
+     {"reconstruct_fed": "dense", "reconstruct_params": "lowrank", "reconstruct_rank": 2}),
+])
+def test_cli_reconstruct_layer_trains_each_decoder_layer(tiny_folder, tmp_path, flags, recorded):
     text = shakespeare_text(MACBETH)
     out = tmp_path / "out"
     rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "8", "--seq-len",
                "32", "--batch-size", "4", "--ratio", "0.5", "--selector", "wanda_sp", "--targets", "mlp,heads",
-               "--reconstruct", "layer", "--reconstruct-steps", "20", "--reconstruct-lr", "1e-3", "--no-onnx",
-               "--quiet", "--out", str(out)])
+               "--reconstruct", "layer", "--reconstruct-steps", "20", "--reconstruct-lr", "1e-3", *flags,
+               "--no-onnx", "--quiet", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["reconstruct"] == "layer"
+    assert {k: report["recipe"][k] for k in recorded} == recorded
     for layer in report["layers"]:
         (window,) = layer["reconstruct"]["windows"]  # the decoder layer is the window
         assert window["loss_after"] < window["loss_before"]
