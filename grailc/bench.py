@@ -70,8 +70,13 @@ def quartiles(values: list[float]) -> dict:
     return {"median": median, "q1": q1, "q3": q3}
 
 
+GPU_NEEDS = {CUDA: "an NVIDIA GPU with CUDA 13 and cuDNN 9", TENSORRT: "an NVIDIA GPU with TensorRT 10's libraries"}
+
+
 def providers(choice: str = "auto") -> list[str]:
-    """The execution providers to measure on: ``auto`` picks TensorRT and CUDA where a GPU is present, else CPU."""
+    """The execution providers to measure on: ``auto`` picks CUDA, and TensorRT where it loads, when a GPU is
+    present, else CPU. A provider named explicitly that ONNX Runtime lists but cannot run (onnxruntime-gpu on a
+    machine without a GPU, or without the provider's libraries) is refused here, before anything is measured."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -81,11 +86,41 @@ def providers(choice: str = "auto") -> list[str]:
         name = PROVIDER_NAMES[choice]
         if name not in available:
             raise GrailcError(f"ONNX Runtime here has no {name} (it has {', '.join(available)})",
-                              fix="use --provider auto, or install an onnxruntime build with that provider")
+                              fix="use --provider cpu (or auto), or install an onnxruntime build with that provider")
+        if name != CPU and not runs_on(name):
+            raise GrailcError(f"--provider {choice}: ONNX Runtime lists {name} but cannot run a model on it here "
+                              f"(a session on it falls back to the CPU); it needs {GPU_NEEDS[name]}",
+                              fix="run on such a machine, or use --provider cpu (auto picks what runs here)")
         return [name]
-    if _has_gpu() and CUDA in available:
-        return [CUDA, TENSORRT] if TENSORRT in available else [CUDA]
+    if _has_gpu() and CUDA in available and runs_on(CUDA):
+        return [CUDA, TENSORRT] if TENSORRT in available and runs_on(TENSORRT) else [CUDA]
     return [CPU]
+
+
+def runs_on(provider: str) -> bool:
+    """Whether ONNX Runtime really runs a session on ``provider``: a one-node model is loaded on it (with the CPU
+    behind it), quietly, and the session asked which provider it got."""
+    import contextlib
+    import io
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)  # the provider libraries' load errors, which the answer replaces
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its fallback
+            sess = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=[provider, CPU])
+        return sess.get_providers()[0] == provider
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(2)
 
 
 def _has_gpu() -> bool:
@@ -209,6 +244,9 @@ def compare(dense: Path, compressed: Path, settings: Settings, shapes: list[list
                 for batch in dict.fromkeys([fixed] if fixed else settings.batches):
                     run = _measure(sessions, batch, shapes, settings, provider, precision, ideal, fixed)
                     runs.append({**run, "nodes_elsewhere": elsewhere} if elsewhere else run)
+    if not runs:
+        raise GrailcError(f"nothing was measured: ONNX Runtime ran neither model on {', '.join(chosen)}",
+                          fix="use --provider cpu")
     return {
         "onnxruntime": _ort_version(),
         "threads": settings.threads or "default (one per physical core)",

@@ -16,7 +16,7 @@ import os
 import uuid
 from pathlib import Path
 
-from grailc.bench import Settings, compare, table
+from grailc.bench import Settings, compare, providers, table
 from grailc.errors import GrailcError
 from grailc.outputs import atomic_write_text
 from grailc.recipe import ExportSpec
@@ -61,6 +61,11 @@ def settings_from(args) -> Settings:
     batches = tuple(getattr(args, "batch", None) or Settings().batches)
     if any(b < 1 for b in batches):
         raise GrailcError(f"--batch must be positive, got {' '.join(map(str, batches))}")
+    if (getattr(args, "threads", None) or 0) < 0:
+        raise GrailcError(f"--threads must be zero (ONNX Runtime's default) or more, got {args.threads}")
+    if not getattr(args, "max_seconds", Settings.max_seconds) > 0:
+        raise GrailcError(f"--max-seconds must be positive, got {args.max_seconds:g}",
+                          fix="give the seconds after which a configuration stops (it still runs 5 times)")
     return Settings(batches=batches, repeats=getattr(args, "repeats", Settings.repeats),
                     warmup=getattr(args, "warmup", Settings.warmup),
                     max_seconds=getattr(args, "max_seconds", Settings.max_seconds),
@@ -145,6 +150,7 @@ def run_bench(args) -> int:
         raise GrailcError(f"this compile failed ({report['failure']}); there is no model to measure",
                           where=str(folder), fix="fix the compile first")
     settings = settings_from(args)
+    providers(settings.provider)  # a provider that cannot run here is refused before --dense is exported
     dense = _dense_onnx(folder, report, args)
     log = None if args.quiet else print
     if log:

@@ -55,6 +55,39 @@ def test_compress_with_bench_writes_dense_onnx_and_the_figures(resnet_pt2, tmp_p
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
+def test_bench_measuring_flags_are_used_or_refused(resnet_pt2, tmp_path, capsys):
+    """--threads, --max-seconds and --provider through the CLI: used as given, or refused (exit 2, one line, the
+    report untouched) where they cannot be: a negative count, no time at all, or a GPU provider that ONNX Runtime
+    lists but cannot run here (onnxruntime-gpu without a GPU)."""
+    from grailc.bench import CUDA, runs_on
+
+    out = tmp_path / "out"
+    assert main(["compress", str(resnet_pt2), *FAST[:-1], "--bench", "--out", str(out)]) == 0
+    capsys.readouterr()
+    code = main(["bench", str(out), "--threads", "1", "--provider", "cpu", "--max-seconds", "0.5", "--batch", "2",
+                 "--repeats", "3", "--warmup", "1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    check_bench(report, [2])
+    assert report["bench"]["threads"] == 1
+    before = (out / "report.json").read_bytes()
+    for flags, message in ((["--threads", "-1"], "--threads must be zero"),
+                           (["--max-seconds", "0"], "--max-seconds must be positive")):
+        assert main(["bench", str(out), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+    if runs_on(CUDA):  # a machine with a GPU: the CUDA provider measures
+        assert main(["bench", str(out), "--provider", "cuda", "--batch", "2", "--repeats", "3", "--quiet"]) == 0
+        assert {r["provider"] for r in json.loads((out / "report.json").read_text())["bench"]["runs"]} == {CUDA}
+    else:
+        assert main(["bench", str(out), "--provider", "cuda", "--repeats", "2"]) == 2
+        printed = capsys.readouterr()
+        err = printed.err.strip().splitlines()
+        assert len(err) == 1 and "--provider cuda" in err[0] and "--provider cpu" in err[0], printed.err
+        assert "measuring" not in printed.out
+        assert (out / "report.json").read_bytes() == before
+
+
 def test_bench_exports_the_dense_model_when_asked(resnet_pt2, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compress", str(resnet_pt2), *FAST, "--out", str(out)]) == 0, capsys.readouterr().err
