@@ -201,6 +201,9 @@ class Recipe:
                 f"calib.held_out = {c.held_out} must be in [0, batches={c.batches})",
                 fix="keep at least one batch for fitting",
             )
+        if c.std is not None and not all(v > 0 for v in c.std):
+            raise RecipeError(f"calib.std {c.std} must be positive: images are divided by it",
+                              fix="give each channel's standard deviation, e.g. --std 0.229 0.224 0.225")
         if self.input_shape is not None:  # one shape, or a list of shapes (one per model input)
             several = bool(self.input_shape) and all(isinstance(s, list) for s in self.input_shape)
             for shape in self.input_shape if several else [self.input_shape]:

@@ -43,7 +43,7 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
     from grailc.llm.export import decoder_macs, export_decoder_onnx
     from grailc.llm.hf import load_causal_lm, save_causal_lm
     from grailc.llm.layerwise import compress_layers, decoder_parts, parse_layers
-    from grailc.llm.text import calibration_windows, read_tokens, text_files
+    from grailc.llm.text import calibration_windows, check_window_counts, read_tokens, text_files
     from grailc.metrics import count_params
     from grailc.outputs import atomic_write_text
     from grailc.report import versions
@@ -54,6 +54,7 @@ def run_compress_llm(args, argv, recipe, staged, device: torch.device | None = N
         from grailc.llm.stream import StreamedModel, check_streamable
 
         check_streamable(recipe)
+    check_window_counts(calib_samples=args.calib_samples, seq_len=args.seq_len)
     source = text_path(recipe.calib.source)
     files = text_files(source)  # before the model is loaded
     stream = None
@@ -150,13 +151,15 @@ def run_ppl(args) -> int:
     """Perplexity of a model over non-overlapping windows of a text file; the last stdout line is JSON."""
     from grailc.cli import device_for
     from grailc.llm.hf import load_causal_lm
-    from grailc.llm.text import eval_windows, perplexity, read_tokens
+    from grailc.llm.text import check_text_file, check_window_counts, eval_windows, perplexity, read_tokens
 
     start = time.perf_counter()
+    check_window_counts(eval_seq_len=args.seq_len, windows=args.windows, batch_size=args.batch_size)
+    text = check_text_file(args.text, flag="--text FILE.txt")
     device = device_for(args)  # before the model is loaded: a device that is not there is refused first
     model, tokenizer = load_causal_lm(model_folder(args.model))
     model.to(device)
-    windows = eval_windows(read_tokens(tokenizer, args.text), args.seq_len, args.windows, path=args.text)
+    windows = eval_windows(read_tokens(tokenizer, text), args.seq_len, args.windows, path=args.text)
     with torch.no_grad():
         ppl = perplexity(model, windows, args.batch_size)
     result = {"ppl": round(ppl, 4), "windows": int(windows.shape[0]), "seq_len": args.seq_len,

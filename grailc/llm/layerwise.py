@@ -157,7 +157,11 @@ def parse_layers(text: str | None, count: int) -> list[int]:
     try:
         for part in text.split(","):
             a, _, b = part.strip().partition("-")
-            chosen.update(range(int(a), int(b or a) + 1))
+            first, last = int(a), int(b or a)
+            if last < first:
+                raise RecipeError(f"--layers {text!r}: the range {part.strip()} is empty",
+                                  fix=f"write the lower layer first, e.g. --layers {last}-{first}")
+            chosen.update(range(first, last + 1))
     except ValueError:
         raise RecipeError(f"--layers {text!r} is not a list of layer ranges", fix="e.g. --layers 0-3,8") from None
     bad = sorted(i for i in chosen if not 0 <= i < count)

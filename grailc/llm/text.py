@@ -22,11 +22,25 @@ import torch
 from grailc.errors import CalibrationError
 
 
-def check_text_file(path) -> Path:
+def check_text_file(path, flag: str = "--calib text:FILE.txt") -> Path:
+    """``path`` as a Path, refused unless it is a file; ``flag``: how the user gives it, for the advice."""
     path = Path(path)
     if not path.is_file():
-        raise CalibrationError(f"no text file at {path}", fix="give --calib text:FILE.txt with an existing file")
+        raise CalibrationError(f"no text file at {path}", fix=f"give {flag} with an existing file")
     return path
+
+
+def check_window_counts(**counts: int | None) -> None:
+    """Refuse a window count or size that cannot work before any model is loaded: each of ``counts`` (the flag
+    name with ``_`` for ``-``, and its value; None: not given) must be at least 1, and ``seq_len`` at least 2
+    where ``eval_seq_len`` names it (a window of one token predicts nothing)."""
+    least = {"eval_seq_len": 2}
+    for name, value in counts.items():
+        if value is not None and value < least.get(name, 1):
+            flag = "--" + name.removeprefix("eval_").replace("_", "-")
+            raise CalibrationError(f"{flag} {value} is not a positive number" if least.get(name, 1) == 1 else
+                                   f"{flag} {value}: a window needs at least {least[name]} tokens to be scored",
+                                   fix=f"give {flag} N with N >= {least.get(name, 1)}")
 
 
 def text_files(source) -> list[Path]:

