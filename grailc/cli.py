@@ -124,12 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("groups", help="list a model's channel groups and why any is pinned (no calibration)",
                        epilog=EPILOG)
-    g.add_argument("model", help="as for compress")
+    g.add_argument("model", help="as for compress (hf:FOLDER: one decoder layer's groups)")
     g.add_argument("--weights", help="state dict for torchvision:NAME / timm:NAME")
     g.add_argument("--trust-pickle", action="store_true", help="allow unpickling a full module (runs code)")
     g.add_argument("--input-shape", action="append",
                    help="e.g. 1,3,224,224; repeated for a model with several inputs (read from a .pt2 when omitted)")
     g.add_argument("--targets", help="as for compress: which groups count as prunable")
+    g.add_argument("--layer", type=int, default=0,
+                   help="for hf:FOLDER, the decoder layer whose groups are listed (default 0)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("ppl", help="perplexity of a decoder LM over non-overlapping windows of a text file "
@@ -392,12 +394,18 @@ def run_groups(args) -> int:
     from grailc.recipe import Recipe
     from grailc.trace import capture, input_names
 
-    loaded = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
     recipe = Recipe(input_shape=_input_shape_field(args.input_shape),
                     targets=_targets(args.targets) if args.targets else list(Recipe().targets)).validate()
-    model = loaded.exported if loaded.exported is not None else loaded.module
-    shapes = input_shapes_for(recipe, loaded, input_names(model))
-    gm, _ = capture(model, [tuple(s) for s in shapes])
+    if args.model.startswith("hf:"):  # compressed layer by layer: one decoder layer's graph, as compress traces it
+        from grailc.llm.layerwise import traced_layer
+
+        gm, about = traced_layer(args.model, args.layer, hidden_target="hidden" in recipe.targets)
+        print(about)
+    else:
+        loaded = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
+        model = loaded.exported if loaded.exported is not None else loaded.module
+        shapes = input_shapes_for(recipe, loaded, input_names(model))
+        gm, _ = capture(model, [tuple(s) for s in shapes])
     ctx = SimpleNamespace(gm=gm, recipe=recipe)
     ANALYSES["deps"](ctx)
     deps = ctx.deps

@@ -84,6 +84,25 @@ def decoder_parts(model) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
     return layers, rotary
 
 
+def traced_layer(spec: str, index: int, hidden_target: bool = False, tokens: int = 8):
+    """``grailc groups hf:FOLDER``: decoder layer ``index`` traced as compress traces it (on random hidden states of
+    ``tokens`` positions), and a line saying which layer of how many and how the hidden width is treated."""
+    from grailc.llm.commands import model_folder
+    from grailc.llm.hf import load_causal_lm
+    from grailc.trace import capture
+
+    model, _ = load_causal_lm(model_folder(spec))
+    layers, rotary = decoder_parts(model)
+    if not 0 <= index < len(layers):
+        raise RecipeError(f"--layer {index}, but the model has layers 0-{len(layers) - 1}")
+    hidden = torch.randn(1, tokens, model.config.hidden_size, dtype=next(model.parameters()).dtype)
+    gm, _ = capture(DecoderBlock(layers[index], rotary), [tuple(hidden.shape)], data=(hidden,))
+    stream = ("pruned across all layers (--targets hidden; approximate through RMSNorm)" if hidden_target
+              else "kept (--targets hidden prunes it across all layers)")
+    return gm, (f"decoder layer {index} of {len(layers)} ({type(layers[index]).__name__}), as compress traces it "
+                f"layer by layer; hidden width {model.config.hidden_size}: {stream}")
+
+
 class _Captured(Exception):
     pass
 

