@@ -157,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
 
     d = sub.add_parser("demo", help="compress the embedded Fashion-MNIST ResNet and measure its test accuracy")
-    d.add_argument("--ratio", type=float, default=0.5)
-    d.add_argument("--selector", default="auto")
-    d.add_argument("--out", default="grailc-demo")
-    d.add_argument("--force", action="store_true")
-    d.add_argument("--debug", action="store_true")
+    d.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed (default 0.5)")
+    d.add_argument("--selector", default="auto", help="as for compress (default auto)")
+    d.add_argument("--out", default="grailc-demo", help="the output folder (default grailc-demo)")
+    d.add_argument("--force", action="store_true", help="replace an existing output folder")
+    d.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
