@@ -441,6 +441,11 @@ def run_compress(args, argv) -> int:
     if args.model.startswith("hf:"):
         from grailc.llm.commands import LLM_LAM, LLM_RECONSTRUCT_LR
 
+        if recipe.budget:  # compress runs on one decoder layer at a time: the budget would be each layer's own
+            raise RecipeError(f"--budget {recipe.budget} spreads one target over the groups of one graph, but a "
+                              "decoder LLM is compressed one layer at a time, where it would bind each layer alone",
+                              fix="give --ratio R with --structure global (one parameter budget across all "
+                                  "layers, FLAP's adaptive structure)")
         if args.lam is None and not args.recipe:
             recipe.lam = LLM_LAM
         if getattr(args, "reconstruct_lr", None) is None and not args.recipe:

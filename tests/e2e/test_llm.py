@@ -274,6 +274,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--seq-len", "0"], "--seq-len 0 is not a positive"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "0"], "--calib-samples 0"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--layers", "1-0"], "the range 1-0 is empty"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--budget", "params=0.3"], "--structure global"),
     ]
     for argv, needle in cases:
         capsys.readouterr()
