@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bench", action="store_true", help="also write dense.onnx and measure it against model.onnx "
                    "with ONNX Runtime (batch 1 and 32; see grailc bench); the speed-ups go into report.json")
     llm = c.add_argument_group("decoder LLMs (hf:FOLDER, --calib text:FILE.txt|FOLDER|PATTERN)")
-    llm.add_argument("--calib-samples", type=int, default=128, help="calibration windows of text (default 128)")
-    llm.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    llm.add_argument("--structure", default="uniform", choices=["uniform", "global", "incremental"],
+    llm.add_argument("--calib-samples", type=int,
+                     help=f"calibration windows of text (default {LLM_DEFAULTS['calib_samples']})")
+    llm.add_argument("--seq-len", type=int,
+                     help=f"tokens per calibration window (default {LLM_DEFAULTS['seq_len']})")
+    llm.add_argument("--structure", choices=["uniform", "global", "incremental"],
                      help="uniform: --ratio in every layer; global: FLAP's adaptive structure, one parameter budget "
                      "spread across layers by standardised fluctuation scores; incremental: SlimGPT's ratios growing "
                      "with depth, --ratio on average (default uniform)")
@@ -270,6 +272,23 @@ def _targets(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+# the flags of decoder LLMs (hf:) with their defaults; given for another model they are refused, not ignored
+LLM_DEFAULTS = {"calib_samples": 128, "seq_len": 512, "structure": "uniform", "layers": None, "stream": False}
+
+
+def _llm_flags(args) -> None:
+    """Fill in the hf: flags' defaults for a decoder LLM (``args.model`` hf:...); refuse them for any other model."""
+    llm = args.model.startswith("hf:")
+    for name, default in LLM_DEFAULTS.items():
+        if getattr(args, name, None) in (None, default):
+            setattr(args, name, default)
+        elif not llm:
+            flag = "--" + name.replace("_", "-")
+            raise RecipeError(f"{flag} is for hf: decoder LLMs, compressed layer by layer on text windows",
+                              fix=f"drop {flag}; for this model, --calib-batches and --batch-size size the "
+                                  "calibration and --budget spreads the cuts across groups")
+
+
 _INTERRUPTS: list[int] = []  # signals received during this run
 _WRITTEN: list[Path] = []  # output folders (or files) committed during this run
 
@@ -432,6 +451,7 @@ def run_compress(args, argv) -> int:
     from grailc.trace import input_names
 
     start = time.perf_counter()
+    _llm_flags(args)
     recipe = recipe_from_args(args)
     _check_inputs_outside_output(args, recipe)
     if args.bench:
@@ -458,9 +478,6 @@ def run_compress(args, argv) -> int:
             regional_optimisation(recipe, given)
             recipe.validate()  # puts the 'reconstruct' pass into the pipeline
         return _run_compress_llm(args, argv, recipe, start)
-    if getattr(args, "stream", False):
-        raise RecipeError("--stream is for hf: decoder LLMs, whose weights are read one layer at a time",
-                          fix="drop --stream")
     from grailc.distributed import is_main
 
     device_for(args)  # a --device the compile cannot use is refused before anything is loaded
