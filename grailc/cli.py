@@ -276,9 +276,20 @@ def _targets(text: str) -> list[str]:
 LLM_DEFAULTS = {"calib_samples": 128, "seq_len": 512, "structure": "uniform", "layers": None, "stream": False}
 
 
+# the flags no hf: decoder LLM reads (it loads a folder and calibrates on text windows): refused there
+NOT_LLM = ("input_shape", "weights", "trust_pickle", "calib_batches", "held_out", "no_normalize", "mean", "std")
+
+
 def _llm_flags(args) -> None:
-    """Fill in the hf: flags' defaults for a decoder LLM (``args.model`` hf:...); refuse them for any other model."""
+    """Fill in the hf: flags' defaults for a decoder LLM (``args.model`` hf:...); refuse them for any other model,
+    and refuse for a decoder LLM the flags only other models read."""
     llm = args.model.startswith("hf:")
+    given = [name for name in NOT_LLM if getattr(args, name, None) not in (None, False)] if llm else []
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise RecipeError(f"{flag} is not read for an hf: decoder LLM, which is loaded from its folder and "
+                          "calibrated on text windows", fix=f"drop {flag}; --calib-samples, --seq-len and "
+                          "--batch-size size its calibration")
     for name, default in LLM_DEFAULTS.items():
         if getattr(args, name, None) in (None, default):
             setattr(args, name, default)

@@ -275,6 +275,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "0"], "--calib-samples 0"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--layers", "1-0"], "the range 1-0 is empty"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--budget", "params=0.3"], "--structure global"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-batches", "3"], "--calib-batches is not read"),
     ]
     for argv, needle in cases:
         capsys.readouterr()
