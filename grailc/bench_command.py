@@ -4,9 +4,10 @@ The compressed model is ``OUT/model.onnx``. The dense model is ``OUT/dense.onnx`
 writes from the very graph it compressed, through the same export and ONNX optimisation, and checks against
 PyTorch like ``model.onnx``: both files then differ only by what compression changed, so their ratio is the speed-up
 compression gave. For an output folder written without ``--bench``, ``--dense MODEL`` names the model that was
-compressed (as for ``compress``: .pt2, torchvision:NAME, ...): it is exported the same way, checked to be that model
-(same MACs as the report's ``macs_before``) and kept as ``OUT/dense.onnx``. ``--dense FILE.onnx`` measures a dense
-ONNX file exactly as given. The figures go into ``OUT/report.json`` under ``bench``, written atomically.
+compressed (as for ``compress``: .pt2, torchvision:NAME, hf:FOLDER, ...): it is exported the same way, checked to
+be that model (same MACs as the report's ``macs_before``) and kept as ``OUT/dense.onnx``. ``--dense FILE.onnx``
+measures a dense ONNX file exactly as given. The figures go into ``OUT/report.json`` under ``bench``, written
+atomically.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def add_parser(sub) -> None:
                        "and write the speed-ups into OUT/report.json")
     b.add_argument("out", help="an output folder of grailc compress (model.onnx, report.json)")
     b.add_argument("--dense", help="the dense model, when OUT has no dense.onnx: the MODEL given to compress "
-                   "(exported the same way and kept as OUT/dense.onnx) or a .onnx file (measured as given)")
+                   "(hf:FOLDER too; exported the same way and kept as OUT/dense.onnx) or a .onnx file (measured as "
+                   "given)")
     b.add_argument("--weights", help="state dict for --dense torchvision:NAME / timm:NAME")
     b.add_argument("--trust-pickle", action="store_true", help="allow unpickling a full module for --dense (runs code)")
     add_settings_arguments(b)
@@ -175,7 +177,46 @@ def _dense_onnx(folder: Path, report: dict, args) -> Path:
         if not Path(args.dense).is_file():
             raise GrailcError("no such file", where=args.dense, fix="give the dense model's ONNX file")
         return Path(args.dense)
+    if args.dense.startswith("hf:"):
+        return _export_dense_decoder(folder, report, args.dense)
     return _export_dense(folder, report, args)
+
+
+def _not_the_source(dense: str, macs: int, before: int, unit: str) -> GrailcError:
+    return GrailcError(f"--dense {dense} has {macs:,} MACs per {unit} but the compressed model's source had "
+                       f"{before:,}: it is not the model that was compressed",
+                       fix="give the MODEL (and --weights) that grailc compress was given")
+
+
+def _export_dense_decoder(folder: Path, report: dict, dense: str) -> Path:
+    """--dense hf:MODEL for the output of compress hf:MODEL: its decoder exported as compress --bench exports it
+    (token ids -> logits, checked against PyTorch), checked to be the source (the report's MACs per sequence of
+    ``macs_tokens`` tokens), kept as OUT/dense.onnx (with its external data file, if any)."""
+    import shutil
+
+    from grailc.llm.commands import model_folder
+    from grailc.llm.export import decoder_macs, export_decoder_onnx
+    from grailc.llm.export_command import sample_ids
+    from grailc.llm.hf import load_causal_lm
+
+    if not report.get("macs_tokens"):
+        raise GrailcError(f"--dense {dense} is a decoder LLM, but this folder holds no compressed decoder "
+                          "(report.json has no macs_tokens)", where=str(folder),
+                          fix="give the MODEL that grailc compress was given")
+    model, _ = load_causal_lm(model_folder(dense))
+    macs = decoder_macs(model, report["macs_tokens"])
+    if report.get("macs_before") and macs != report["macs_before"]:
+        raise _not_the_source(dense, macs, report["macs_before"], f"sequence of {report['macs_tokens']} tokens")
+    staging = folder / f".{DENSE}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir()
+    try:
+        export_decoder_onnx(model, sample_ids(model, 64), staging / DENSE)
+        for name in sorted(p.name for p in staging.iterdir() if p.name != DENSE):  # external data first
+            os.replace(staging / name, folder / name)
+        os.replace(staging / DENSE, folder / DENSE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder / DENSE
 
 
 def _export_dense(folder: Path, report: dict, args) -> Path:
@@ -193,9 +234,7 @@ def _export_dense(folder: Path, report: dict, args) -> Path:
     gm, example = capture(model, [tuple(s) for s in shapes])
     macs = count_macs(gm, example)
     if report.get("macs_before") and macs != report["macs_before"]:
-        raise GrailcError(f"--dense {args.dense} has {macs:,} MACs per sample but the compressed model's source had "
-                          f"{report['macs_before']:,}: it is not the model that was compressed",
-                          fix="give the MODEL (and --weights) that grailc compress was given")
+        raise _not_the_source(args.dense, macs, report["macs_before"], "sample")
     tol = (report.get("onnx") or {}).get("tolerance") or ExportSpec().parity_tol
     tmp = folder / f".{DENSE}.{uuid.uuid4().hex[:8]}.tmp"
     try:

