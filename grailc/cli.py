@@ -132,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-shape", action="append",
                    help="e.g. 1,3,224,224; repeated for a model with several inputs (read from a .pt2 when omitted)")
     g.add_argument("--targets", help="as for compress: which groups count as prunable")
-    g.add_argument("--layer", type=int, default=0,
-                   help="for hf:FOLDER, the decoder layer whose groups are listed (default 0)")
+    g.add_argument("--layer", type=int, help="for hf:FOLDER, the decoder layer whose groups are listed (default 0)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("ppl", help="perplexity of a decoder LM over non-overlapping windows of a text file "
@@ -426,10 +425,17 @@ def run_groups(args) -> int:
 
     recipe = Recipe(input_shape=_input_shape_field(args.input_shape),
                     targets=_targets(args.targets) if args.targets else list(Recipe().targets)).validate()
-    if args.model.startswith("hf:"):  # compressed layer by layer: one decoder layer's graph, as compress traces it
+    hf = args.model.startswith("hf:")
+    if args.layer is not None and not hf:
+        raise RecipeError("--layer is for hf: decoder LLMs only", fix="drop --layer")
+    for flag, value in (("--input-shape", args.input_shape), ("--weights", args.weights),
+                        ("--trust-pickle", args.trust_pickle)):
+        if hf and value:
+            raise RecipeError(f"{flag} is not read for an hf: model", fix=f"drop {flag}")
+    if hf:  # compressed layer by layer: one decoder layer's graph, as compress traces it
         from grailc.llm.layerwise import traced_layer
 
-        gm, about = traced_layer(args.model, args.layer, hidden_target="hidden" in recipe.targets)
+        gm, about = traced_layer(args.model, args.layer or 0, hidden_target="hidden" in recipe.targets)
         print(about)
     else:
         loaded = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)

@@ -296,9 +296,13 @@ def test_cli_groups_of_a_decoder_layer(tiny_folder, capsys):
     assert rows["heads"][2:4] == ["2", "32"] and "layer.self_attn.q_proj," in rows["heads"]
     assert any(r[2] == "96" and "layer.mlp.gate_proj," in r for r in rows.values() if r[1] != "heads")
     assert "pinned: model input; model output" in out and out.strip().endswith("3 groups, 2 prunable")
-    assert main(["groups", f"hf:{tiny_folder}", "--layer", "2"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--layer 2, but the model has layers 0-1" in err[0]
+    for argv, needle in (([f"hf:{tiny_folder}", "--layer", "2"], "--layer 2, but the model has layers 0-1"),
+                         ([f"hf:{tiny_folder}", "--input-shape", "1,8"], "--input-shape is not read"),
+                         (["torchvision:resnet18", "--input-shape", "1,3,32,32", "--layer", "1"],
+                          "--layer is for hf: decoder LLMs only")):
+        assert main(["groups", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
 
 
 def test_cli_ppl_refuses_windows_that_cannot_be_scored(tiny_folder, tmp_path, capsys):
