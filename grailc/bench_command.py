@@ -225,6 +225,9 @@ def _export_dense(folder: Path, report: dict, args) -> Path:
     from grailc.metrics import count_macs
     from grailc.trace import capture
 
+    if report.get("macs_tokens"):
+        raise GrailcError(f"this folder holds a compressed decoder LLM, and --dense {args.dense} is not one",
+                          where=str(folder), fix="give --dense hf:MODEL, the model grailc compress was given")
     shapes = _sample_shapes(report)
     if not shapes:
         raise GrailcError("report.json holds no recipe.input_shape", where=str(folder),

@@ -431,6 +431,9 @@ def test_cli_bench_exports_the_dense_decoder_given_with_dense_hf(tiny_folder, tm
     assert main(["bench", str(out), "--dense", f"hf:{out}", "--repeats", "2"]) == 2  # the compressed model itself
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "it is not the model that was compressed" in err[0] and "per sequence of 128" in err[0]
+    assert main(["bench", str(out), "--dense", "torchvision:resnet18", "--repeats", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --dense hf:MODEL" in err[0]
     assert not (out / "dense.onnx").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
     assert main(["bench", str(out), "--dense", f"hf:{tiny_folder}", "--batch", "2", "--repeats", "3",
                  "--quiet"]) == 0, capsys.readouterr().err
