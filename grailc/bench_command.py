@@ -234,7 +234,12 @@ def _export_dense(folder: Path, report: dict, args) -> Path:
                           fix="re-run grailc compress, or use --dense FILE.onnx")
     loaded = load_model(args.dense, weights=args.weights, trust_pickle=args.trust_pickle)
     model = loaded.exported if loaded.exported is not None else loaded.module
-    gm, example = capture(model, [tuple(s) for s in shapes])
+    try:
+        gm, example = capture(model, [tuple(s) for s in shapes])
+    except GrailcError as e:  # its advice names --input-shape, which bench takes from the report
+        raise GrailcError(f"--dense {args.dense} does not run on the compressed model's input shape "
+                          f"{shapes}: it is not the model that was compressed ({e.what})",
+                          fix="give the MODEL (and --weights) that grailc compress was given") from e
     macs = count_macs(gm, example)
     if report.get("macs_before") and macs != report["macs_before"]:
         raise _not_the_source(args.dense, macs, report["macs_before"], "sample")

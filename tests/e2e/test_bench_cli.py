@@ -102,6 +102,11 @@ def test_bench_exports_the_dense_model_when_asked(resnet_pt2, tmp_path, capsys):
                                           (torch.randn(2, 1, 28, 28),)), str(other))
     assert main(["bench", str(out), "--dense", str(other), "--repeats", "2"]) == 2
     assert "not the model that was compressed" in capsys.readouterr().err
+    rgb = tmp_path / "rgb.pt2"  # another input shape: refused as another model, not with advice bench cannot take
+    torch.export.save(torch.export.export(torch.nn.Conv2d(3, 4, 3).eval(), (torch.randn(2, 3, 8, 8),)), str(rgb))
+    assert main(["bench", str(out), "--dense", str(rgb), "--repeats", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not the model that was compressed" in err[0] and "--input-shape" not in err[0]
 
     code = main(["bench", str(out), "--dense", str(resnet_pt2), "--batch", "2", "--repeats", "3", "--quiet"])
     assert code == 0, capsys.readouterr().err
