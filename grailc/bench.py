@@ -25,6 +25,7 @@ reported, and the table says so when compression left convolutions off the block
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -97,9 +98,10 @@ def providers(choice: str = "auto") -> list[str]:
     return [CPU]
 
 
+@functools.cache
 def runs_on(provider: str) -> bool:
     """Whether ONNX Runtime really runs a session on ``provider``: a one-node model is loaded on it (with the CPU
-    behind it), quietly, and the session asked which provider it got."""
+    behind it), quietly, and the session asked which provider it got (once per process)."""
     import contextlib
     import io
 
