@@ -189,14 +189,12 @@ def _not_the_source(dense: str, macs: int, before: int, unit: str) -> GrailcErro
 
 
 def _export_dense_decoder(folder: Path, report: dict, dense: str) -> Path:
-    """--dense hf:MODEL for the output of compress hf:MODEL: its decoder exported as compress --bench exports it
-    (token ids -> logits, checked against PyTorch), checked to be the source (the report's MACs per sequence of
-    ``macs_tokens`` tokens), kept as OUT/dense.onnx (with its external data file, if any)."""
-    import shutil
-
+    """--dense hf:MODEL for the output of compress hf:MODEL: its decoder exported as ``grailc export`` exports it
+    (token ids -> logits, checked against PyTorch, renamed into place), checked to be the source (the report's MACs
+    per sequence of ``macs_tokens`` tokens), kept as OUT/dense.onnx (with its external data file, if any)."""
     from grailc.llm.commands import model_folder
-    from grailc.llm.export import decoder_macs, export_decoder_onnx
-    from grailc.llm.export_command import sample_ids
+    from grailc.llm.export import decoder_macs
+    from grailc.llm.export_command import export_into, sample_ids
     from grailc.llm.hf import load_causal_lm
 
     if not report.get("macs_tokens"):
@@ -207,15 +205,7 @@ def _export_dense_decoder(folder: Path, report: dict, dense: str) -> Path:
     macs = decoder_macs(model, report["macs_tokens"])
     if report.get("macs_before") and macs != report["macs_before"]:
         raise _not_the_source(dense, macs, report["macs_before"], f"sequence of {report['macs_tokens']} tokens")
-    staging = folder / f".{DENSE}.{uuid.uuid4().hex[:8]}.tmp"
-    staging.mkdir()
-    try:
-        export_decoder_onnx(model, sample_ids(model, 64), staging / DENSE)
-        for name in sorted(p.name for p in staging.iterdir() if p.name != DENSE):  # external data first
-            os.replace(staging / name, folder / name)
-        os.replace(staging / DENSE, folder / DENSE)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    export_into(folder, model, sample_ids(model, 64), force=True, name=DENSE)  # OUT had no dense.onnx
     return folder / DENSE
 
 

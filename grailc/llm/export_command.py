@@ -28,7 +28,14 @@ import torch
 from grailc.errors import GrailcError, OutputExistsError, VerificationError
 
 ONNX_FILE = "model.onnx"
-DATA_FILE = ONNX_FILE + ".data"  # torch.onnx.export's name for the external data of model.onnx
+
+
+def data_file(onnx_name: str) -> str:
+    """torch.onnx.export's name for the external data of the ONNX file ``onnx_name``."""
+    return onnx_name + ".data"
+
+
+DATA_FILE = data_file(ONNX_FILE)
 SAMPLE_SEED = 0
 EPILOG = """exit codes: 0 ok, 2 bad input, 3 the ONNX model failed its check against PyTorch (nothing written),
 4 internal error, 130 interrupted"""
@@ -126,9 +133,10 @@ def sample_ids(model, seq_len: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, seq_len), generator=generator)
 
 
-def export_into(folder: Path, model, ids: torch.Tensor, force: bool) -> tuple[dict, list[str]]:
-    """Export into a staging folder inside ``folder``, check, then rename the files into place; returns the
-    parity figures and the names written. Nothing in ``folder`` changes unless the check passed."""
+def export_into(folder: Path, model, ids: torch.Tensor, force: bool, name: str = ONNX_FILE) -> tuple[dict, list[str]]:
+    """Export into a staging folder inside ``folder``, check, then rename the files into place as ``name`` (and
+    ``name``.data, the external data, above 2 GB); returns the parity figures and the names written. Nothing in
+    ``folder`` changes unless the check passed."""
     from grailc.llm.export import export_decoder_onnx
     from grailc.outputs import default_file_mode, fsync_tree
 
@@ -139,14 +147,15 @@ def export_into(folder: Path, model, ids: torch.Tensor, force: bool) -> tuple[di
                           fix="check that the folder is writable") from e
     try:
         try:
-            parity = export_decoder_onnx(model, ids, staging / ONNX_FILE)
+            parity = export_decoder_onnx(model, ids, staging / name)
         except VerificationError as e:
-            raise VerificationError(f"{e.what}; nothing was written", where=str(folder / ONNX_FILE),
+            raise VerificationError(f"{e.what}; nothing was written", where=str(folder / name),
                                     fix="the compressed folder is unchanged; report it") from e
         except GrailcError as e:
             raise GrailcError(f"{e.what}; nothing was written", where=str(folder),
                               fix="the compressed folder is unchanged; report it") from e
-        names = [DATA_FILE, ONNX_FILE] if parity["external_data"] else [ONNX_FILE]
+        data = data_file(name)
+        names = [data, name] if parity["external_data"] else [name]
         missing = [name for name in names if not (staging / name).is_file()]
         if missing:
             raise GrailcError(f"the ONNX export did not write {', '.join(missing)}; nothing was written",
@@ -154,14 +163,14 @@ def export_into(folder: Path, model, ids: torch.Tensor, force: bool) -> tuple[di
         for name in names:
             (staging / name).chmod(default_file_mode())
         fsync_tree(staging)
-        return parity, _move_into_place(staging, folder, names, force)
+        return parity, _move_into_place(staging, folder, names, force, data)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _move_into_place(staging: Path, folder: Path, names: list[str], force: bool) -> list[str]:
+def _move_into_place(staging: Path, folder: Path, names: list[str], force: bool, data: str) -> list[str]:
     """Rename ``names`` from the staging folder into ``folder`` in order (the external data before the model that
-    reads it); under --force a stale model.onnx.data the new model no longer uses is removed after."""
+    reads it); under --force a stale external data file ``data`` the new model no longer uses is removed after."""
     from grailc.cli import note_written
     from grailc.outputs import fsync_dir
 
@@ -182,8 +191,8 @@ def _move_into_place(staging: Path, folder: Path, names: list[str], force: bool)
                               fix="check permissions and free space, then rerun with --force") from e
         moved.append(name)
         note_written(target)
-    if DATA_FILE not in names and force:
+    if data not in names and force:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(folder / DATA_FILE)
+            os.unlink(folder / data)
     fsync_dir(folder)
     return moved
