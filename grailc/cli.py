@@ -279,16 +279,22 @@ LLM_DEFAULTS = {"calib_samples": 128, "seq_len": 512, "structure": "uniform", "l
 NOT_LLM = ("input_shape", "weights", "trust_pickle", "calib_batches", "held_out", "no_normalize", "mean", "std")
 
 
+def _refuse_unread_by_llm(args, advice: str = "") -> None:
+    """For a decoder LLM (``args.model`` hf:...), refuse the flags only other models read (``NOT_LLM``)."""
+    if not args.model.startswith("hf:"):
+        return
+    for name in NOT_LLM:
+        if getattr(args, name, None) not in (None, False):
+            flag = "--" + name.replace("_", "-")
+            raise RecipeError(f"{flag} is not read for an hf: decoder LLM, which is loaded from its folder",
+                              fix=f"drop {flag}{advice}")
+
+
 def _llm_flags(args) -> None:
     """Fill in the hf: flags' defaults for a decoder LLM (``args.model`` hf:...); refuse them for any other model,
     and refuse for a decoder LLM the flags only other models read."""
     llm = args.model.startswith("hf:")
-    given = [name for name in NOT_LLM if getattr(args, name, None) not in (None, False)] if llm else []
-    if given:
-        flag = "--" + given[0].replace("_", "-")
-        raise RecipeError(f"{flag} is not read for an hf: decoder LLM, which is loaded from its folder and "
-                          "calibrated on text windows", fix=f"drop {flag}; --calib-samples, --seq-len and "
-                          "--batch-size size its calibration")
+    _refuse_unread_by_llm(args, "; --calib-samples, --seq-len and --batch-size size its calibration on text")
     for name, default in LLM_DEFAULTS.items():
         if getattr(args, name, None) in (None, default):
             setattr(args, name, default)
@@ -428,10 +434,7 @@ def run_groups(args) -> int:
     hf = args.model.startswith("hf:")
     if args.layer is not None and not hf:
         raise RecipeError("--layer is for hf: decoder LLMs only", fix="drop --layer")
-    for flag, value in (("--input-shape", args.input_shape), ("--weights", args.weights),
-                        ("--trust-pickle", args.trust_pickle)):
-        if hf and value:
-            raise RecipeError(f"{flag} is not read for an hf: model", fix=f"drop {flag}")
+    _refuse_unread_by_llm(args)
     if hf:  # compressed layer by layer: one decoder layer's graph, as compress traces it
         from grailc.llm.layerwise import traced_layer
 
