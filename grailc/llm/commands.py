@@ -154,7 +154,8 @@ def run_ppl(args) -> int:
     from grailc.llm.text import check_text_file, check_window_counts, eval_windows, perplexity, read_tokens
 
     start = time.perf_counter()
-    check_window_counts(eval_seq_len=args.seq_len, windows=args.windows, batch_size=args.batch_size)
+    check_window_counts(2, seq_len=args.seq_len)
+    check_window_counts(windows=args.windows, batch_size=args.batch_size)
     text = check_text_file(args.text, flag="--text FILE.txt")
     device = device_for(args)  # before the model is loaded: a device that is not there is refused first
     model, tokenizer = load_causal_lm(model_folder(args.model))

@@ -30,17 +30,16 @@ def check_text_file(path, flag: str = "--calib text:FILE.txt") -> Path:
     return path
 
 
-def check_window_counts(**counts: int | None) -> None:
-    """Refuse a window count or size that cannot work before any model is loaded: each of ``counts`` (the flag
-    name with ``_`` for ``-``, and its value; None: not given) must be at least 1, and ``seq_len`` at least 2
-    where ``eval_seq_len`` names it (a window of one token predicts nothing)."""
-    least = {"eval_seq_len": 2}
+def check_window_counts(least: int = 1, **counts: int | None) -> None:
+    """Refuse a window count or size that cannot work, before any model is loaded: each of ``counts`` (the flag
+    name with ``_`` for ``-``, and its value; None: not given) must be at least ``least`` (2 for an evaluated
+    window's tokens: a window of one token predicts nothing)."""
     for name, value in counts.items():
-        if value is not None and value < least.get(name, 1):
-            flag = "--" + name.removeprefix("eval_").replace("_", "-")
-            raise CalibrationError(f"{flag} {value} is not a positive number" if least.get(name, 1) == 1 else
-                                   f"{flag} {value}: a window needs at least {least[name]} tokens to be scored",
-                                   fix=f"give {flag} N with N >= {least.get(name, 1)}")
+        if value is not None and value < least:
+            flag = "--" + name.replace("_", "-")
+            raise CalibrationError(f"{flag} {value} is not a positive number" if least == 1 else
+                                   f"{flag} {value}: a window needs at least {least} tokens to be scored",
+                                   fix=f"give {flag} N with N >= {least}")
 
 
 def text_files(source) -> list[Path]:
