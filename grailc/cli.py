@@ -482,7 +482,8 @@ def run_compress(args, argv) -> int:
         from grailc.llm.commands import LLM_LAM, LLM_RECONSTRUCT_LR
 
         if recipe.budget:  # compress runs on one decoder layer at a time: the budget would be each layer's own
-            raise RecipeError(f"--budget {recipe.budget} spreads one target over the groups of one graph, but a "
+            given = f"--budget {recipe.budget}" if args.budget else f"the recipe's budget {recipe.budget!r}"
+            raise RecipeError(f"{given} spreads one target over the groups of one graph, but a "
                               "decoder LLM is compressed one layer at a time, where it would bind each layer alone",
                               fix="give --ratio R with --structure global (one parameter budget across all "
                                   "layers, FLAP's adaptive structure)")

@@ -261,6 +261,8 @@ def test_smollm2_grail_beats_plain_pruning():
 
 def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys):
     text = shakespeare_text(MACBETH)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('budget = "params=0.3"\n')
     cases = [
         ([f"hf:{tmp_path / 'missing'}", "--calib", f"text:{text}"], "config.json"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{tmp_path / 'missing.txt'}"], "no text file"),
@@ -275,6 +277,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-samples", "0"], "--calib-samples 0"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--layers", "1-0"], "the range 1-0 is empty"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--budget", "params=0.3"], "--structure global"),
+        ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--recipe", str(recipe)], "the recipe's budget 'params=0.3'"),
         ([f"hf:{tiny_folder}", "--calib", f"text:{text}", "--calib-batches", "3"], "--calib-batches is not read"),
     ]
     for argv, needle in cases:
