@@ -450,3 +450,31 @@ def test_cli_bench_with_stream_is_refused_before_the_work(tiny_folder, tmp_path,
                "--bench", "--out", str(tmp_path / "out")])
     assert rc != 0 and "--stream does not write" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_llm_benchmark_writes_a_row_per_compression(tmp_path, monkeypatch, capsys):
+    """benchmarks/llm.py, the README's SmolLM2 tables, on a slice (layer 0, 2 windows of 16 tokens): the plain row,
+    GRAIL, each with and without reconstruction, the gap closed against the plain row, the device it ran on."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("llm_benchmark", Path(__file__).parents[2] / "benchmarks" /
+                                                  "llm.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", [
+        "llm.py", "--ratios", "0.5", "--targets", "mlp", "--selectors", "wanda_sp", "--samples", "2", "--seq-len",
+        "16", "--eval-windows", "1", "--eval-seq-len", "32", "--layers", "0", "--compensate-targets", "stream",
+        "--reconstruct", "layer", "--reconstruct-steps", "2", "--reconstruct-lr", "1e-4", "--device", "cpu",
+        "--json", str(out)])
+    benchmark.main()
+    rows = json.loads(out.read_text())
+    assert [(r["compensate"], r["compensate_target"], r["reconstruct"]) for r in rows] == [
+        ("none", "input", "off"), ("none", "input", "layer"), ("grail", "stream", "off"), ("grail", "stream", "layer")]
+    assert all(r["device"] == "cpu" and math.isfinite(r["ppl"]) and r["params"] < 1 for r in rows)
+    plain, dense = rows[0]["ppl"], rows[0]["ppl_dense"]
+    for row in rows[1:]:
+        assert row["gap_closed"] == pytest.approx((plain - row["ppl"]) / (plain - dense), abs=1e-3)
+    assert capsys.readouterr().out.count("wanda_sp") == 4
