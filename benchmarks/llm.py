@@ -27,6 +27,7 @@ import torch
 
 from grailc.api import make_recipe
 from grailc.device import resolve_device
+from grailc.llm.commands import LLM_RECONSTRUCT_LR
 from grailc.llm.hf import load_causal_lm
 from grailc.llm.layerwise import compress_layers, parse_layers
 from grailc.llm.shipped import shakespeare_text, shakespeare_works, smollm2_folder
@@ -64,7 +65,8 @@ def main() -> None:
     ap.add_argument("--reconstruct", help="also each compensation followed by the reconstruct pass of this kind "
                     "(layer: the decoder layer is the window; block: its attention and MLP halves)")
     ap.add_argument("--reconstruct-steps", type=int, default=300)
-    ap.add_argument("--reconstruct-lr", type=float, default=3e-3)
+    ap.add_argument("--reconstruct-lr", type=float, default=LLM_RECONSTRUCT_LR,
+                    help=f"default {LLM_RECONSTRUCT_LR:g}, grailc compress hf:'s")
     ap.add_argument("--reconstruct-optimizer", default="adam", help="adam or rmsprop (Wanda++'s RO)")
     ap.add_argument("--reconstruct-batch", type=int, default=0, help="minibatch (0: the calibration batches of 8)")
     ap.add_argument("--device", default="auto", help="where each decoder layer is calibrated and compressed, as "
