@@ -156,12 +156,12 @@ def export_into(folder: Path, model, ids: torch.Tensor, force: bool, name: str =
                               fix="the compressed folder is unchanged; report it") from e
         data = data_file(name)
         names = [data, name] if parity["external_data"] else [name]
-        missing = [name for name in names if not (staging / name).is_file()]
+        missing = [file for file in names if not (staging / file).is_file()]
         if missing:
             raise GrailcError(f"the ONNX export did not write {', '.join(missing)}; nothing was written",
                               where=str(folder), fix="report it")
-        for name in names:
-            (staging / name).chmod(default_file_mode())
+        for file in names:
+            (staging / file).chmod(default_file_mode())
         fsync_tree(staging)
         return parity, _move_into_place(staging, folder, names, force, data)
     finally:
