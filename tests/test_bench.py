@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from grailc.bench import (
     Settings,
@@ -126,12 +126,7 @@ def test_an_unknown_or_missing_provider_is_refused(tmp_path):
 
 def test_a_graph_travels_without_its_weights_and_runs_refilled(tmp_path):
     """benchmarks/speed_remote.py: strip the float initialisers, refill them with random values of their shapes."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("speed_remote", Path(__file__).parents[1] / "benchmarks" /
-                                                  "speed_remote.py")
-    remote = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(remote)
+    remote = load_benchmark("speed_remote")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(), torch.nn.Conv2d(64, 8, 1))
     path = onnx_file(model, [(1, 3, 16, 16)], tmp_path / "m.onnx")

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from transformers import AutoModelForCausalLM
 
 from grailc.api import make_recipe
@@ -455,14 +456,9 @@ def test_cli_bench_with_stream_is_refused_before_the_work(tiny_folder, tmp_path,
 def test_the_llm_benchmark_writes_a_row_per_compression(tmp_path, monkeypatch, capsys):
     """benchmarks/llm.py, the README's SmolLM2 tables, on a slice (layer 0, 2 windows of 16 tokens): the plain row,
     GRAIL, each with and without reconstruction, the gap closed against the plain row, the device it ran on."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("llm_benchmark", Path(__file__).parents[2] / "benchmarks" /
-                                                  "llm.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("llm")
     out = tmp_path / "rows.json"
     monkeypatch.setattr(sys, "argv", [
         "llm.py", "--ratios", "0.5", "--targets", "mlp", "--selectors", "wanda_sp", "--samples", "2", "--seq-len",
