@@ -350,6 +350,7 @@ def _gather(st: State) -> Dependencies:
             reasons = ["no consumer reads these channels"]
         g.pinned = "; ".join(reasons) if reasons else None
         g.understood = not reasons
+        g.joins = list(spaces.joins.get(root, []))
         lossy = spaces.lossy(root)
         g.lossy = (lossy[0] + (f" (and {len(lossy) - 1} more normalisations)" if len(lossy) > 1 else "")
                    if lossy else None)

@@ -131,7 +131,8 @@ def unit_indices(units: torch.Tensor, per_unit: int) -> torch.Tensor:
 
 @dataclass
 class Spaces:
-    """Union-find over channel spaces: units, members, pinned and lossy reasons, and split parts."""
+    """Union-find over channel spaces: units, members, pinned and lossy reasons, how spaces were joined by
+    elementwise ops, and split parts."""
 
     parent: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
@@ -139,6 +140,7 @@ class Spaces:
     members: dict[int, list[int]] = field(default_factory=dict)  # root -> spaces
     reasons: dict[int, list[str]] = field(default_factory=dict)
     lossy_reasons: dict[int, list[str]] = field(default_factory=dict)
+    joins: dict[int, list[str]] = field(default_factory=dict)  # root -> "sum" (add, sub), "product" (mul, div), ...
     parts: dict[int, list[int]] = field(default_factory=dict)  # split space -> its parts
 
     def new(self, size: int, pinned: str | None = None) -> int:
@@ -203,7 +205,7 @@ class Spaces:
             ra, rb = rb, ra
         self.parent[rb] = ra
         self.members[ra].extend(self.members.pop(rb))
-        for store in (self.reasons, self.lossy_reasons):
+        for store in (self.reasons, self.lossy_reasons, self.joins):
             moved = store.pop(rb, [])
             if moved:
                 store.setdefault(ra, []).extend(r for r in moved if r not in store.get(ra, []))
@@ -245,6 +247,13 @@ class Spaces:
             reasons = self.lossy_reasons.setdefault(self.find(part.space), [])
             if reason not in reasons:
                 reasons.append(reason)
+
+    def mark_join(self, sid: int, how: str) -> None:
+        """Record that tensors holding this group's channels were combined elementwise (``how``)."""
+        for part in self.resolve([Segment(sid, self.sizes[sid])]):
+            joins = self.joins.setdefault(self.find(part.space), [])
+            if how not in joins:
+                joins.append(how)
 
     def pinned(self, sid: int) -> list[str]:
         return self.reasons.get(self.find(sid), [])

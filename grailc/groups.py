@@ -112,6 +112,7 @@ class ChannelGroup:
     pinned: str | None = None
     lossy: str | None = None  # why pruning this group is approximate (normalisation over its channels)
     understood: bool = False  # the analysis follows every use: the permutation check can run on it
+    joins: list[str] = field(default_factory=list)  # how its tensors were combined elementwise: sum, product, other
 
     @property
     def kind(self) -> str:
@@ -119,8 +120,8 @@ class ChannelGroup:
             return "heads"
         if any(c.tag == "value_dims" for c in self.carriers):
             return "value_dims"
-        if len({p.fact.node for p in self.producers}) > 1:
-            return "residual"
+        if len({p.fact.node for p in self.producers}) > 1:  # several producers, combined elementwise
+            return "gated" if "product" in self.joins and "sum" not in self.joins else "residual"
         if self.producers:
             return self.producers[0].fact.kind
         return "opaque"

@@ -137,6 +137,10 @@ class Softmax:
         return lay
 
 
+JOINS = {**dict.fromkeys((aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor), "sum"),
+         **dict.fromkeys((aten.mul.Tensor, aten.mul_.Tensor, aten.div.Tensor, aten.div_.Tensor), "product")}
+
+
 class Broadcast:
     """Elementwise ops with broadcasting: every tensor input holds the same channels.
 
@@ -156,6 +160,9 @@ class Broadcast:
                 return st.fresh(node, f"{node.target} of a single channel with constants at {st.where()}")
             return None
         out = st.tie(tracked)
+        if len(tracked) > 1:
+            for seg in out.segments:
+                st.spaces.mark_join(seg.space, JOINS.get(node.target, "other"))
         params = []
         for a, lay in zip(tensors, layouts):
             if lay is not None:

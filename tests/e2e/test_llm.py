@@ -290,7 +290,8 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys
 
 
 def test_cli_groups_of_a_decoder_layer(tiny_folder, capsys):
-    """grailc groups hf:FOLDER: one decoder layer's groups, as compress hf: traces it: the MLP channels, the heads
+    """grailc groups hf:FOLDER: one decoder layer's groups, as compress hf: traces it: the MLP channels (gated:
+    gate_proj's and up_proj's rows multiplied), the heads
     in units of one KV head with its two query heads (2 x 16 channels), the residual stream pinned."""
     assert main(["groups", f"hf:{tiny_folder}", "--layer", "1"]) == 0
     out = capsys.readouterr().out
@@ -298,7 +299,7 @@ def test_cli_groups_of_a_decoder_layer(tiny_folder, capsys):
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.split()[:1] and
             line.split()[0].isdigit()}
     assert rows["heads"][2:4] == ["2", "32"] and "layer.self_attn.q_proj," in rows["heads"]
-    assert any(r[2] == "96" and "layer.mlp.gate_proj," in r for r in rows.values() if r[1] != "heads")
+    assert rows["gated"][2] == "96" and "layer.mlp.gate_proj," in rows["gated"]  # gate * up: a gated MLP
     assert "pinned: model input; model output" in out and out.strip().endswith("3 groups, 2 prunable")
     for argv, needle in (([f"hf:{tiny_folder}", "--layer", "2"], "--layer 2, but the model has layers 0-1"),
                          ([f"hf:{tiny_folder}", "--input-shape", "1,8"], "--input-shape is not read"),
