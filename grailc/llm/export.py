@@ -61,10 +61,9 @@ def export_decoder_onnx(model, ids: torch.Tensor, path, tol: float = 1e-3) -> di
 def decoder_macs(model, tokens: int) -> int:
     """Multiply-adds of one sequence of ``tokens`` through the exported decoder (no cache): every linear layer, the
     lm_head included, once per token, and per attention layer the scores q k^T and their use on v, tokens^2 times
-    (query width + value width), the widths read from each layer's q_proj and o_proj."""
+    (query width + value width), each heads x head_dim: o_proj's input width (q_proj may be fused into qkv_proj)."""
     from grailc.llm.layerwise import decoder_parts
 
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-    attention = sum(layer.self_attn.q_proj.out_features + layer.self_attn.o_proj.in_features
-                    for layer in decoder_parts(model)[0])
+    attention = sum(2 * layer.self_attn.o_proj.in_features for layer in decoder_parts(model)[0])
     return linear * tokens + attention * tokens * tokens

