@@ -557,7 +557,7 @@ def run_compress(args, argv) -> int:
 
 def _run_compress_llm(args, argv, recipe, start) -> int:
     from grailc.distributed import is_main
-    from grailc.llm.commands import llm_summary, run_compress_llm
+    from grailc.llm.commands import llm_summary, not_pruned_notes, run_compress_llm
     from grailc.outputs import StagedOutput
 
     with StagedOutput(args.out, force=args.force) if is_main() else contextlib.nullcontext() as staged:
@@ -568,6 +568,8 @@ def _run_compress_llm(args, argv, recipe, start) -> int:
         _stop_if_interrupted()
         out = staged.commit()
         note_written(out)
+    for line in not_pruned_notes(report, args.model):
+        print(f"grailc: note: {line}", file=sys.stderr)
     if table is not None:
         print(table)
         if "bench" in report:

@@ -737,7 +737,10 @@ class Select:
 
 
 class Slice:
-    """slice(x, dim, start, end, step): on another dim (or inside granules) channels pass through."""
+    """slice(x, dim, start, end, step): on another dim (or inside granules) channels pass through. On the channel
+    axis (step 1) the slices of one tensor, as a fused projection's q, k and v ranges, are a split: the bounds of
+    every such slice of ``x`` cut its channels into consecutive parts (whole segments, or parts of one producer's
+    space), each slice takes the parts in its range, and its start and end follow the kept widths before them."""
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         x = node.args[0]
@@ -746,11 +749,53 @@ class Slice:
             return None
         nd = len(src)
         d = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
-        if d == _pos(lay.axis, nd):
-            if _same_dims(src, st.shape(node)):
-                return lay
-            return st.opaque("slice of the channel axis")
-        return lay
+        if d != _pos(lay.axis, nd) or _same_dims(src, st.shape(node)):
+            return lay
+        size = src[d]
+        if lay.inner != 1 or lay.granule != 1 or lay.order is not None or not isinstance(size, int):
+            return st.opaque("slice of the channel axis inside granules or of symbolic width")
+        ranges = [_slice_range(u, d, nd, size) for u in x.users if u.target == node.target]
+        here = _slice_range(node, d, nd, size)
+        if here is None or any(r is None for r in ranges):
+            return st.opaque("slice of the channel axis with a step or computed bounds")
+        bounds = sorted({0, size, *(b for r in ranges for b in r)})
+        parts = _cut(st, lay, bounds)
+        if parts is None:
+            return st.opaque("slice of the channel axis across tied channels")
+        starts = [sum(seg.size for seg in parts[:i]) for i in range(len(parts))]
+        start, end = here
+        before = {b: tuple(seg.space for seg, at in zip(parts, starts) if at < b) for b in (start, end)}
+        size_args = [(arg, None, 1, before[b]) for arg, b in ((2, start), (3, end))
+                     if 0 < b < size and arg < len(node.args)]
+        st.carrier(Layout(lay.axis, tuple(parts)), [], size_args=size_args)
+        return Layout(lay.axis, tuple(seg for seg, at in zip(parts, starts) if start <= at < end))
+
+
+def _slice_range(node: fx.Node, d: int, nd: int, size: int) -> tuple[int, int] | None:
+    """[start, end) of a ``slice.Tensor`` on dim ``d`` with step 1 and constant bounds (clamped to ``size``), else
+    None; a slice on another dim gives (0, size)."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    if _dim(args[1] if args[1] is not None else 0, nd) != d:
+        return 0, size
+    start, end, step = args[2], args[3], args[4]
+    if not all(v is None or isinstance(v, int) for v in (start, end, step)) or step not in (None, 1):
+        return None
+    start, end = (0 if start is None else start), (size if end is None else end)
+    start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
+    return min(max(start, 0), size), min(max(end, 0), size)
+
+
+def _cut(st, lay: Layout, bounds: list[int]) -> list[Segment] | None:
+    """The segments of ``lay`` cut at ``bounds`` (channel positions): whole segments where every bound falls on a
+    segment's edge, else the parts of its one segment (a space tied to no other: ``Spaces.split``)."""
+    edges = [sum(seg.size for seg in lay.segments[:i]) for i in range(len(lay.segments) + 1)]
+    if set(bounds) <= set(edges):
+        return list(lay.segments)
+    if len(lay.segments) != 1:
+        return None
+    sizes = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
+    parts = st.spaces.split(lay.segments[0].space, sizes)
+    return None if parts is None else [Segment(p, n) for p, n in zip(parts, sizes)]
 
 
 class Index:

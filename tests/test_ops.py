@@ -124,6 +124,49 @@ def test_broadcast_row_ties_two_producers(name):
     assert group.kind == ("gated" if name.startswith(("mul", "div")) else "residual")
 
 
+class SlicedProjection(nn.Module):
+    """One projection sliced on the channel axis into three ranges, each read by its own consumer (as Phi-3 slices
+    its fused qkv_proj): conv_in's 8 channels -> [0:3], [3:5], [5:8]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, C, 1)
+        self.conv_a, self.conv_b, self.conv_c = nn.Conv2d(3, 4, 1), nn.Conv2d(2, 4, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv_in(x)
+        return self.conv_a(y[:, :3]) + self.conv_b(y[:, 3:5]) + self.conv_c(y[:, 5:])
+
+
+def test_slices_of_the_channel_axis_split_their_producer_into_parts():
+    gm, deps = traced(SlicedProjection(), (2, 3, 6, 6))
+    parts = sorted((g for g in deps.groups.values() if "conv_in" in g.modules()), key=lambda g: g.id)
+    assert [g.size for g in parts] == [3, 2, 3] and all(g.prunable for g in parts)
+    assert [len(g.consumers) for g in parts] == [1, 1, 1]
+    x = torch.randn(2, 3, 6, 6)
+    for g, keep in zip(parts, ([0, 2], [1], [1, 2])):  # each part alone: the later slices' bounds move
+        prune_and_compare(gm, deps, g, torch.tensor(keep), x)
+
+
+class SlicedAcrossTies(nn.Module):
+    """A slice whose range cuts a space already tied elsewhere (the residual add) cannot split it: pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in, self.conv_b = nn.Conv2d(3, C, 1), nn.Conv2d(3, C, 1)
+        self.conv_a = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv_in(x) + self.conv_b(x)
+        return self.conv_a(y[:, 2:5])
+
+
+def test_a_slice_across_tied_channels_pins_them():
+    _, deps = traced(SlicedAcrossTies(), (2, 3, 6, 6))
+    g = group_of(deps, "conv_in")
+    assert not g.prunable and "slice of the channel axis across tied channels" in g.pinned
+
+
 @pytest.mark.parametrize("name", ["add.Tensor", "mul.Tensor", "sub.Tensor", "div.Tensor"])
 def test_broadcast_row_carries_per_channel_parameter(name):
     _, _, group = run_row(Sandwich(Binary(name, "param")), ops=[overload(name)])

@@ -137,6 +137,24 @@ def llm_summary(report: dict) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def not_pruned_notes(report: dict, model: str) -> list[str]:
+    """One line per target the analysis pinned (``targets_not_pruned``): which layers, why, and where to look."""
+    return [f"{name} not pruned in decoder layers {_ranges(item['layers'])}: {item['why']} (grailc groups {model} "
+            f"--layer {item['layers'][0]} lists the layer's groups)"
+            for name, item in report.get("targets_not_pruned", {}).items()]
+
+
+def _ranges(layers: list[int]) -> str:
+    """0, 1, 2, 5 -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 def hidden_summary(hidden: dict | None) -> str:
     """One line for the hidden width, when it was pruned."""
     if not hidden:

@@ -78,6 +78,8 @@ def _load_causal_lm(folder, dtype: torch.dtype | None):
             raise GrailcError(f"the weights in {folder} do not fit the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
         model.tie_weights()
+        for layer in model.model.layers:
+            follow_widths(layer, head_dim_of(config))
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
     if dtype is not None:
@@ -197,6 +199,26 @@ def layer_widths(layer, head_dim: int) -> dict[str, int]:
         "num_attention_heads": query // head_dim,
         "num_key_value_heads": keys // head_dim,
     }
+
+
+def follow_widths(layer, head_dim: int) -> None:
+    """Make a decoder layer's attention compute with the head counts of its (narrowed) weights: the counts some
+    families keep as attributes (``num_key_value_heads``, ``num_key_value_groups``) or read from the config in
+    ``forward`` (Phi-3 slices its fused ``qkv_proj`` at ``config.num_attention_heads``; the layer then gets its
+    own copy of the config)."""
+    import copy
+
+    widths = layer_widths(layer, head_dim)
+    heads, kv = widths["num_attention_heads"], widths["num_key_value_heads"]
+    attn = layer.self_attn
+    for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv),
+                        ("num_key_value_groups", heads // max(kv, 1))):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, value)
+    config = getattr(attn, "config", None)
+    if config is not None and (config.num_attention_heads, config.num_key_value_heads) != (heads, kv):
+        attn.config = copy.copy(config)
+        attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv
 
 
 def head_dim_of(config) -> int:

@@ -46,7 +46,15 @@ from tqdm import tqdm
 
 from grailc.distributed import shard, world
 from grailc.errors import GrailcError, RecipeError
-from grailc.llm.hf import adopt_weights, built_biases, complete_biases, head_dim_of, layer_widths, switch_on_biases
+from grailc.llm.hf import (
+    adopt_weights,
+    built_biases,
+    complete_biases,
+    follow_widths,
+    head_dim_of,
+    layer_widths,
+    switch_on_biases,
+)
 from grailc.llm.stream import check_streamable, resident
 from grailc.recipe import Recipe
 
@@ -79,7 +87,8 @@ def decoder_parts(model) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
         raise RecipeError(
             f"{type(model).__name__} is not a LLaMA-family decoder (model.layers with self_attn and mlp, and "
             "model.rotary_emb): grailc compresses those layer by layer",
-            fix="use a LLaMA, Mistral, Qwen2 or SmolLM model, or export the model to .pt2 and compress it whole",
+            fix="use a LLaMA-family model (LLaMA, Mistral, Qwen, Gemma, Phi-3: see the README), or export the "
+                "model to .pt2 and compress it whole",
         )
     return layers, rotary
 
@@ -272,6 +281,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
             with torch.no_grad():
                 expected = result.module(batches[0])
             adopt_weights(block, result.module)
+            follow_widths(layers[i], head_dim)
             advance(block, batches)
             check_adopted(i, expected, batches[0])
             complete_biases(layers[i], i, built)
@@ -284,6 +294,7 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
                                            "compensation_refused")} for g in groups],
             "permutation_error": result.report.get("verification", {}).get("permutation_error"),
             "graph": traces.last,
+            **({"pinned": pinned} if (pinned := pinned_targets(result.report["groups"], recipe)) else {}),
             **({"stream_writers": len(result.report["stream_writers"]),
                 "stream_writers_few_rows": len(result.report["stream_writers_few_rows"])}
                if "stream_writers" in result.report else {}),
@@ -292,10 +303,34 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
             "peak_rss_mib": round(_peak_rss_mib(), 1),
             **_peak_cuda_mib(device),
         })
+    not_pruned = {}
+    for layer in report["layers"]:
+        for name, why in layer.get("pinned", {}).items():
+            not_pruned.setdefault(name, {"layers": [], "why": why})["layers"].append(layer["layer"])
+    if not_pruned:
+        report["targets_not_pruned"] = not_pruned
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     report.update(_peak_cuda_mib(device))
     return report
+
+
+TARGET_CONSUMERS = {"mlp": ("channels", "mlp.down_proj"), "heads": ("heads", "self_attn.o_proj")}
+
+
+def pinned_targets(groups: list[dict], recipe: Recipe) -> dict[str, str]:
+    """Per target of the recipe (mlp, heads) that the analysis pinned in a decoder layer, why: the reason of the
+    pinned group that the target's consumer (down_proj, o_proj) reads."""
+    from grailc.recipe import TARGETS
+
+    asked = {TARGETS[t] for t in recipe.targets}
+    found = {}
+    for name, (kind, consumer) in TARGET_CONSUMERS.items():
+        for g in groups:
+            if kind in asked and g["pinned"] and any(c.endswith(consumer) for c in g["consumers"]):
+                found[name] = (f"approximate, not pruned in a decoder layer: {g['approximate']}" if g["approximate"]
+                               else g["pinned"])
+    return found
 
 
 def sliding_window(layer, config) -> int | None:

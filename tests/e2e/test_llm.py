@@ -132,8 +132,10 @@ def test_zero_biases_are_added_only_where_the_config_builds_them(tokenizer, tmp_
 
 
 def test_fused_projections_compress_through_the_cli(tokenizer, tmp_path, capsys):
-    """Phi-3 fuses q, k, v into qkv_proj and gate, up into gate_up_proj (split by chunk): the MLP width is pruned
-    through the split, the folder reloads with from_pretrained, and the ONNX export matches."""
+    """Phi-3 fuses q, k, v into qkv_proj (sliced at config.num_attention_heads in forward) and gate, up into
+    gate_up_proj (chunked): the MLP width and the heads are pruned through the slices and the chunk, the folder
+    reloads with from_pretrained, and the ONNX export matches; with per-layer widths grailc's loader gives each
+    layer's attention its own head counts."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
@@ -143,17 +145,50 @@ def test_fused_projections_compress_through_the_cli(tokenizer, tmp_path, capsys)
     Phi3ForCausalLM(config).eval().save_pretrained(source)
     tokenizer.save_pretrained(source)
     text = str(shakespeare_text(MACBETH))
-    assert main(["compress", f"hf:{source}", "--calib", f"text:{text}", "--calib-samples", "4", "--seq-len", "32",
-                 "--targets", "mlp", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    calib = ["--calib", f"text:{text}", "--calib-samples", "4", "--seq-len", "32", "--quiet"]
+    assert main(["compress", f"hf:{source}", *calib, "--targets", "mlp,heads", "--out", str(tmp_path / "o")]) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert [layer["after"]["intermediate_size"] for layer in report["layers"]] == [48, 48]
+    for layer in report["layers"]:
+        assert layer["after"] == {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
+        assert layer["permutation_error"] < 1e-5
     assert report["onnx"]["relative_diff"] < 1e-4
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
-    assert reloaded.model.layers[0].mlp.gate_up_proj.out_features == 96
+    assert reloaded.model.layers[0].self_attn.qkv_proj.out_features == 64  # 2 query + 1 key + 1 value heads of 16
     assert main(["ppl", str(tmp_path / "o"), "--text", text, "--seq-len", "32", "--windows", "2"]) == 0
     ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]
     windows = eval_windows(read_tokens(tokenizer, shakespeare_text(MACBETH)), 32, 2)
     assert math.isfinite(ppl) and ppl == pytest.approx(perplexity(reloaded, windows), rel=1e-4)
+
+    model = load_causal_lm(source)[0]  # only layer 0 compressed: per-layer widths, kept in grailc_shapes.json
+    recipe = make_recipe(ratio=0.5, targets=["mlp", "heads"], calib_batch_size=4)
+    report = compress_layers(model, _windows(tokenizer, MACBETH, 8, 32), recipe, only=[0])
+    assert [layer["after"]["num_attention_heads"] for layer in report["layers"]] == [2]
+    assert save_causal_lm(model, tokenizer, tmp_path / "g") == "shapes"
+    ids = _windows(tokenizer, HAMLET, 2, 24)
+    torch.testing.assert_close(_logits(load_causal_lm(tmp_path / "g")[0], ids), _logits(model, ids))
+
+
+def test_a_target_the_analysis_pins_is_named_with_its_reason(tokenizer, tmp_path, capsys):
+    """OLMo 2 normalises q and k over all heads at once (q_norm over heads x head_dim): pruning heads would change
+    the norm's statistics, so the heads stay; the run says so on stderr (with --quiet too) and in report.json."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    source = tmp_path / "olmo2"
+    Olmo2ForCausalLM(config).eval().save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    capsys.readouterr()
+    calib = ["--calib", f"text:{shakespeare_text(MACBETH)}", "--calib-samples", "4", "--seq-len", "32"]
+    assert main(["compress", f"hf:{source}", *calib, "--targets", "mlp,heads", "--no-onnx", "--quiet",
+                 "--out", str(tmp_path / "o")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("grailc:")]
+    assert len(err) == 1 and err[0].startswith("grailc: note: heads not pruned in decoder layers 0-1: approximate")
+    assert "layer.self_attn.q_norm" in err[0] and f"grailc groups hf:{source} --layer 0" in err[0]
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["targets_not_pruned"]["heads"]["layers"] == [0, 1] and "mlp" not in report["targets_not_pruned"]
+    assert [layer["after"]["intermediate_size"] for layer in report["layers"]] == [48, 48]
 
 
 def test_calibration_windows_longer_than_a_sliding_window_are_refused(tokenizer):
