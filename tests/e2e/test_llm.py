@@ -30,6 +30,20 @@ def _logits(model, ids):
         return model(ids, use_cache=False).logits
 
 
+def _tiny_family(family: str, tokenizer, folder):
+    """A 2-layer model of a transformers family (``Phi3``: ``Phi3Config``, ``Phi3ForCausalLM``), hidden 64, MLP 96,
+    4 query and 2 key-value heads, random weights, saved with the tokenizer into ``folder``."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    getattr(transformers, f"{family}ForCausalLM")(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_uniform_widths_save_as_a_plain_hf_folder(tiny_folder, tokenizer, tmp_path):
     model, tok = load_causal_lm(tiny_folder)
     recipe = make_recipe(ratio=0.5, targets=["mlp", "heads"], calib_batch_size=4)
@@ -136,14 +150,7 @@ def test_fused_projections_compress_through_the_cli(tokenizer, tmp_path, capsys)
     gate_up_proj (chunked): the MLP width and the heads are pruned through the slices and the chunk, the folder
     reloads with from_pretrained, and the ONNX export matches; with per-layer widths grailc's loader gives each
     layer's attention its own head counts."""
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
-    source = tmp_path / "phi3"
-    Phi3ForCausalLM(config).eval().save_pretrained(source)
-    tokenizer.save_pretrained(source)
+    source = _tiny_family("Phi3", tokenizer, tmp_path / "phi3")
     text = str(shakespeare_text(MACBETH))
     calib = ["--calib", f"text:{text}", "--calib-samples", "4", "--seq-len", "32", "--quiet"]
     assert main(["compress", f"hf:{source}", *calib, "--targets", "mlp,heads", "--out", str(tmp_path / "o")]) == 0
@@ -171,14 +178,7 @@ def test_fused_projections_compress_through_the_cli(tokenizer, tmp_path, capsys)
 def test_a_target_the_analysis_pins_is_named_with_its_reason(tokenizer, tmp_path, capsys):
     """OLMo 2 normalises q and k over all heads at once (q_norm over heads x head_dim): pruning heads would change
     the norm's statistics, so the heads stay; the run says so on stderr (with --quiet too) and in report.json."""
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
-    source = tmp_path / "olmo2"
-    Olmo2ForCausalLM(config).eval().save_pretrained(source)
-    tokenizer.save_pretrained(source)
+    source = _tiny_family("Olmo2", tokenizer, tmp_path / "olmo2")
     capsys.readouterr()
     calib = ["--calib", f"text:{shakespeare_text(MACBETH)}", "--calib-samples", "4", "--seq-len", "32"]
     assert main(["compress", f"hf:{source}", *calib, "--targets", "mlp,heads", "--no-onnx", "--quiet",
