@@ -752,8 +752,9 @@ class Slice:
         if d != _pos(lay.axis, nd) or _same_dims(src, st.shape(node)):
             return lay
         size = src[d]
-        if lay.inner != 1 or lay.granule != 1 or lay.order is not None or not isinstance(size, int):
-            return st.opaque("slice of the channel axis inside granules or of symbolic width")
+        if (lay.inner != 1 or lay.granule != 1 or lay.order is not None or lay.seg_axis is not None or lay.outer
+                or not isinstance(size, int)):
+            return st.opaque("slice of the channel axis inside granules, stacked segments or of symbolic width")
         ranges = [_slice_range(u, d, nd, size) for u in x.users if u.target == node.target]
         here = _slice_range(node, d, nd, size)
         if here is None or any(r is None for r in ranges):
@@ -761,7 +762,7 @@ class Slice:
         bounds = sorted({0, size, *(b for r in ranges for b in r)})
         parts = _cut(st, lay, bounds)
         if parts is None:
-            return st.opaque("slice of the channel axis across tied channels")
+            return st.opaque("slice of the channel axis across tied channels (or inside one of several segments)")
         starts = [sum(seg.size for seg in parts[:i]) for i in range(len(parts))]
         start, end = here
         before = {b: tuple(seg.space for seg, at in zip(parts, starts) if at < b) for b in (start, end)}
