@@ -1076,6 +1076,8 @@ class Matmul:
             if not (la.axis == lb.axis and st.align(la, lb)):
                 return st.opaque("matmul of batch channels that do not line up")
             out = lb if lb.split else la
+            if lb.split and lb.inner != la.inner:  # attention @ repeated v: the output's heads are a's (the queries')
+                out = replace(la, split=lb.split)
         else:
             out = la if la is not None else lb
             other, so = (b, sb) if la is not None else (a, sa)

@@ -148,6 +148,30 @@ def test_slices_of_the_channel_axis_split_their_producer_into_parts():
         prune_and_compare(gm, deps, g, torch.tensor(keep), x)
 
 
+class ExplicitGroupedAttention(nn.Module):
+    """Attention written out (as eager attention in transformers): q k^T and the weights times v by matmul, the
+    2 key-value heads repeated for the 4 query heads by expand and reshape (repeat_kv), the heads merged back."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 8).transpose(1, 2)
+        k, v = (f(x).view(b, t, 2, 8).transpose(1, 2)[:, :, None].expand(b, 2, 2, t, 8).reshape(b, 4, t, 8)
+                for f in (self.k, self.v))
+        weights = torch.softmax(torch.tanh(q @ k.transpose(-1, -2) / 8.0) * 8.0, dim=-1)
+        return self.o((weights @ v).transpose(1, 2).reshape(b, t, 32))
+
+
+def test_explicit_attention_over_repeated_values_keeps_the_query_heads():
+    gm, deps = traced(ExplicitGroupedAttention(), (2, 5, 32))
+    g = group_of(deps, "q")
+    assert g.kind == "heads" and g.prunable and g.size == 2 and sorted(g.modules()) == ["k", "q", "v"]
+    prune_and_compare(gm, deps, g, torch.tensor([1]), torch.randn(2, 5, 32))
+
+
 class SlicedAcrossTies(nn.Module):
     """A slice whose range cuts a space already tied elsewhere (the residual add) cannot split it: pinned."""
 

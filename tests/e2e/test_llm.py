@@ -44,6 +44,20 @@ def _tiny_family(family: str, tokenizer, folder, config_name: str | None = None,
     return folder
 
 
+def _compress_halves(source, out) -> dict:
+    """grailc compress hf:SOURCE --targets mlp,heads at ratio 0.5 through the CLI; every layer must keep half its
+    MLP and one of its two key-value heads (with its two query heads), pass the permutation check and match in
+    ONNX Runtime. Returns report.json."""
+    calib = ["--calib", f"text:{shakespeare_text(MACBETH)}", "--calib-samples", "4", "--seq-len", "32", "--quiet"]
+    assert main(["compress", f"hf:{source}", *calib, "--targets", "mlp,heads", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for layer in report["layers"]:
+        assert layer["after"] == {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
+        assert layer["permutation_error"] < 1e-5
+    assert report["onnx"]["relative_diff"] < 1e-4 and "targets_not_pruned" not in report
+    return report
+
+
 def test_uniform_widths_save_as_a_plain_hf_folder(tiny_folder, tokenizer, tmp_path):
     model, tok = load_causal_lm(tiny_folder)
     recipe = make_recipe(ratio=0.5, targets=["mlp", "heads"], calib_batch_size=4)
@@ -152,13 +166,7 @@ def test_fused_projections_compress_through_the_cli(tokenizer, tmp_path, capsys)
     layer's attention its own head counts."""
     source = _tiny_family("Phi3", tokenizer, tmp_path / "phi3")
     text = str(shakespeare_text(MACBETH))
-    calib = ["--calib", f"text:{text}", "--calib-samples", "4", "--seq-len", "32", "--quiet"]
-    assert main(["compress", f"hf:{source}", *calib, "--targets", "mlp,heads", "--out", str(tmp_path / "o")]) == 0
-    report = json.loads((tmp_path / "o" / "report.json").read_text())
-    for layer in report["layers"]:
-        assert layer["after"] == {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
-        assert layer["permutation_error"] < 1e-5
-    assert report["onnx"]["relative_diff"] < 1e-4
+    _compress_halves(source, tmp_path / "o")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
     assert reloaded.model.layers[0].self_attn.qkv_proj.out_features == 64  # 2 query + 1 key + 1 value heads of 16
     assert main(["ppl", str(tmp_path / "o"), "--text", text, "--seq-len", "32", "--windows", "2"]) == 0
@@ -191,11 +199,17 @@ def test_a_rotary_embedding_per_layer_type_is_asked_for_each_layers_type(tokeniz
         assert block.layer_type == "sliding_attention"
         torch.testing.assert_close(block(states[0]), states[1])
         assert DecoderBlock(layers[1], rotary).layer_type == "full_attention"
-    calib = ["--calib", f"text:{shakespeare_text(MACBETH)}", "--calib-samples", "4", "--seq-len", "32", "--quiet"]
-    assert main(["compress", f"hf:{source}", *calib, "--targets", "mlp,heads", "--out", str(tmp_path / "o")]) == 0
-    report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert [layer["after"]["num_attention_heads"] for layer in report["layers"]] == [2, 2]
-    assert report["onnx"]["relative_diff"] < 1e-4 and "targets_not_pruned" not in report
+    _compress_halves(source, tmp_path / "o")
+
+
+def test_eager_attention_heads_prune_through_the_cli(tokenizer, tmp_path):
+    """Gemma 2 runs its attention eagerly (matmuls, soft-capped logits, key-value heads repeated by expand and
+    reshape): its heads are followed as with scaled_dot_product_attention, and the folder reloads."""
+    source = _tiny_family("Gemma2", tokenizer, tmp_path / "gemma2", head_dim=16, sliding_window=128)
+    _compress_halves(source, tmp_path / "o")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    ids = _windows(tokenizer, HAMLET, 2, 24)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(load_causal_lm(tmp_path / "o")[0], ids))
 
 
 def test_a_layer_that_does_not_run_as_a_block_is_refused_before_compressing(tiny_folder, tokenizer):
