@@ -145,17 +145,20 @@ def switch_on_biases(model, linears: list[str]) -> list[str]:
 
     config, turned = model.config, []
     first = LAYER_PREFIX.format(0)
+    built = built_biases(config) if linears else set()  # a model build on the meta device: once, and per trial
     for linear in linears:
-        if first + linear + ".bias" in built_biases(config):
+        if first + linear + ".bias" in built:
             continue
         for switch in BIAS_SWITCHES:
             if getattr(config, switch, None) is not False:  # absent, or already on
                 continue
             trial = copy.deepcopy(config)
             setattr(trial, switch, True)
-            if first + linear + ".bias" in built_biases(trial):
+            with_switch = built_biases(trial)
+            if first + linear + ".bias" in with_switch:
                 setattr(config, switch, True)
                 turned.append(switch)
+                built = with_switch
                 break
     return turned
 
