@@ -348,8 +348,10 @@ def pinned_targets(groups: list[dict], recipe: Recipe) -> dict[str, str]:
     asked = {TARGETS[t] for t in recipe.targets}
     found = {}
     for name, (kind, consumer) in TARGET_CONSUMERS.items():
+        if kind not in asked:
+            continue
         for g in groups:
-            if kind in asked and g["pinned"] and any(c.endswith(consumer) for c in g["consumers"]):
+            if g["pinned"] and any(c.endswith(consumer) for c in g["consumers"]):
                 found[name] = (f"approximate, not pruned in a decoder layer: {g['approximate']}" if g["approximate"]
                                else g["pinned"])
     return found
