@@ -88,9 +88,10 @@ def providers(choice: str = "auto") -> list[str]:
         if name not in available:
             raise GrailcError(f"ONNX Runtime here has no {name} (it has {', '.join(available)})",
                               fix="use --provider cpu (or auto), or install an onnxruntime build with that provider")
-        if name != CPU and not runs_on(name):
+        problem = provider_problem(name) if name != CPU else None
+        if problem:
             raise GrailcError(f"--provider {choice}: ONNX Runtime lists {name} but cannot run a model on it here "
-                              f"(a session on it falls back to the CPU); it needs {GPU_NEEDS[name]}",
+                              f"({problem}); it needs {GPU_NEEDS[name]}",
                               fix="run on such a machine, or use --provider cpu (auto picks what runs here)")
         return [name]
     if _has_gpu() and CUDA in available and runs_on(CUDA):
@@ -98,10 +99,16 @@ def providers(choice: str = "auto") -> list[str]:
     return [CPU]
 
 
-@functools.cache
 def runs_on(provider: str) -> bool:
-    """Whether ONNX Runtime really runs a session on ``provider``: a one-node model is loaded on it (with the CPU
-    behind it), quietly, and the session asked which provider it got (once per process)."""
+    """Whether ONNX Runtime really runs a session on ``provider`` (see :func:`provider_problem`)."""
+    return provider_problem(provider) is None
+
+
+@functools.cache
+def provider_problem(provider: str) -> str | None:
+    """None where ONNX Runtime really runs a session on ``provider``, else what happened instead: a one-node model
+    (IR version 8, which every ONNX Runtime reads, whatever the onnx package would stamp) is loaded on it (with the
+    CPU behind it), quietly, and the session asked which provider it got (once per process)."""
     import contextlib
     import io
 
@@ -111,16 +118,17 @@ def runs_on(provider: str) -> bool:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     options = ort.SessionOptions()
     options.log_severity_level = 4
     ort.set_default_logger_severity(4)  # the provider libraries' load errors, which the answer replaces
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its fallback
             sess = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=[provider, CPU])
-        return sess.get_providers()[0] == provider
-    except Exception:
-        return False
+        used = sess.get_providers()[0]
+        return None if used == provider else f"a session on it falls back to {used.removesuffix('ExecutionProvider')}"
+    except Exception as e:
+        return f"a session on it fails: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     finally:
         ort.set_default_logger_severity(2)
 

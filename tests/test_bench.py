@@ -18,6 +18,7 @@ from grailc.bench import (
     interleaved_ms,
     nodes_elsewhere,
     placement,
+    provider_problem,
     quartiles,
     random_feed,
     session,
@@ -122,6 +123,19 @@ def test_convolutions_off_the_cpu_block_are_counted_and_named_in_the_table(tmp_p
 def test_an_unknown_or_missing_provider_is_refused(tmp_path):
     with pytest.raises(GrailcError, match="unknown provider"):
         compare(tmp_path / "a.onnx", tmp_path / "b.onnx", Settings(provider="metal"))
+
+
+def test_the_provider_probe_runs_whatever_ir_version_the_onnx_package_stamps():
+    """The probe's one-node model carries an IR version every ONNX Runtime reads: an onnx package newer than the
+    runtime (IR 14 against a runtime reading up to 13) must not make every provider look unusable. On a machine
+    without a GPU the CUDA provider is named with what happened instead."""
+    import onnxruntime as ort
+
+    from grailc.bench import CPU, CUDA
+
+    assert provider_problem(CPU) is None
+    if CUDA in ort.get_available_providers() and not torch.cuda.is_available():
+        assert provider_problem(CUDA) == "a session on it falls back to CPU"
 
 
 def test_a_graph_travels_without_its_weights_and_runs_refilled(tmp_path):
