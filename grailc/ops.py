@@ -388,6 +388,10 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
         tail = _prod(dst[q + 1 :])
         if dst[q] == src[p] and tail == after and not split:
             return lay.with_axis(q - nd_d)  # the channel axis keeps its size; the dims after it regroup
+        if dst[q] == src[p] and tail == after:
+            inside = _regrouped_granules(lay, src, dst, p, q)
+            if inside is not None:
+                return replace(lay, axis=q - nd_d, split=inside)
         for j in range(1, nd_s - p):  # merge the channel axis with the j dims after it
             merged = _prod(src[p + 1 : p + 1 + j])
             if dst[q] != src[p] * merged or tail != _prod(src[p + 1 + j :]):
@@ -419,6 +423,22 @@ def reshape_layout(st, lay: Layout, src: tuple, dst: tuple) -> Layout | str:
                 return _value_dims(st, lay, factors, q + 1 - nd_d)
             return _granules(st, lay, _prod(factors[1:]), q - nd_d, tuple(range(q + 1 - nd_d, q + j + 1 - nd_d)))
     return "reshape that splits or mixes the channel axis"
+
+
+def _regrouped_granules(lay: Layout, src: tuple, dst: tuple, p: int, q: int) -> tuple[int, ...] | None:
+    """The within-granule axes after a reshape that regroups only within-granule dims, as an interleaved rotary
+    embedding does inside each head (``[.., H, T, D/2, 2] -> [.., H, T, D]``): the dims between the channel axis and
+    the first within-granule axis stay as they are, and every dim from there on is a within-granule axis. None for
+    any other reshape."""
+    if lay.inner != 1 or lay.seg_axis is not None or lay.outer:
+        return None
+    nd_s, nd_d = len(src), len(dst)
+    split = {_pos(a, nd_s) for a in lay.split}
+    first = min(split)
+    gap = first - p - 1
+    if gap < 0 or split != set(range(first, nd_s)) or not _same_dims(src[p + 1 : first], dst[q + 1 : q + 1 + gap]):
+        return None
+    return tuple(a - nd_d for a in range(q + 1 + gap, nd_d))
 
 
 SHUFFLE_ENDS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
@@ -936,7 +956,8 @@ class Concat:
 
 
 class Stack:
-    """stack(tensors, dim): a new dim in front of ``dim``; the inputs hold the same channels (tied)."""
+    """stack(tensors, dim): a new dim in front of ``dim``; the inputs hold the same channels (tied). A new last dim
+    after a last within-granule dim (``stack((-x2, x1), -1)`` in an interleaved rotary) is within the granule too."""
 
     def __call__(self, node: fx.Node, st) -> Layout | None:
         tensors = node.args[0]
@@ -946,6 +967,8 @@ class Stack:
         nd = len(st.shape(tensors[0]))
         d = _dim(node.args[1] if len(node.args) > 1 else 0, nd + 1)
         out = st.tie(layouts).remap(nd, nd + 1, {i: (i if i < d else i + 1) for i in range(nd)})
+        if out is not None and d == nd and out.split and -2 in out.split:
+            out = replace(out, split=(*out.split, -1))  # a new last dim beside the last within-granule dim: inside it
         return out
 
 

@@ -172,6 +172,43 @@ def test_explicit_attention_over_repeated_values_keeps_the_query_heads():
     prune_and_compare(gm, deps, g, torch.tensor([1]), torch.randn(2, 5, 32))
 
 
+class InterleavedRotaryHeads(nn.Module):
+    """Attention whose rotary embedding pairs neighbouring channels inside each head on the first half of head_dim
+    (as GLM's: x[..., 0::2] and x[..., 1::2] stacked on a new last axis and flattened back); ``mix_time``: the
+    flatten merges time into the head's channels instead ([B, H, T, D] -> [B, H, T*D]), which is not within-head."""
+
+    def __init__(self, mix_time: bool = False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+        self.mix_time = mix_time
+
+    def rotate(self, x):
+        rot, rest = x[..., :4], x[..., 4:]
+        pairs = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
+        return torch.cat((rot * 0.5 + pairs * 0.25, rest), dim=-1)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, 4, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if self.mix_time:
+            v = v.flatten(-2).view(b, 4, t, 8)
+        out = nn.functional.scaled_dot_product_attention(self.rotate(q), self.rotate(k), v)
+        return self.o(out.transpose(1, 2).reshape(b, t, 32))
+
+
+def test_an_interleaved_rotary_inside_heads_keeps_them_prunable():
+    gm, deps = traced(InterleavedRotaryHeads(), (2, 5, 32))
+    g = group_of(deps, "q")
+    assert g.kind == "heads" and g.prunable and g.size == 4
+    prune_and_compare(gm, deps, g, torch.tensor([0, 3]), torch.randn(2, 5, 32))
+
+
+def test_a_reshape_that_merges_time_into_the_heads_channels_pins_them():
+    _, deps = traced(InterleavedRotaryHeads(mix_time=True), (2, 5, 32))
+    g = group_of(deps, "v")
+    assert not g.prunable and "reshape that splits or mixes the channel axis" in g.pinned
+
+
 class SlicedAcrossTies(nn.Module):
     """A slice whose range cuts a space already tied elsewhere (the residual add) cannot split it: pinned."""
 

@@ -212,6 +212,16 @@ def test_eager_attention_heads_prune_through_the_cli(tokenizer, tmp_path):
     torch.testing.assert_close(_logits(reloaded, ids), _logits(load_causal_lm(tmp_path / "o")[0], ids))
 
 
+def test_interleaved_rotary_heads_prune_through_the_cli(tokenizer, tmp_path):
+    """GLM's rotary embedding pairs neighbouring channels inside each head (stack on a new last axis, flatten back)
+    on half of head_dim: its heads are followed through it, and the folder reloads with from_pretrained."""
+    source = _tiny_family("Glm", tokenizer, tmp_path / "glm", head_dim=16)
+    _compress_halves(source, tmp_path / "o")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    ids = _windows(tokenizer, HAMLET, 2, 24)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(load_causal_lm(tmp_path / "o")[0], ids))
+
+
 def test_a_layer_that_does_not_run_as_a_block_is_refused_before_compressing(tiny_folder, tokenizer):
     from grailc.errors import RecipeError
     from grailc.llm.layerwise import DecoderBlock, check_block_runs, decoder_parts
