@@ -282,12 +282,17 @@ def conv_widths(path: Path) -> dict:
 
 def nodes_elsewhere(events: list[dict], provider: str) -> list[str]:
     """The nodes that an ONNX Runtime profile (the events of its JSON file) shows running on a provider other than
-    ``provider``, as ``op (node)``; the device copies around them are left out."""
+    ``provider``, as ``op (node)``; the device copies around them are left out, and so is shape arithmetic (nodes
+    whose outputs are all integers, e.g. the batch size read for a reshape), which ONNX Runtime places on the CPU
+    on purpose."""
     found: dict[str, str] = {}
     for e in events:
         args = e.get("args", {})
         name = e.get("name", "")
         if e.get("cat") == "Node" and name.endswith("_kernel_time") and args.get("provider", provider) != provider:
+            outputs = [kind for out in args.get("output_type_shape", []) for kind in out]
+            if outputs and all(kind in ("int64", "int32") for kind in outputs):
+                continue
             if args.get("op_name") not in ("MemcpyToHost", "MemcpyFromHost"):
                 found[name.removesuffix("_kernel_time")] = args.get("op_name", "?")
     return [f"{op} ({node})" for node, op in found.items()]
