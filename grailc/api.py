@@ -18,6 +18,7 @@ from torch import fx
 from grailc import distributed
 from grailc.calib_data import check_finite
 from grailc.context import Context
+from grailc.device import exact_float32, inputs_to, move_graph
 from grailc.errors import CalibrationError, GrailcError, RecipeError, VerificationError
 from grailc.export import ONNX_UNSUPPORTED, onnx_parity, parity_tolerance, reexport, save_onnx, save_pt2
 from grailc.metrics import block_record, count_macs, count_params, latency_ms
@@ -208,6 +209,7 @@ def compress(
     sharded: bool = False,
     traces: Traces | None = None,
     dense_calib: Iterable | None = None,
+    device: torch.device | str | None = None,
     **overrides,
 ) -> Result:
     """Compress ``model`` (an nn.Module or ExportedProgram) and verify the result; see :class:`Recipe` for options.
@@ -225,6 +227,9 @@ def compress(
     like one of them instead of tracing it again (the layer-by-layer driver passes one for all its decoder layers).
     ``dense_calib``: batches parallel to ``calib`` that sequential calibration feeds the dense run instead (the
     layer-by-layer driver passes the dense model's own stream with ``compensate_target="stream"``).
+    ``device``: where the passes compute (a GPU: ``"cuda"``); the model is traced on the CPU, its graph moved there
+    for calibration, selection, compensation, rewriting and the self-check (float32 without TF32), and the result
+    comes back to the CPU, where the metrics, the export and the ONNX check run. None: where the model is.
     """
     if input_shape:  # the recipe holds one shape, or a list of shapes for a model with several inputs
         shapes = [list(s) for s in input_shape] if isinstance(input_shape[0], (tuple, list)) else [list(input_shape)]
@@ -274,24 +279,36 @@ def compress(
         dense_fit = distributed.shard(dense_fit) if dense_fit is not None else None
 
     reference = copy.deepcopy(gm)
+    params_before, macs_before = count_params(reference), count_macs(reference, example)
+    home = example[0].device
+    device = torch.device(device) if device is not None else home
+    if device != home:  # the passes compute on the device; the result comes back (below)
+        gm, reference = move_graph(gm, device), move_graph(reference, device)
+        example, fit, held_out = inputs_to([example], device)[0], inputs_to(fit, device), inputs_to(held_out, device)
+        dense_fit = inputs_to(dense_fit, device) if dense_fit is not None else None
     ctx = Context(gm=gm, reference=reference, example=example, recipe=recipe, calib=fit, held_out=held_out,
                   dense_calib=dense_fit, data_free=data_free, progress=progress, timings=timings)
     report = ctx.report
     report["recipe"] = dataclasses.asdict(recipe)
     report["data_free"] = data_free
-    report["params_before"] = count_params(reference)
-    report["macs_before"] = count_macs(reference, example)
+    report["params_before"] = params_before
+    report["macs_before"] = macs_before
+    report["device"] = str(device)
     if distributed.active():
         report["distributed"] = {"processes": distributed.world(), "backend": distributed.backend(),
                                  "batches_here": len(fit), "sharding": "fitted batch i on rank i % processes"}
     try:
-        run_pipeline(ctx, recipe.pipeline)
+        with exact_float32(device):
+            run_pipeline(ctx, recipe.pipeline)
         distributed.agree(ctx.gm)  # every process holds bitwise the same result, or none is written
     except VerificationError as e:
         _record_groups(ctx)
         e.report = report
         raise
     _record_groups(ctx)
+    if device != home:
+        ctx.gm, reference = move_graph(ctx.gm, home), move_graph(reference, home)
+        example, held_out = inputs_to([example], home)[0], inputs_to(held_out, home)
     report["params_after"] = count_params(ctx.gm)
     report["macs_after"] = count_macs(ctx.gm, example)
     report["cpu_block"] = block_record(reference, ctx.gm)

@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "loading the whole model: CPU memory holds one layer, the embedding and head and the "
                      "calibration activations; the output is the same folder (no ONNX export: give --no-onnx, then run "
                      "grailc export OUT/ where the compressed model fits in memory)")
-    llm.add_argument("--device", default="auto", help="auto | cpu | cuda: where hf: decoder LLMs compute, one layer "
-                     "on the device at a time (auto: CUDA when available; under torchrun the GPU of LOCAL_RANK); "
-                     "other models compile on the CPU (default auto)")
+    llm.add_argument("--device", default="auto", help="auto | cpu | cuda: where the compile computes (auto: CUDA when "
+                     "available; under torchrun the GPU of LOCAL_RANK); hf: decoder LLMs go one layer at a time, "
+                     "other models are traced on the CPU and come back to it for the export (default auto)")
     c.add_argument("--out", default="grailc-out", help="output folder (default grailc-out)")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", action="store_true", help="no progress bars or table")
@@ -227,18 +227,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def device_for(args) -> torch.device:
-    """The device of --device for this command: hf: decoder LLMs (compress, ppl) compute on it; the compile of
-    other models (trace, calibration, ONNX export) runs on the CPU, so for them auto is the CPU and cuda is refused."""
+    """The device of --device for this command: hf: decoder LLMs (compress, ppl) compute on it one layer at a time;
+    other models are traced on the CPU, compiled on it and brought back to the CPU for the export."""
     from grailc.device import resolve_device
 
-    name = getattr(args, "device", None) or "auto"
-    device = resolve_device(name)
-    if args.command == "compress" and not args.model.startswith("hf:"):
-        if device.type == "cuda" and name.strip().lower() != "auto":
-            raise RecipeError(f"--device {name} is for hf: decoder LLMs; the compile of other models runs on the CPU",
-                              fix="drop --device (or give --device cpu)")
-        return torch.device("cpu")
-    return device
+    return resolve_device(getattr(args, "device", None) or "auto")
 
 
 def _join_processes(args) -> bool:
@@ -501,7 +494,7 @@ def run_compress(args, argv) -> int:
         return _run_compress_llm(args, argv, recipe, start)
     from grailc.distributed import is_main
 
-    device_for(args)  # a --device the compile cannot use is refused before anything is loaded
+    device = device_for(args)  # a --device this machine lacks is refused before anything is loaded
     # only rank 0 of a data-parallel run writes outputs; the others compute the same compile and stop there
     with StagedOutput(args.out, force=args.force) if is_main() else contextlib.nullcontext() as staged:
         model_path = Path(args.model)
@@ -517,7 +510,7 @@ def run_compress(args, argv) -> int:
                                 mean=c.mean, std=c.std, normalize=c.normalize, seed=c.seed, names=names)
         t_data = time.perf_counter() - t0
         try:
-            result = compress(model, input_shape=shapes, calib=data.batches, recipe=recipe,
+            result = compress(model, input_shape=shapes, calib=data.batches, recipe=recipe, device=device,
                               data_free=data.data_free, progress=not args.quiet and is_main())
             if staged is None:
                 return 0

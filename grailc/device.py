@@ -7,9 +7,11 @@ is a user error, not a silent fall-back to the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+from torch import fx
 
 from grailc.errors import RecipeError
 
@@ -43,3 +45,49 @@ def resolve_device(name: str | None) -> torch.device:
             fix="start at most one process per GPU (torchrun --nproc-per-node N with N <= the GPU count)",
         )
     return torch.device("cuda", index)
+
+
+def move_graph(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """``gm`` computing on ``device``, in place: its parameters, buffers and tensor constants moved there, and every
+    device argument of its nodes (``arange(..., device=cpu)`` baked in by the trace) pointing there."""
+    changed = False
+
+    def swap(a):
+        nonlocal changed
+        if isinstance(a, torch.device) and a != device:
+            changed = True
+            return device
+        return a
+
+    for node in gm.graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, swap)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+        if node.op == "get_attr":
+            owner_name, _, name = node.target.rpartition(".")
+            owner = gm.get_submodule(owner_name) if owner_name else gm
+            value = getattr(owner, name, None)
+            if isinstance(value, torch.Tensor) and name not in owner._parameters and name not in owner._buffers:
+                setattr(owner, name, value.to(device))  # a plain tensor attribute, which Module.to leaves
+    if changed:
+        gm.recompile()
+    return gm.to(device)
+
+
+def inputs_to(batches: list[tuple[torch.Tensor, ...]], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Every tensor of every batch on ``device``."""
+    return [tuple(t.to(device) for t in batch) for batch in batches]
+
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device):
+    """float32 convolutions and matrix products in full precision on a GPU (no TF32, which cuDNN uses for
+    convolutions by default: about 1e-3 relative, which the Grams and the self-check would see), restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

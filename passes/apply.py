@@ -112,7 +112,8 @@ def gather_shuffled(gm, last: fx.Node, car, maps_of) -> None:
     chain.append(chain[-1].args[0])
     x = chain[-1].args[0]
     name = f"{last.name}_channels"
-    gm.register_buffer(name, index.to(x.meta["val"].device if "val" in x.meta else "cpu"))
+    where = next(gm.parameters(), next(gm.buffers(), None))  # the graph's device (its trace's meta may be elsewhere)
+    gm.register_buffer(name, index.to(where.device if where is not None else "cpu"))
     with gm.graph.inserting_before(last):
         attr = gm.graph.get_attr(name)
         gather = gm.graph.call_function(torch.ops.aten.index_select.default,

@@ -256,6 +256,10 @@ def test_device_cuda_without_cuda_is_a_clear_error(tiny_folder, tmp_path, capsys
         assert rc == 2 and len(err) == 1, err
         assert "--device cuda was asked for, but PyTorch sees no CUDA device" in err[0] and "--device cpu" in err[0]
         assert not (tmp_path / "o").exists()
+    rc = main(["compress", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--device", "cuda",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "PyTorch sees no CUDA device" in err[0] and not (tmp_path / "o").exists()
     rc = main(["compress", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--device", "gpu",
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "unknown device 'gpu'" in capsys.readouterr().err
@@ -274,3 +278,28 @@ def test_llm_on_cuda_gives_the_cpu_model(tiny_folder, tmp_path):
     assert cpu.keys() == cuda.keys() and all(cpu[k].shape == cuda[k].shape for k in cpu)
     for name, a in cpu.items():  # GPU kernels round differently from the CPU's: same model to float32 noise
         torch.testing.assert_close(cuda[name], a, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["resnet", "vit"])
+@pytest.mark.parametrize("mode", ["sequential", "one-shot"])
+def test_a_cnn_or_vit_compiled_on_cuda_gives_the_cpu_model(tmp_path, model, mode):
+    """The trained Fashion-MNIST ResNet and ViT compiled through the CLI with --device cpu and --device cuda (traced
+    on the CPU, compiled on the GPU, brought back for the export and its ONNX check): the same kept widths, and
+    outputs equal to float32 noise."""
+    from grailc.models import fashion_resnet, fashion_vit
+
+    net = fashion_resnet.load_pretrained() if model == "resnet" else fashion_vit.load_fashion_vit()
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(2, 1, 28, 28),)), str(path))
+    args = [str(path), "--calib", "random", "--calib-batches", "4", "--batch-size", "16", "--ratio", "0.5",
+            "--quiet", *(["--one-shot"] if mode == "one-shot" else [])]
+    for device in ("cpu", "cuda"):
+        assert main(["compress", *args, "--device", device, "--out", str(tmp_path / device)]) == 0
+    cpu, cuda = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("cpu", "cuda"))
+    assert cpu["device"] == "cpu" and cuda["device"].startswith("cuda") and cuda["onnx"]["relative_diff"] < 1e-4
+    assert [g["kept"] for g in cpu["groups"]] == [g["kept"] for g in cuda["groups"]]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        a, b = (torch.export.load(str(tmp_path / d / "model.pt2")).module()(x) for d in ("cpu", "cuda"))
+    assert b.device.type == "cpu" and float((a - b).norm() / a.norm()) < 1e-3
