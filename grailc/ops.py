@@ -849,27 +849,19 @@ class Split:
         outs = [v for v in node.meta.get("val", ())]
         if d != _pos(lay.axis, nd):
             return tuple(lay for _ in outs)
-        if lay.inner != 1 or lay.granule != 1:
-            return st.opaque("split of the channel axis inside granules")
+        if lay.inner != 1 or lay.granule != 1 or lay.seg_axis is not None or lay.outer:
+            return st.opaque("split of the channel axis inside granules or stacked segments")
         sizes = [int(v.shape[d]) for v in outs]
         if lay.order is not None:
             return _split_shuffled(st, lay, sizes)
         bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        seg_bounds = [0]
-        for seg in lay.segments:
-            seg_bounds.append(seg_bounds[-1] + seg.size)
-        if set(bounds) <= set(seg_bounds):
-            st.carrier(lay, [], size_args=[(1, i, 1, tuple(s.space for s, start in zip(lay.segments, seg_bounds)
-                                                              if bounds[i] <= start < bounds[i + 1]))
-                                           for i in range(len(sizes))])
-            return tuple(Layout(lay.axis, tuple(s for s, start in zip(lay.segments, seg_bounds)
-                                                 if bounds[i] <= start < bounds[i + 1])) for i in range(len(sizes)))
-        if len(lay.segments) == 1:
-            parts = st.spaces.split(lay.segments[0].space, sizes)
-            if parts is not None:
-                whole = Layout(lay.axis, tuple(Segment(p, s) for p, s in zip(parts, sizes)))
-                st.carrier(whole, [], size_args=[(1, i, 1, (p,)) for i, p in enumerate(parts)])  # each part's width
-                return tuple(Layout(lay.axis, (Segment(p, s),)) for p, s in zip(parts, sizes))
+        parts = _cut(st, lay, bounds)
+        if parts is not None:
+            starts = [sum(seg.size for seg in parts[:i]) for i in range(len(parts))]
+            pieces = [tuple(seg for seg, at in zip(parts, starts) if a <= at < b) for a, b in zip(bounds, bounds[1:])]
+            st.carrier(Layout(lay.axis, tuple(parts)), [],
+                       size_args=[(1, i, 1, tuple(seg.space for seg in piece)) for i, piece in enumerate(pieces)])
+            return tuple(Layout(lay.axis, piece) for piece in pieces)
         return st.opaque("split of the channel axis across tied channels")
 
 
