@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import types
 
 import torch
 from torch import fx
@@ -165,6 +167,12 @@ def _same_value(a, b) -> bool:
                 and a.device == b.device and a.shape == b.shape and bool(torch.equal(a, b)))
     if type(a) is not type(b):
         return False
+    if isinstance(a, functools.partial):  # made anew per module (an activation's gelu with approximate="tanh")
+        return (_same_value(a.func, b.func) and len(a.args) == len(b.args)
+                and all(_same_value(x, y) for x, y in zip(a.args, b.args)) and a.keywords.keys() == b.keywords.keys()
+                and all(_same_value(a.keywords[k], b.keywords[k]) for k in a.keywords))
+    if isinstance(a, types.MethodType) and isinstance(a.__self__, torch.nn.Module):
+        return a.__func__ is b.__func__ and type(a.__self__) is type(b.__self__)  # the modules are compared apart
     try:
         return bool(a == b)
     except Exception:  # an object that cannot be compared is taken as different

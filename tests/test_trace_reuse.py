@@ -5,6 +5,7 @@ a compile."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -125,6 +126,22 @@ class WithConstant(Net):
         return super().forward(x) * self.scale
 
 
+class MadeActivation(Net):
+    """An activation made per module, as transformers' GELU modules make theirs: a partial of gelu, or a method
+    bound to the module itself; two modules compare equal when these are made alike."""
+
+    def __init__(self, approximate: str = "tanh", bound: bool = False):
+        super().__init__()
+        self.act = self._gelu if bound else functools.partial(nn.functional.gelu, approximate=approximate)
+        self.approximate = approximate
+
+    def _gelu(self, x):
+        return nn.functional.gelu(x, approximate=self.approximate)
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
 def net(cls=Net, seed: int = 0, **kw):
     torch.manual_seed(seed)
     return cls(**kw).eval()
@@ -192,3 +209,15 @@ def test_a_graph_with_baked_in_constants_is_not_reused(count_traces):
     traced(net(WithConstant), traces)
     traced(net(WithConstant, seed=1), traces)
     assert traces.templates == [] and len(count_traces) == 2 and traces.last == "traced"
+
+
+def test_activations_made_per_module_compare_by_what_they_compute(count_traces):
+    for bound in (False, True):
+        traces = Traces()
+        traced(net(MadeActivation, bound=bound), traces)
+        traced(net(MadeActivation, seed=1, bound=bound), traces)
+        assert traces.last == "reused"
+    gm, example = traced(net(MadeActivation))
+    template = Template.of(gm, net(MadeActivation), [(1, 8)], example)
+    exact = net(MadeActivation, approximate="none")
+    assert template.mismatch(exact) == "attribute act differs from the traced module's"
