@@ -141,12 +141,88 @@ def format_bytes(size: int) -> str:
     return f"{value:.2f} GiB"
 
 
-def _slots_by_node(groups) -> dict[str, list]:
+def _slots_by_node(groups, only: set[str] | None = None) -> dict[str, list]:
+    """The consumer slots of ``groups`` by consumer node (``only``: just the slots with these keys)."""
     found: dict[str, list] = {}
     for g in groups:
         for slot in g.consumers:
-            found.setdefault(slot.consumer.node, []).append(slot)
+            if only is None or slot.key in only:
+                found.setdefault(slot.consumer.node, []).append(slot)
     return found
+
+
+def shared_rows(gm: fx.GraphModule, groups) -> dict[str, str]:
+    """Per consumer slot, the key of the first slot that reads the same rows: the same tensor, in the same layout,
+    the same indices of it (an Inception block's branches, a ResNet stage's first block and its shortcut). Their
+    statistics are equal, so they are taken once. A tensor that an op may write into (``relu_``, or a call of
+    unknown effect) after its first slot's consumer is not shared: a later consumer may read other values."""
+    order = _node_order(gm)
+    named = {n.name: n for n in gm.graph.nodes}
+    slots = [slot for g in groups for slot in g.consumers]
+    start: dict[str, int] = {}  # tensor -> where its first slot's consumer reads it
+    for slot in slots:
+        x = named[slot.consumer.node].args[slot.consumer.arg]
+        if isinstance(x, fx.Node):
+            start[x.name] = min(start.get(x.name, len(order)), order[slot.consumer.node])
+    stable = {name for name, at in start.items() if not _written_after(named[name], order, at)}
+    first: dict[tuple, str] = {}
+    source: dict[str, str] = {}
+    for slot in slots:
+        c = slot.consumer
+        x = named[c.node].args[c.arg]
+        if not isinstance(x, fx.Node) or x.name not in stable:
+            source[slot.key] = slot.key
+            continue
+        source[slot.key] = first.setdefault((x.name, c.layout, slot.offset, slot.size, slot.positions), slot.key)
+    return source
+
+
+def _written_after(x: fx.Node, order: dict[str, int], at: int) -> bool:
+    """Whether a node after position ``at`` may write into ``x`` or a view of it (following views and in-place
+    results, which alias it); a call whose effects are unknown counts as a write."""
+    stack, seen = [x], set()
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            kind = _alias_of(user, n)
+            if kind == "write" and order[user.name] > at:
+                return True
+            if kind in ("view", "write"):
+                stack.append(user)
+    return False
+
+
+def _alias_of(node: fx.Node, arg: fx.Node) -> str | None:
+    """How ``node`` uses its input ``arg``: "write" (it may write into it), "view" (its output may alias it) or
+    None (it only reads it). From the op's schema; a Python function on values (``operator.getitem``) reads, and
+    any other call without a schema may write."""
+    if node.op == "output":
+        return None
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        pure = node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator")
+        return None if pure else "write"
+    named = {a.name: a for a in schema.arguments}
+    given = [*zip(schema.arguments, node.args), *((named[k], v) for k, v in node.kwargs.items() if k in named)]
+    found = None
+    for spec, value in given:
+        if value is arg and spec.alias_info is not None:
+            if spec.alias_info.is_write:
+                return "write"
+            found = "view"
+    return found
+
+
+def _copy_shared(source: dict[str, str], *stores: dict) -> None:
+    """Each slot that shares another's rows gets its own copy of that slot's statistics."""
+    for key, src in source.items():
+        if key != src:
+            for store in stores:
+                value = store[src]
+                store[key] = value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def _node_order(gm: fx.GraphModule) -> dict[str, int]:
@@ -214,8 +290,10 @@ def _add_products(store: dict, key: str, a: torch.Tensor, b: torch.Tensor | None
 
 def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progress: bool = False,
                  sums: dict | None = None):
-    """G = sum x x^T per consumer slot of ``groups``, streaming over the batches (and s = sum x into ``sums``)."""
+    """G = sum x x^T per consumer slot of ``groups``, streaming over the batches (and s = sum x into ``sums``); slots
+    that read the same rows (``shared_rows``) are taken once."""
     grams, rows = {}, {}
+    source = shared_rows(gm, groups)
 
     def add(slots, xr):
         for slot in slots:
@@ -225,10 +303,12 @@ def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progre
             if sums is not None:
                 _accumulate(sums, slot.key, column_sums(part))
 
-    recorder = InputRecorder(gm, _slots_by_node(groups), add, check_nodes=False)
+    recorder = InputRecorder(gm, _slots_by_node(groups, {k for k, src in source.items() if k == src}), add,
+                             check_nodes=False)
     for x in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
         recorder.feed(x)
     _check_finite_statistics(gm, grams, batches)
+    _copy_shared(source, grams, rows, *([sums] if sums is not None else []))
     return grams, rows
 
 
