@@ -258,15 +258,16 @@ def bias_of(gm: fx.GraphModule, node_name: str) -> str | None:
     return bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
 
 
-def add_to_bias(gm: fx.GraphModule, consumer, shift: torch.Tensor) -> None:
+def add_to_bias(gm: fx.GraphModule, consumer, shift: torch.Tensor) -> bool:
     """b += shift on the consumer's conv/linear node (bias = argument 2); without a bias, a new parameter beside
-    the weight (``<module>.bias``) and its get_attr node are added. Call ``gm.recompile()`` after."""
+    the weight (``<module>.bias``) and its get_attr node are added. True when the graph gained that node (then
+    ``gm.recompile()`` before calling ``gm`` itself; an ``fx.Interpreter`` reads the graph as it is)."""
     node = next(n for n in gm.graph.nodes if n.name == consumer.node)
     bias = node.args[2] if len(node.args) > 2 else None
     if bias is not None:
         b = get_param(gm, bias.target)
         set_param(gm, bias.target, b + shift.to(b.device, b.dtype))
-        return
+        return False
     weight = get_param(gm, consumer.weight)
     owner_name = consumer.weight.rpartition(".")[0]
     owner = gm.get_submodule(owner_name) if owner_name else gm
@@ -277,3 +278,4 @@ def add_to_bias(gm: fx.GraphModule, consumer, shift: torch.Tensor) -> None:
     with gm.graph.inserting_before(node):
         attr = gm.graph.get_attr(f"{owner_name}.{name}" if owner_name else name)
     node.args = (*node.args[:2], attr, *node.args[3:])
+    return True

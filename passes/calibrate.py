@@ -793,9 +793,9 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
                 fold = ctx.folds.get(slot.key)
                 weight = get_param(shadow, slot.consumer.weight)
                 if fold is not None and fold.offset is not None:
-                    add_to_bias(shadow, slot.consumer, fold_shift(shadow, slot.consumer, weight, slot.indices(), fold))
-                    shadow.recompile()
-                    shadow_order.update()  # a bias may have been added: new nodes
+                    if add_to_bias(shadow, slot.consumer,
+                                   fold_shift(shadow, slot.consumer, weight, slot.indices(), fold)):
+                        shadow_order.update()  # a new bias node; the runs interpret the graph, so no recompile
                 set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.map(decision.map), fold))
         for _, run in runs:  # this consumer and the ones after it read the new weights
             run.resync(shadow_order.named[node])
