@@ -2,6 +2,7 @@
 Torch-Pruning's dependency-graph build plus pruning, on the same model in one run.
 
     .venv/bin/python benchmarks/compile_time.py [--model resnet50] [--images 128] [--size 224] [--batch 16]
+        [--device auto|cpu|cuda]
 
 Prints, per stage, seconds and the ratio to the dense forward pass (the unit the goals are stated in: the default
 pipeline's stages but export at most 2x, sequential calibration at most 3x). Random weights and random images:
@@ -11,11 +12,16 @@ channels`` adds a sequential column with k x k convolutions solved over channels
 ``--float64-products`` runs both modes a second time with the Gram products in float64 (as before float32
 products were the default) and prints the calibration times side by side and how far the two compressed models'
 outputs are apart, relative to how far each is from the dense model.
+
+``--device`` (default auto: CUDA when there is one) is where the dense forward and the compile compute, as
+``grailc compress --device`` does (traced on the CPU, the passes on the device, float32 without TF32 for both);
+on a GPU the forward is timed after one warm-up batch, synchronised.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from unittest import mock
 
@@ -23,22 +29,29 @@ import torch
 import torchvision
 
 import grailc
+from grailc.device import exact_float32, resolve_device
 
 STAGES = ("trace", "analyse", "calibrate", "select", "compensate", "apply", "verify")
 
 
-def dense_forward(model, batches) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
+def dense_forward(model, batches, device: torch.device) -> float:
+    """Seconds of one forward pass over ``batches`` on ``device`` (the model and the batches moved there first)."""
+    model = copy.deepcopy(model).to(device)
+    batches = [x.to(device) for x in batches]
+    with torch.no_grad(), exact_float32(device):
+        if device.type == "cuda":
+            model(batches[0])  # cuDNN picks its kernels on the first call
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         for x in batches:
             model(x)
-    return time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
 
 def torch_pruning_seconds(model, example, ratio: float) -> tuple[float, float]:
     """Seconds of Torch-Pruning's DependencyGraph build (inside the pruner) and of its pruning step."""
-    import copy
-
     import torch_pruning as tp
 
     model = copy.deepcopy(model)
@@ -62,19 +75,21 @@ def main() -> None:
                         help="the sequential columns: taps (the default) and/or channels (--kernel-solve)")
     parser.add_argument("--float64-products", action="store_true",
                         help="also calibrate with float64 products and compare")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: CUDA when available)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)().eval()
     batches = list(torch.randn(args.images, 3, args.size, args.size).split(args.batch))
-    dense = dense_forward(model, batches)
-    print(f"{args.model}, {args.images} images of {args.size} px in batches of {args.batch}, ratio {args.ratio}; "
-          f"one dense forward pass over them: {dense:.1f} s")
+    dense = dense_forward(model, batches, device)
+    print(f"{args.model}, {args.images} images of {args.size} px in batches of {args.batch}, ratio {args.ratio}, "
+          f"on {device}; one dense forward pass over them: {dense:.2f} s")
     rows, modules = {}, {}
     modes = [("one-shot", False, "channels")]
     modes += [("sequential" if solve == "taps" else f"seq. {solve}", True, solve) for solve in args.kernel_solves]
     for mode, sequential, solve in modes:
         result = grailc.compress(model, calib=batches, ratio=args.ratio, sequential=sequential, calib_held_out=1,
-                                 measure_latency=False, onnx=False, kernel_solve=solve)
+                                 measure_latency=False, onnx=False, kernel_solve=solve, device=device)
         rows[mode], modules[mode] = result.report["timings"], result.module
     built, pruned = torch_pruning_seconds(model, batches[0][:1], args.ratio)
     print(f"{'stage':>12} " + " ".join(f"{m + ' s':>14} {'x fwd':>6}" for m in rows))
@@ -87,10 +102,10 @@ def main() -> None:
     print(f"Torch-Pruning: dependency graph {built:.1f} s ({built / dense:.2f} x fwd), pruning step {pruned:.1f} s "
           f"({pruned / dense:.2f} x fwd); no calibration, no compensation, no verification")
     if args.float64_products:
-        compare_float64(model, batches, args.ratio, rows, modules)
+        compare_float64(model, batches, args.ratio, rows, modules, device)
 
 
-def compare_float64(model, batches, ratio: float, rows: dict, modules: dict) -> None:
+def compare_float64(model, batches, ratio: float, rows: dict, modules: dict, device: torch.device) -> None:
     """Calibration with float64 products against the float32 ones just run: seconds, and the distance between
     the two compressed models' outputs on the held-out batch relative to their distance from the dense model."""
     from grailc.passes import calibrate
@@ -102,7 +117,7 @@ def compare_float64(model, batches, ratio: float, rows: dict, modules: dict) -> 
     for mode, sequential in (("one-shot", False), ("sequential", True)):
         with mock.patch.object(calibrate, "row_dtype", lambda t: torch.float64):
             result = grailc.compress(model, calib=batches, ratio=ratio, sequential=sequential, calib_held_out=1,
-                                     measure_latency=False, onnx=False)
+                                     measure_latency=False, onnx=False, device=device)
         with torch.no_grad():
             y32, y64 = modules[mode](x), result.module(x)
         apart = float((y32 - y64).norm() / (y64 - dense).norm())
