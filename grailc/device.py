@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from grailc.errors import RecipeError
+from grailc.surgery import owner_of
 
 CHOICES = ("auto", "cpu", "cuda")
 
@@ -63,8 +64,7 @@ def move_graph(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
         node.args = fx.node.map_aggregate(node.args, swap)
         node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
         if node.op == "get_attr":
-            owner_name, _, name = node.target.rpartition(".")
-            owner = gm.get_submodule(owner_name) if owner_name else gm
+            owner, name = owner_of(gm, node.target)
             value = getattr(owner, name, None)
             if isinstance(value, torch.Tensor) and name not in owner._parameters and name not in owner._buffers:
                 setattr(owner, name, value.to(device))  # a plain tensor attribute, which Module.to leaves

@@ -32,10 +32,15 @@ def get_param(gm: fx.GraphModule, target: str) -> torch.Tensor:
     return gm.get_parameter(target) if is_parameter(gm, target) else gm.get_buffer(target)
 
 
+def owner_of(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    """The submodule that holds attribute ``target`` (a dotted name) and the attribute's own name."""
+    owner_name, _, name = target.rpartition(".")
+    return (module.get_submodule(owner_name) if owner_name else module), name
+
+
 def set_param(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     """Replace a parameter or buffer, keeping its kind."""
-    owner_name, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
+    owner, name = owner_of(gm, target)
     if is_parameter(gm, target):
         setattr(owner, name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
     else:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from grailc.errors import GrailcError
-from grailc.surgery import set_param
+from grailc.surgery import owner_of, set_param
 
 SHAPES_FILE = "grailc_shapes.json"
 BIAS_SWITCHES = ("mlp_bias", "attention_bias")  # config switches that build some linears of a layer with biases
@@ -178,8 +178,7 @@ def complete_biases(layer: torch.nn.Module, index: int, built: set[str]) -> None
 def replace_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     """Set a parameter to ``value`` (any shape; a new one where the module has none of that name, such as a
     linear's absent bias) and keep its module's size attributes in step."""
-    owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    owner, leaf = owner_of(model, name)
     if leaf not in owner._buffers and owner._parameters.get(leaf) is None:
         owner.register_parameter(leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
     else:
