@@ -39,12 +39,26 @@ def owner_of(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str
 
 
 def set_param(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Replace a parameter or buffer, keeping its kind."""
+    """Replace a parameter or buffer, keeping its kind and memory format, with that format's plain strides: a
+    product can leave a 1 x 1 kernel's [O, C, 1, 1] weight strided as (C, 1, C, C), which a convolution reads as
+    channels-last, and every tensor after it would then be channels-last (the ONNX export gathers the flattened
+    classifier input through Shape, Range and Gather)."""
     owner, name = owner_of(gm, target)
+    value = value.detach().clone(memory_format=memory_format_of(getattr(owner, name, None)))
     if is_parameter(gm, target):
-        setattr(owner, name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+        setattr(owner, name, torch.nn.Parameter(value, requires_grad=False))
     else:
-        owner.register_buffer(name, value.detach().clone())
+        owner.register_buffer(name, value)
+
+
+def memory_format_of(t: torch.Tensor | None) -> torch.memory_format:
+    """channels-last where ``t`` is laid out so and not also plainly contiguous (a 1 x 1 kernel can be both),
+    else the plain contiguous format."""
+    if t is not None and not t.is_contiguous():
+        for fmt, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if t.dim() == dims and t.is_contiguous(memory_format=fmt):
+                return fmt
+    return torch.contiguous_format
 
 
 def is_parameter(gm: fx.GraphModule, target: str) -> bool:

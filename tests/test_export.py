@@ -9,11 +9,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 
 import grailc
 from grailc.export import ONNX_OPSET, graph_facts, onnx_parity, save_onnx
 from grailc.models.fashion_resnet import FashionResNet
 from grailc.models.fashion_vit import FashionViT
+from grailc.surgery import get_param, set_param
 from grailc.trace import capture, export
 
 LEFTOVERS = {"BatchNormalization", "Identity", "Dropout", "Constant", "ConstantOfShape", "Gather", "Slice",
@@ -83,3 +85,39 @@ def test_vit_export_has_no_leftovers_from_the_rewrite(targets, tmp_path):
     assert "Identity" not in comp["nodes"] and comp["opset"] == ONNX_OPSET
     assert parity["relative_diff"] < 1e-4
     assert onnx_parity(dense_path, gm, [example])["relative_diff"] < 1e-4
+
+
+class OneByOne(torch.nn.Module):
+    """A 3x3 conv, a 1x1 conv, global pooling and a classifier over the flattened channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = torch.nn.Conv2d(8, 16, 1)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.mix(self.stem(x).relu()).relu(), 1), 1))
+
+
+def test_a_weight_strided_like_channels_last_is_written_plain(tmp_path):
+    """A product can leave a 1x1 kernel's [O, C, 1, 1] weight with strides (C, 1, C, C): contiguous, yet read as
+    channels-last by the convolution, which would turn every tensor after it channels-last and make the ONNX export
+    gather the classifier's input through Shape, Range and Gather. ``set_param`` writes plain strides."""
+    torch.manual_seed(0)
+    model = OneByOne().eval()
+    example = (torch.randn(2, 3, 8, 8),)
+    gm, _ = capture(model, [(2, 3, 8, 8)])
+    w = model.mix.weight.detach()
+    odd = torch.empty_strided(w.shape, (8, 1, 8, 8)).copy_(w)
+    assert odd.is_contiguous() and odd.stride() == (8, 1, 8, 8)
+
+    set_param(gm, "mix.weight", odd)
+
+    assert get_param(gm, "mix.weight").stride() == (8, 1, 1, 1)
+    path = tmp_path / "m.onnx"
+    save_onnx(export(gm, example), example, path)
+    nodes = graph_facts(path)["nodes"]
+    assert {"Shape", "Range", "Gather"}.isdisjoint(nodes), nodes
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(path, example[0]), model(*example).numpy(), rtol=1e-5, atol=1e-5)
