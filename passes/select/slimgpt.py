@@ -67,10 +67,10 @@ class _SlotState:
         keep = torch.ones(self.W.shape[1], dtype=torch.bool)
         keep[q] = False
         hqq = self.Hinv[q][:, q]
-        hq = self.Hinv[q]  # [|q|, size]
-        step = torch.linalg.solve(hqq, hq)  # [Hinv_QQ]^-1 Hinv_Q,:
-        self.W = (self.W - self.W[:, q] @ step)[:, keep]
-        self.Hinv = (self.Hinv - hq.T @ step)[keep][:, keep]
+        hq = self.Hinv[q][:, keep]  # [|q|, kept]: only the survivors' rows and columns are updated
+        step = torch.linalg.solve(hqq, hq)  # [Hinv_QQ]^-1 Hinv_Q,K
+        self.W = self.W[:, keep] - self.W[:, q] @ step
+        self.Hinv = self.Hinv[keep][:, keep] - hq.T @ step
 
 
 @selector("gram")
