@@ -32,29 +32,30 @@ from grailc.registry import COMPENSATORS, compensator, load_builtin
 from grailc.surgery import consumer_columns, get_param, takes_bias
 
 
-def error_terms(H: torch.Tensor, B: torch.Tensor | None, cmap: ChannelMap, c: torch.Tensor | None,
+def error_terms(H: torch.Tensor | None, B: torch.Tensor | None, cmap: ChannelMap, c: torch.Tensor | None,
                 *stats: SlotStats) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Per statistics given, (<E, H> - <Gx, H>, <Gx, H>) with E as in the module docstring and H = M^T M
-    ([size, size], formed once per slot): <E, H> - <Gx, H> = -2 <H B, C_K> + <B^T H B, R Gz R^T> - 2 r^T H c
-    + n c^T H c, which has no Gx term (two maps are compared by it alone); the second term None where ``Gx`` is.
-    H B and B^T H B are formed once for all (size^2 k). ``B`` None is plain pruning, B = U, read by indexing for
-    a selection (no products)."""
+    ([size, size], formed once per slot; None: the identity, as in the output space): <E, H> - <Gx, H> =
+    -2 <H B, C_K> + <B^T H B, R Gz R^T> - 2 r^T H c + n c^T H c, which has no Gx term (two maps are compared by it
+    alone); the second term None where ``Gx`` is. H B and B^T H B are formed once for all (size^2 k). ``B`` None is
+    plain pruning, B = U, read by indexing for a selection (no products)."""
     if B is None:
-        HB = cmap.spread_cols(H)
+        HB = cmap.U() if H is None else cmap.spread_cols(H)
         BtHB = cmap.spread_cols(HB.T).T
         B = cmap.U() if c is not None else None
     else:
         B = B.to(torch.float64)
-        HB = H @ B
+        HB = B if H is None else H @ B
         BtHB = B.T @ HB
-    Hc = None if c is None else H @ c.to(torch.float64)
+    Hc = None if c is None else c.to(torch.float64) if H is None else H @ c.to(torch.float64)
     found = []
     for st in stats:
         num = -2 * (HB * cmap.cols(st.C)).sum() + (BtHB * cmap.gram(st.Gz)).sum()
         if c is not None:
             r = st.sx - B @ cmap.vec(st.sz)
             num = num - 2 * (r @ Hc) + st.rows * (c.to(torch.float64) @ Hc)
-        found.append((num, None if st.Gx is None else (st.Gx * H).sum()))
+        den = None if st.Gx is None else torch.diagonal(st.Gx).sum() if H is None else (st.Gx * H).sum()
+        found.append((num, den))
     return found
 
 
@@ -123,7 +124,7 @@ def compensate_group(ctx, group) -> None:
         taps = ctx.taps.get(slot.key)
         if taps is not None:  # over (channel, tap) pairs, in the output space: the consumer there is I
             stats, reported = taps_stats(ctx, slot, taps)
-            cmap, H = taps.map, torch.eye(weight.shape[0], dtype=torch.float64)
+            cmap, H = taps.map, None
         else:
             stats = slot_stats(ctx, slot)
             reported = error_stats(ctx, slot, stats)
