@@ -206,6 +206,39 @@ def mask_columns(weight: torch.Tensor, slot, cmap: ChannelMap, fold) -> torch.Te
     return _columns_first(w, slot).contiguous()
 
 
+NARROW_BELOW = 0.9  # ``narrow_inputs`` gathers a consumer's input only where it reads less than this fraction
+
+
+def narrow_inputs(gm: fx.GraphModule, consumer) -> fx.Node | None:
+    """Make a conv/linear node read only the input channels its weight has non-zero columns for:
+    y = op(index_select(x, axis, L), W[:, L], ...), which computes what op(x, W, ...) computes (the columns
+    outside L are zero). For the shadow of sequential calibration, whose masked columns (``mask_columns``) are
+    zero outside the kept channels: its consumers then cost what the compressed model's do. The weight keeps its
+    node; the narrowed copy and L are new attributes. Returns the first node inserted (where a run stopped before
+    the consumer goes on), or None where nothing is narrowed (fewer than 1 - ``NARROW_BELOW`` of the columns are
+    zero, or the weight is not the node's argument 1)."""
+    node = next(n for n in gm.graph.nodes if n.name == consumer.node)
+    w_node = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(w_node, fx.Node) or w_node.op != "get_attr" or w_node.target != consumer.weight:
+        return None
+    weight = get_param(gm, consumer.weight)
+    live = weight.detach().ne(0).movedim(consumer.dim, 0).flatten(1).any(1).nonzero().flatten()
+    if live.numel() >= NARROW_BELOW * weight.shape[consumer.dim]:
+        return None
+    name = f"_narrowed_{node.name}"
+    gm.register_buffer(name + "_index", live)
+    gm.register_buffer(name + "_weight", weight.detach().index_select(consumer.dim, live))
+    with gm.graph.inserting_before(node):
+        index = gm.graph.get_attr(name + "_index")
+        x = gm.graph.call_function(torch.ops.aten.index_select.default,
+                                   (node.args[consumer.arg], consumer.layout.axis, index))
+        narrowed = gm.graph.get_attr(name + "_weight")
+    args = list(node.args)
+    args[consumer.arg], args[1] = x, narrowed
+    node.args = tuple(args)
+    return index
+
+
 def _columns_first(weight: torch.Tensor, slot) -> torch.Tensor:
     """The weight with its input channels on dim 1 (a transposed convolution has them on dim 0); an involution."""
     return weight.transpose(0, 1) if slot.consumer.dim == 0 else weight

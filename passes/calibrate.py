@@ -40,7 +40,7 @@ from grailc.context import SlotStats, TapStats
 from grailc.distributed import all_reduce_stats
 from grailc.errors import CalibrationError, GrailcError
 from grailc.passmanager import Pass, register_pass
-from grailc.surgery import add_to_bias, fold_shift, get_param, mask_columns, set_param
+from grailc.surgery import add_to_bias, fold_shift, get_param, mask_columns, narrow_inputs, set_param
 from grailc.trace import static_batch
 
 
@@ -275,8 +275,9 @@ def products(a: torch.Tensor, b: torch.Tensor | None = None, into: torch.Tensor 
 
 
 def column_sums(a: torch.Tensor) -> torch.Tensor:
-    """sum over rows of a, in float64: the product 1^T a (a float64 ``sum`` costs several times more)."""
-    return products(a.new_ones(a.shape[0], 1), a)[0]
+    """sum over rows of a, in float64: summed in the rows' dtype (a cascade sum: closer to the float64 sum than
+    the product 1^T a, at half its cost; a sum accumulated in float64 costs several times more), then widened."""
+    return a.sum(0).to(torch.float64)
 
 
 def _accumulate(store: dict, key: str, value: torch.Tensor) -> None:
@@ -400,12 +401,15 @@ class Resumable:
 
     def resync(self, node: fx.Node) -> None:
         """Go on at ``node`` after the graph gained nodes (``GraphOrder.update``) or parameters changed: the
-        parameters that nodes from here on read are fetched again, as they are now."""
+        parameters that nodes from here on read are fetched again, as they are now; those no node reads any more
+        (a rewired consumer's former weight) are let go."""
         order, env = self.order, self.runner.env
         self.pos = order.index[node]
         for n in order.parameters:
             if order.index[n] < self.pos <= order.last_use[n]:
                 env[n] = self.runner.run_node(n)
+            elif order.last_use[n] < self.pos:
+                env.pop(n, None)
 
 
 ERROR_EVERY = 8  # the reported errors of sequential calibration come from every 8th row of a batch ...
@@ -418,23 +422,45 @@ def error_sample(rows: torch.Tensor) -> torch.Tensor:
     return rows[:: min(ERROR_EVERY, max(1, rows.shape[0] // ERROR_MIN_ROWS))]
 
 
-def _take_pair(found: dict, prefix: str, key: str, a: torch.Tensor, b: torch.Tensor, K: torch.Tensor | None):
+def _take_pair(found: dict, prefix: str, key: str, a: torch.Tensor, b: torch.Tensor, K: torch.Tensor | None,
+               gram: bool = True):
     """Add the products of dense rows ``a`` and shadow rows ``b`` to ``found`` (names with ``prefix``): Gz and C,
-    only their kept block where the group's kept indices ``K`` are known; the sums and the row count."""
+    only their kept block where the group's kept indices ``K`` are known; the sums and the row count. Without
+    ``gram`` (Gz, its sums and the rows were recorded for the selection, ``record_shadow_grams``): C and the dense
+    sums only."""
     bk = b if K is None else b[:, K]  # the kept block only, embedded once all batches are in
-    _add_products(found[prefix + "gz"], key, bk)
+    if gram:
+        _add_products(found[prefix + "gz"], key, bk)
+        found[prefix + "rows"][key] = found[prefix + "rows"].get(key, 0) + a.shape[0]
+        _accumulate(found[prefix + "sums"], key, column_sums(b))
     _add_products(found[prefix + "cross"], key, a, bk)
-    found[prefix + "rows"][key] = found[prefix + "rows"].get(key, 0) + a.shape[0]
-    _accumulate(found[prefix + "sums"], key, column_sums(b))
     _accumulate(found[prefix + "target_sums"], key, column_sums(a))
 
 
 SAMPLED = "sample_"  # the names of the error sample's statistics in record_consumer_inputs' result
 
 
+def record_shadow_grams(runs: list[tuple[Resumable, Resumable]], node: str, slots: list) -> dict[str, dict]:
+    """Run every batch's shadow run on to the input of consumer ``node`` and return, per slot, what selecting its
+    group reads: Gz = sum z z^T over all rows, sz = sum z and the row count (names "gz", "sums", "rows").
+    ``record_consumer_inputs`` then takes C against the dense run on the kept columns alone."""
+    found: dict[str, dict] = {"gz": {}, "sums": {}, "rows": {}}
+    consumer = slots[0].consumer
+    for _, shadow in runs:
+        shadow.run_until(shadow.order.named[node], before=True)
+        xs = shadow.consumer_rows(consumer)
+        for slot in slots:
+            z = slot.take(xs)
+            _add_products(found["gz"], slot.key, z)
+            _accumulate(found["sums"], slot.key, column_sums(z))
+            found["rows"][slot.key] = found["rows"].get(slot.key, 0) + z.shape[0]
+    return found
+
+
 def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, slots: list,
                            kept: dict[str, torch.Tensor] | None = None,
-                           writer: tuple[str, torch.Tensor] | None = None) -> dict[str, dict]:
+                           writer: tuple[str, torch.Tensor] | None = None,
+                           selected: frozenset[str] = frozenset()) -> dict[str, dict]:
     """Run every batch's dense and shadow run on to the input of consumer ``node`` (not running it) and return,
     per consumer slot there: Gz = sum z z^T on the compressed shadow, C = sum x z^T against the dense inputs x,
     the row count, sz = sum z and sx = sum x (one dict per name, keyed by slot); and the same statistics plus
@@ -444,9 +470,10 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
     and Gz is the norm of an actual residual on those rows, never below zero. Gx from all rows would cost a third
     of the products.
 
-    ``kept``: for the slots whose group was already selected (at an earlier consumer node), the kept indices K of
-    the slot. Compensation and its errors read only Gz[K, K] and C[:, K], so only those are formed (the rest of
-    the matrices stays zero): at half width 3/8 of the two full products.
+    ``kept``: for the slots whose group is selected, the kept indices K of the slot. Compensation and its errors
+    read only Gz[K, K] and C[:, K], so only those are formed (the rest of the matrices stays zero): at half width
+    3/8 of the two full products. ``selected``: the slots whose Gz over all rows, sz and row count were recorded
+    for their group's selection at this node (``record_shadow_grams``): only C and sx are taken on all rows.
 
     ``writer`` (the stream's node name from ``stream_writers``, and P from ``writer_map``): the consumer adds
     its output into a residual stream, and its target x becomes x + P^T (h_dense - h_shadow), the stream's drift
@@ -461,7 +488,7 @@ def record_consumer_inputs(runs: list[tuple[Resumable, Resumable]], node: str, s
         if writer is not None:
             xd = xd + _drift(dense, shadow, *writer, consumer.layout.axis).to(xd.dtype)
         for slot in slots:
-            _add_rows(found, slot.key, slot.take(xd), slot.take(xs), kept.get(slot.key))
+            _add_rows(found, slot.key, slot.take(xd), slot.take(xs), kept.get(slot.key), slot.key not in selected)
     _embed_kept(found, kept)
     return found
 
@@ -473,9 +500,11 @@ def _empty_found() -> dict[str, dict]:
     return found
 
 
-def _add_rows(found: dict, key: str, a: torch.Tensor, b: torch.Tensor, K: torch.Tensor | None) -> None:
-    """Dense rows ``a`` and shadow rows ``b`` of one batch into ``found``: all rows, and the error sample's."""
-    _take_pair(found, "", key, a, b, K)
+def _add_rows(found: dict, key: str, a: torch.Tensor, b: torch.Tensor, K: torch.Tensor | None,
+              gram: bool = True) -> None:
+    """Dense rows ``a`` and shadow rows ``b`` of one batch into ``found``: all rows (Gz only with ``gram``,
+    see ``_take_pair``), and the error sample's."""
+    _take_pair(found, "", key, a, b, K, gram)
     a, b = error_sample(a), error_sample(b)
     _take_pair(found, SAMPLED, key, a, b, K)
     _add_products(found[SAMPLED + "gx"], key, a)
@@ -484,9 +513,10 @@ def _add_rows(found: dict, key: str, a: torch.Tensor, b: torch.Tensor, K: torch.
 def _embed_kept(found: dict, kept: dict[str, torch.Tensor]) -> None:
     """Gz[K, K] and C[:, K] formed alone become full-size matrices (zero elsewhere)."""
     for key, K in kept.items():
-        size = found["sums"][key].shape[0]
+        size = found["target_sums"][key].shape[0]
         for prefix in ("", SAMPLED):
-            found[prefix + "gz"][key] = _embed(found[prefix + "gz"][key], K, K, size)
+            if key in found[prefix + "gz"]:  # not where it was recorded whole for the selection
+                found[prefix + "gz"][key] = _embed(found[prefix + "gz"][key], K, K, size)
             found[prefix + "cross"][key] = _embed(found[prefix + "cross"][key], None, K, size)
 
 
@@ -624,8 +654,8 @@ def _embed(block: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor, s
 
 
 def kept_indices(ctx, slots: list, group_of: dict[str, int]) -> dict[str, torch.Tensor]:
-    """For the slots whose group was selected before (at an earlier consumer node) with a selection, the slot's
-    kept indices K (empty when the group keeps everything: nothing is compensated); folds read all of Gz and C."""
+    """For the slots whose group is selected with a selection, the slot's kept indices K (empty when the group
+    keeps everything: nothing is compensated); folds read all of Gz and C."""
     kept = {}
     for slot in slots:
         gid = group_of[slot.key]
@@ -658,8 +688,10 @@ def ahead_of_decision(gm: fx.GraphModule, groups) -> list:
 def sequential_gram_bytes(gm: fx.GraphModule, groups, taps: bool = False) -> int:
     """Peak memory of sequential calibration's statistics: the dense pre-pass's Grams of the slots ahead of their
     group's decision, plus the five Grams (Gz and C of all rows, Gz, C and Gx of the error sample) of the slots at
-    the widest consumer node; with ``taps``, five more over (channel, tap) pairs and outputs at a convolution
-    solved so (sized for all its channels kept: the kept width is not known before selection)."""
+    the widest consumer node and of those held there for later slots reading the same rows (``SharedStatistics``);
+    with ``taps``, five more over (channel, tap) pairs and outputs at a convolution solved so (sized for all its
+    channels kept: the kept width is not known before selection)."""
+    order = _node_order(gm)
     at_node: dict[str, int] = {}
     for g in groups:
         for s in g.consumers:
@@ -672,6 +704,15 @@ def sequential_gram_bytes(gm: fx.GraphModule, groups, taps: bool = False) -> int
                 out = get_param(gm, slots[0].consumer.weight).shape[0]
                 pairs = slots[0].size * kernel.taps
                 at_node[name] += 8 * (2 * pairs * pairs + 2 * out * pairs + out * out)
+    slot_of = {s.key: s for g in groups for s in g.consumers}
+    last: dict[str, int] = {}  # per first slot read again, the last node reading its rows
+    for key, src in shared_rows(gm, groups).items():
+        last[src] = max(last.get(src, 0), order[slot_of[key].consumer.node])
+    for src, end in last.items():
+        first = slot_of[src]
+        for name in at_node:
+            if order[first.consumer.node] < order[name] <= end:
+                at_node[name] += 5 * 8 * first.size * first.size
     return gram_bytes(ahead_of_decision(gm, groups)) + max(at_node.values(), default=0)
 
 
@@ -718,16 +759,23 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
     A group whose consumers sit at several nodes (a residual stage) is selected before the pass has seen its
     later consumers: for the selection only, those take their statistics from a dense pre-pass over every
     ``PREPASS_EVERY``-th batch (``ahead_of_decision``, ``prepass``). The compressed part is simulated on a
-    full-width shadow copy: each consumer's columns become W B on the kept channels and zero elsewhere and its
-    bias b + W c, which computes exactly what the narrowed model computes. Sums stay in ``ctx.sums`` (z) and
-    ``ctx.target_sums`` (x); Grams are dropped once their slot is compensated.
+    shadow copy: each consumer's columns become W B on the kept channels and zero elsewhere and its bias b + W c,
+    and once compensated it reads its kept channels alone (``narrow_inputs``: W B on index_select(z, K)), which
+    computes exactly what the narrowed model computes, at the cost of a consumer of the compressed model (its
+    producers still run at full width: they ran before their group was selected). Sums stay in ``ctx.sums`` (z)
+    and ``ctx.target_sums`` (x); Grams are dropped once their slot is compensated.
 
-    Cost: one dense and one shadow forward pass with two Gram products (Gz, C) per consumer slot (only their kept
-    rows and columns where the group was selected at an earlier node), the same two and Gx on the error sample
-    (an eighth of the rows, ``error_sample``: 3/8 of a product), plus the pre-pass
-    (a quarter of a dense forward and of one product per slot ahead). Memory: per batch, the live activations of
-    the dense and the shadow run (twice the activations of all calibration batches at the widest point of the
-    graph), and ``sequential_gram_bytes``.
+    At a consumer node: where its group is selected there, Gz over all rows first (``record_shadow_grams``: what
+    selection reads), then the selection, then the rest on the kept columns K alone (C[:, K], and Gz[K, K], C[:, K]
+    and Gx on the error sample: ``record_consumer_inputs``); a k x k convolution solved over its taps takes its
+    statistics there (``record_taps``) and none over channels; a slot reading the rows another slot read at an
+    earlier node takes that slot's statistics (``SharedStatistics``).
+
+    Cost: one dense and one (narrowed) shadow forward pass; per consumer slot Gz (all of it where selected, the
+    kept block elsewhere), C[:, K] (a product with k of the columns) and the error sample (an eighth of the rows,
+    ``error_sample``: 7/32 of a product at half width); plus the pre-pass (a quarter of a dense forward and
+    of one product per slot ahead). Memory: per batch, the live activations of the dense and the shadow run (twice
+    the activations of all calibration batches at the widest point of the graph), and ``sequential_gram_bytes``.
 
     ``dense_batches`` (default ``batches``): what the dense run, the pre-pass and a budget's plan are fed, batch by
     batch (a layer-by-layer driver passes the dense model's own stream). With ``compensate_target = "stream"``
@@ -764,29 +812,35 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
         ctx.report["kernel_taps"], ctx.report["kernel_taps_few_rows"] = [], []
     by_id = {g.id: g for g in groups}
     group_of = {slot.key: g.id for g in groups for slot in g.consumers}
+    shared = SharedStatistics(ctx.gm, groups)
     position = _node_order(ctx.gm)
     for node in tqdm(sorted(at_node, key=position.__getitem__), desc="sequential", unit="consumer",
                      disable=not ctx.progress, leave=False):
         slots = at_node[node]
+        for run in (run for pair in runs for run in pair):  # every batch's two runs to the consumer's input
+            run.run_until(run.order.named[node], before=True)
         writer = _writer_here(ctx, runs, node, slots, writers, by_id, group_of)
-        final = final_statistics(**record_consumer_inputs(runs, node, slots, kept_indices(ctx, slots, group_of),
-                                                          writer))
-        _check_finite_statistics(ctx.gm, final["gz"], batches)
-        ctx.sums.update(final["sums"])
-        ctx.target_sums.update(final["target_sums"])
-        ctx.grams.update(final["gz"])
-        ctx.cross.update(final["cross"])
-        ctx.rows.update(final["rows"])
-        for slot in slots:
-            ctx.error_sample[slot.key] = SlotStats(*(final[SAMPLED + name][slot.key] for name in (
-                "gz", "cross", "gx", "sums", "target_sums", "rows")))
-        for g in (by_id[i] for i in dict.fromkeys(group_of[slot.key] for slot in slots)):
-            if g.id not in ctx.done:
+        fresh = [slot for slot in slots if group_of[slot.key] not in ctx.done]  # their groups are selected here
+        if fresh:
+            shadow_grams = final_statistics(**record_shadow_grams(runs, node, fresh))
+            _check_finite_statistics(ctx.gm, shadow_grams["gz"], batches)
+            for name, store in (("gz", ctx.grams), ("sums", ctx.sums), ("rows", ctx.rows)):
+                store.update(shadow_grams[name])
+            for g in (by_id[i] for i in dict.fromkeys(group_of[slot.key] for slot in fresh)):
                 _select_ahead(ctx, g, ahead)
                 ctx.done.add(g.id)
+        if node in kernels:  # one slot; solved over its (channel, tap) pairs where the rows suffice
+            record_taps(ctx, runs, node, slots[0], kernels[node], ctx.decisions.get(group_of[slots[0].key]), batches)
+        by_channels = [slot for slot in slots if slot.key not in ctx.taps]  # the rest is solved over channels
+        shared.lend(ctx, by_channels, writer)
+        record = [slot for slot in by_channels if slot.key not in ctx.cross]
+        if record:
+            _record_by_channels(ctx, runs, node, record, kept_indices(ctx, record, group_of), writer,
+                                frozenset(slot.key for slot in fresh), batches)
+            shared.hold(ctx, record, writer)
+        resume = shadow_order.named[node]
+        for g in (by_id[i] for i in dict.fromkeys(group_of[slot.key] for slot in slots)):
             here = dataclasses.replace(g, consumers=[slot for slot in slots if group_of[slot.key] == g.id])
-            if node in kernels:
-                record_taps(ctx, runs, node, here.consumers[0], kernels[node], ctx.decisions.get(g.id), batches)
             compensate_group(ctx, here)
             decision = ctx.decisions.get(g.id)
             for slot in here.consumers if decision is not None else ():
@@ -797,11 +851,67 @@ def calibrate_sequentially(ctx, batches, dense_batches=None) -> None:
                                    fold_shift(shadow, slot.consumer, weight, slot.indices(), fold)):
                         shadow_order.update()  # a new bias node; the runs interpret the graph, so no recompile
                 set_param(shadow, slot.consumer.weight, mask_columns(weight, slot, slot.map(decision.map), fold))
+        if (start := narrow_inputs(shadow, slots[0].consumer)) is not None:
+            shadow_order.update()  # the consumer reads the kept channels alone, as in the compressed model
+            resume = start
         for _, run in runs:  # this consumer and the ones after it read the new weights
-            run.resync(shadow_order.named[node])
+            run.resync(resume)
         for slot in slots:  # a compensated slot's Grams are not needed again
             for store in (ctx.grams, ctx.cross, ctx.error_sample, ctx.taps):
                 store.pop(slot.key, None)
+            shared.done(slot)
+
+
+def _record_by_channels(ctx, runs, node: str, slots: list, kept: dict, writer, selected: frozenset[str],
+                        batches) -> None:
+    """``record_consumer_inputs`` for these slots of consumer ``node``, over all processes, into ``ctx``."""
+    final = final_statistics(**record_consumer_inputs(runs, node, slots, kept, writer, selected))
+    _check_finite_statistics(ctx.gm, final["gz"], batches)
+    for name, store in (("sums", ctx.sums), ("target_sums", ctx.target_sums), ("gz", ctx.grams),
+                        ("cross", ctx.cross), ("rows", ctx.rows)):
+        store.update(final[name])
+    for slot in slots:
+        ctx.error_sample[slot.key] = SlotStats(*(final[SAMPLED + name][slot.key] for name in (
+            "gz", "cross", "gx", "sums", "target_sums", "rows")))
+
+
+class SharedStatistics:
+    """Sequential calibration's statistics of consumer slots that read the same rows at different nodes
+    (``shared_rows``: an Inception block's branches, a stage's first block and its shortcut). Both runs give
+    such slots the same tensors (a consumer in between changes its own weight, never its input) and the slots are
+    one group's with the same indices (the same kept K), so the first slot's statistics are every later one's:
+    they are held from its node until the last such slot is compensated, and not taken again. A stream writer's
+    target has its own drift term (``_writer_here``): it neither lends nor borrows."""
+
+    STORES = ("grams", "cross", "sums", "target_sums", "rows", "error_sample")
+
+    def __init__(self, gm: fx.GraphModule, groups):
+        self.source = shared_rows(gm, groups)
+        self.left: dict[str, int] = {}  # per first slot, the slots reading its rows not compensated yet
+        for src in self.source.values():
+            self.left[src] = self.left.get(src, 0) + 1
+        self.held: dict[str, dict] = {}
+
+    def lend(self, ctx, slots: list, writer) -> None:
+        """Give each slot that reads the rows of a held first slot that slot's statistics (read only, shared)."""
+        for slot in slots if writer is None else ():
+            held = self.held.get(self.source.get(slot.key, slot.key))
+            if held is not None and self.source[slot.key] != slot.key:
+                for name, value in held.items():
+                    getattr(ctx, name)[slot.key] = value
+
+    def hold(self, ctx, slots: list, writer) -> None:
+        """Hold the statistics just recorded for the first slots that later ones read the rows of."""
+        for slot in slots if writer is None else ():
+            if self.source.get(slot.key) == slot.key and self.left[slot.key] > 1:
+                self.held[slot.key] = {name: getattr(ctx, name)[slot.key] for name in self.STORES
+                                       if slot.key in getattr(ctx, name)}
+
+    def done(self, slot) -> None:
+        src = self.source.get(slot.key, slot.key)
+        self.left[src] = self.left.get(src, 1) - 1
+        if self.left[src] <= 0:
+            self.held.pop(src, None)
 
 
 def _cheaper_modes(ctx, groups, budget: int) -> str:
