@@ -526,8 +526,9 @@ def record_taps(ctx, runs: list[tuple[Resumable, Resumable]], node: str, slot, k
     every batch's dense and shadow input (the runs stand before the node): Gz_p of the shadow's kept patches,
     T = sum y p_K(z)^T against the dense output y, the sums, and the error sample's with sum y y^T; into
     ``ctx.taps`` where the rows suffice (the report lists the node under ``kernel_taps``, else
-    ``kernel_taps_few_rows``). ``decision``: the group's; ``batches``: the calibration batches, run again to say
-    where a non-finite value came from (the consumer's own weight, which its input statistics do not see)."""
+    ``kernel_taps_few_rows``); there the dense runs go on past the node, whose output is y. ``decision``: the
+    group's; ``batches``: the calibration batches, run again to say where a non-finite value came from (the
+    consumer's own weight, which its input statistics do not see)."""
     cmap = slot.map(decision.map) if decision is not None else None
     if cmap is None or not cmap.is_selection:
         return
@@ -541,8 +542,11 @@ def record_taps(ctx, runs: list[tuple[Resumable, Resumable]], node: str, slot, k
     step = row_step(rows, len(K), kernel.out_size(inputs[0][0].shape)[1]) if inputs else 1
     weight, keep = get_param(ctx.gm, slot.consumer.weight), cmap.keep
     found = _empty_found()
-    for xd, xs in inputs:
-        y = dense_output(xd.to(row_dtype(xd)), weight, kernel, step)
+    for (xd, xs), (dense, _) in zip(inputs, runs):
+        if xd.dtype == row_dtype(xd):  # the dense run computes y next anyway
+            y = _dense_conv_rows(dense, node, step)
+        else:  # a half-precision model: y in float32
+            y = dense_output(xd.to(row_dtype(xd)), weight, kernel, step)
         z = kernel.patches(xs.index_select(1, keep.to(xs.device)).to(row_dtype(xs)), step)
         _add_rows(found, slot.key, y, z, None)
     final = final_statistics(**found)
@@ -552,6 +556,19 @@ def record_taps(ctx, runs: list[tuple[Resumable, Resumable]], node: str, slot, k
              for p in ("", SAMPLED)]
     ctx.taps[slot.key] = TapStats(*stats, output_map(weight, K))
     ctx.report["kernel_taps"].append(node)
+
+
+def _dense_conv_rows(dense: Resumable, node: str, step: int) -> torch.Tensor:
+    """[rows, O]: the dense run's own output of convolution ``node`` (run on to it), less its bias, one row per
+    output position (every ``step``-th, in the order of ``Kernel.patches``): y = W p(x), which ``dense_output``
+    would compute once more."""
+    n = dense.order.named[node]
+    dense.run_until(n)
+    y = dense.runner.env[n].detach()
+    bias = n.args[2] if len(n.args) > 2 else None
+    if isinstance(bias, fx.Node):
+        y = y - get_param(dense.order.gm, bias.target).detach().to(y.dtype)[:, None, None]
+    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])[::step]
 
 
 ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)

@@ -185,3 +185,48 @@ def test_the_narrowed_and_shared_shadow_gives_the_model_of_the_plain_one(counted
     with torch.no_grad():
         y, y_plain = ours.module(data[-1]), plain.module(data[-1])
     assert float((y - y_plain).norm() / y_plain.norm()) < 1e-9
+
+
+class BiasedConvs(nn.Module):
+    """3x3 convolutions with biases, one strided: consumers solved over their kernel taps."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(16, 16, 3, padding=2, dilation=2)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.c(self.b(self.a(x).relu()).relu()).relu()
+        return self.head(h.mean((2, 3)))
+
+
+def test_taps_take_the_dense_output_from_the_dense_run(monkeypatch):
+    """y, the target of a convolution solved over its taps, is the dense run's own output of that node (less its
+    bias): the model is the one computing y again from the dense input gives."""
+    from grailc.passes.taps import Kernel, _pair, dense_output
+
+    def recomputed(dense, node, step):
+        n = dense.order.named[node]
+        w = surgery.get_param(dense.order.gm, n.args[1].target)
+        args = list(n.args) + [None] * (7 - len(n.args))
+        kernel = Kernel(tuple(w.shape[2:]), *(_pair(args[i], d) for i, d in ((3, 1), (4, 0), (5, 1))))
+        return dense_output(dense.runner.env[n.args[0]], w, kernel, step)
+
+    torch.manual_seed(0)
+    model = BiasedConvs().eval().double()
+    data = [torch.randn(8, 3, 16, 16, dtype=torch.float64) for _ in range(3)]
+
+    def compress():
+        return grailc.compress(model, calib=data, ratio=0.5, sequential=True, calib_held_out=1, onnx=False,
+                               measure_latency=False, device="cpu", multiple_of=1)
+
+    ours = compress()
+    monkeypatch.setattr(calibrate, "_dense_conv_rows", recomputed)
+    again = compress()
+
+    assert ours.report["kernel_taps"] == again.report["kernel_taps"] and len(ours.report["kernel_taps"]) == 2
+    with torch.no_grad():
+        y, y_again = ours.module(data[-1]), again.module(data[-1])
+    assert float((y - y_again).norm() / y_again.norm()) < 1e-9
