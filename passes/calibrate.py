@@ -289,6 +289,14 @@ def _add_products(store: dict, key: str, a: torch.Tensor, b: torch.Tensor | None
     store[key] = products(a, b, into=store.get(key))
 
 
+def _add_gram(grams: dict, rows: dict, sums: dict | None, key: str, x: torch.Tensor) -> None:
+    """One batch's rows ``x`` of slot ``key``: grams[key] += x^T x, rows[key] += rows of x, sums[key] += sum x."""
+    _add_products(grams, key, x)
+    rows[key] = rows.get(key, 0) + x.shape[0]
+    if sums is not None:
+        _accumulate(sums, key, column_sums(x))
+
+
 def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progress: bool = False,
                  sums: dict | None = None):
     """G = sum x x^T per consumer slot of ``groups``, streaming over the batches (and s = sum x into ``sums``); slots
@@ -298,11 +306,7 @@ def record_grams(gm: fx.GraphModule, groups, batches: list[torch.Tensor], progre
 
     def add(slots, xr):
         for slot in slots:
-            part = slot.take(xr)
-            _add_products(grams, slot.key, part)
-            rows[slot.key] = rows.get(slot.key, 0) + part.shape[0]
-            if sums is not None:
-                _accumulate(sums, slot.key, column_sums(part))
+            _add_gram(grams, rows, sums, slot.key, slot.take(xr))
 
     recorder = InputRecorder(gm, _slots_by_node(groups, {k for k, src in source.items() if k == src}), add,
                              check_nodes=False)
@@ -450,10 +454,7 @@ def record_shadow_grams(runs: list[tuple[Resumable, Resumable]], node: str, slot
         shadow.run_until(shadow.order.named[node], before=True)
         xs = shadow.consumer_rows(consumer)
         for slot in slots:
-            z = slot.take(xs)
-            _add_products(found["gz"], slot.key, z)
-            _accumulate(found["sums"], slot.key, column_sums(z))
-            found["rows"][slot.key] = found["rows"].get(slot.key, 0) + z.shape[0]
+            _add_gram(found["gz"], found["rows"], found["sums"], slot.key, slot.take(xs))
     return found
 
 
@@ -912,9 +913,9 @@ class SharedStatistics:
     def lend(self, ctx, slots: list, writer) -> None:
         """Give each slot that reads the rows of a held first slot that slot's statistics (read only, shared)."""
         for slot in slots if writer is None else ():
-            held = self.held.get(self.source.get(slot.key, slot.key))
-            if held is not None and self.source[slot.key] != slot.key:
-                for name, value in held.items():
+            src = self.source.get(slot.key, slot.key)
+            if src != slot.key and src in self.held:
+                for name, value in self.held[src].items():
                     getattr(ctx, name)[slot.key] = value
 
     def hold(self, ctx, slots: list, writer) -> None:

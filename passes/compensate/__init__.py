@@ -120,7 +120,6 @@ def compensate_group(ctx, group) -> None:
         return
     for slot in group.consumers:
         cmap = slot.map(decision.map)
-        weight = get_param(ctx.gm, slot.consumer.weight)
         taps = ctx.taps.get(slot.key)
         if taps is not None:  # over (channel, tap) pairs, in the output space: the consumer there is I
             stats, reported = taps_stats(ctx, slot, taps)
@@ -128,7 +127,7 @@ def compensate_group(ctx, group) -> None:
         else:
             stats = slot_stats(ctx, slot)
             reported = error_stats(ctx, slot, stats)
-            m = consumer_columns(weight, slot, torch.float64)
+            m = consumer_columns(get_param(ctx.gm, slot.consumer.weight), slot, torch.float64)
             H = m.T @ m
         both = (stats,) if reported is stats else (stats, reported)  # all rows, and the error sample if any
         plain = error_terms(H, None, cmap, None, *both)
